@@ -1,0 +1,46 @@
+"""iresnet: invertible residual networks and residual flows in PyTorch.
+
+References:
+    Behrmann et al., "Invertible Residual Networks", ICML 2019, https://arxiv.org/abs/1811.00995
+
+    Chen et al., "Residual Flows for Invertible Generative Modeling", NeurIPS 2019,
+    https://arxiv.org/abs/1906.02735
+"""
+
+from .activations import LipSwish
+from .blocks import ActNorm, ResidualBlock, Sequential, Squeeze
+from .distributions import Flow, ModuleTransform, as_transform
+from .inverse import InversionError, InversionReport, solve_fixed_point
+from .lipschitz import (
+    SpectralNorm,
+    converge_spectral_norms,
+    lipschitz_bound,
+    operator_norm_bound,
+    spectral_norm,
+)
+from .logdet import Exact, LogDetEstimator, PowerSeries, Roulette
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActNorm",
+    "Exact",
+    "Flow",
+    "InversionError",
+    "InversionReport",
+    "LipSwish",
+    "LogDetEstimator",
+    "ModuleTransform",
+    "PowerSeries",
+    "ResidualBlock",
+    "Roulette",
+    "Sequential",
+    "SpectralNorm",
+    "Squeeze",
+    "as_transform",
+    "converge_spectral_norms",
+    "lipschitz_bound",
+    "operator_norm_bound",
+    "solve_fixed_point",
+    "spectral_norm",
+]

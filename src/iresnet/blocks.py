@@ -1,0 +1,271 @@
+r"""Invertible layers with one convention: ``forward(x) -> (y, logdet)`` with ``logdet`` the
+per-sample :math:`\log|\det \partial y / \partial x|` of shape ``(batch,)`` (or ``None`` where it
+is not computed), and ``inverse(y) -> x``."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
+from .logdet import LogDetEstimator, make_estimator
+from .validation import check_input
+
+__all__ = ["ResidualBlock", "ActNorm", "Squeeze", "Sequential"]
+
+
+def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        return p.dtype
+    return None
+
+
+def _cache_parametrizations(module: nn.Module) -> None:
+    """Evaluate every parametrized tensor once, so that inside ``parametrize.cached()`` all
+    later uses share it (with its graph) whatever the grad mode of the later use."""
+    for m in module.modules():
+        if parametrize.is_parametrized(m):
+            for name in m.parametrizations:
+                getattr(m, name)
+
+
+class ResidualBlock(nn.Module):
+    r"""An invertible residual block :math:`F(x) = x + g(x)` for :math:`\mathrm{Lip}(g) < 1`.
+
+    ``y, logdet = block(x)`` returns :math:`F(x)` and an estimate of
+    :math:`\log|\det(I + J_g(x))|` per sample; ``block.inverse(y)`` solves :math:`F(x) = y` by
+    the Banach fixed-point iteration (or Anderson acceleration) and raises
+    :class:`~iresnet.InversionError` for samples that do not converge. The report of the last
+    inversion (iterations, evaluations of ``g``, residual) is kept in ``last_inversion``.
+    Under autograd the inverse is differentiable by implicit differentiation:
+    :math:`\partial x / \partial y = (I + J_g)^{-1}`.
+
+    Arguments:
+        g: the residual branch, Lipschitz below 1 (see :func:`~iresnet.spectral_norm`); it must
+            act on each sample independently and keep the shape.
+        logdet: ``"exact"``, ``"series"``, ``"roulette"``, an estimator from
+            :mod:`iresnet.logdet`, or ``None`` (no log-det, for classifiers).
+        inverse_method: ``"fixed_point"`` or ``"anderson"``.
+        atol, rtol: the inversion's stopping tolerances (defaults by dtype: about 1e-5 in
+            float32, 1e-10 in float64).
+        max_iter: the cap on fixed-point iterations.
+        anderson_memory: the history length of Anderson acceleration.
+        event_shape: the shape of one input; taken from the first input if ``None``.
+
+    References:
+        Behrmann et al., "Invertible Residual Networks", ICML 2019,
+        https://arxiv.org/abs/1811.00995
+
+        Chen et al., "Residual Flows for Invertible Generative Modeling", NeurIPS 2019,
+        https://arxiv.org/abs/1906.02735
+
+    Example:
+        >>> g = nn.Sequential(spectral_norm(nn.Linear(2, 16), 0.9), LipSwish(),
+        ...                   spectral_norm(nn.Linear(16, 2), 0.9))
+        >>> block = ResidualBlock(g, logdet="exact")
+        >>> x = torch.randn(8, 2)
+        >>> y, logdet = block(x)
+        >>> bool(torch.allclose(block.inverse(y), x, atol=1e-4))
+        True
+    """
+
+    def __init__(
+        self,
+        g: nn.Module,
+        logdet: str | LogDetEstimator | None = "roulette",
+        *,
+        inverse_method: str = "fixed_point",
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iter: int = 100,
+        anderson_memory: int = 5,
+        event_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if inverse_method not in ("fixed_point", "anderson"):
+            raise ValueError(f"inverse_method must be 'fixed_point' or 'anderson', got {inverse_method!r}")
+        self.g = g
+        self.logdet = make_estimator(logdet)
+        self.inverse_method = inverse_method
+        self.atol = atol
+        self.rtol = rtol
+        self.max_iter = max_iter
+        self.anderson_memory = anderson_memory
+        self.event_shape = None if event_shape is None else tuple(event_shape)
+        self.last_inversion: InversionReport | None = None
+
+    def _check(self, x: Tensor, name: str) -> None:
+        check_input(x, name, self.event_shape, _parameter_dtype(self.g))
+        if self.event_shape is None:
+            self.event_shape = tuple(x.shape[1:])
+
+    def _branch(self, x: Tensor) -> Tensor:
+        gx = self.g(x)
+        if gx.shape != x.shape:
+            raise ValueError(f"the residual branch g must keep the shape {tuple(x.shape)}, gave {tuple(gx.shape)}")
+        return gx
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        self._check(x, "ResidualBlock input")
+        with parametrize.cached():
+            if self.logdet is None:
+                return x + self._branch(x), None
+            differentiable = torch.is_grad_enabled()
+            with torch.enable_grad():
+                x_in = x if differentiable and x.requires_grad else x.detach().requires_grad_()
+                gx = self._branch(x_in)
+                logdet = self.logdet(self.g, x_in, gx, differentiable)
+                y = x_in + gx
+        if not differentiable:
+            return y.detach(), logdet.detach()
+        return y, logdet
+
+    def inverse(self, y: Tensor, method: str | None = None) -> Tensor:
+        """The unique ``x`` with ``x + g(x) = y``; ``method`` overrides ``inverse_method``."""
+        self._check(y, "ResidualBlock.inverse input")
+        differentiable = torch.is_grad_enabled() and (
+            y.requires_grad or any(p.requires_grad for p in self.g.parameters())
+        )
+        with parametrize.cached():
+            _cache_parametrizations(self.g)
+            with torch.no_grad():
+                x, self.last_inversion = solve_fixed_point(
+                    self.g, y, method or self.inverse_method, self.atol, self.rtol,
+                    self.max_iter, self.anderson_memory,
+                )
+            if differentiable:
+                x = self._implicit_gradient(x, y)
+        return x
+
+    def _implicit_gradient(self, x_star: Tensor, y: Tensor) -> Tensor:
+        r"""``y - g(x*)`` (equal to ``x*`` within tolerance) whose backward pass applies
+        :math:`(I + J_g)^{-\top}` by the fixed-point iteration :math:`u = a - J_g^\top u`."""
+        x0 = x_star.detach().requires_grad_()
+        gx0 = self.g(x0)
+        x = y - gx0
+        default_atol, default_rtol = default_tolerances(y.dtype)
+        atol = default_atol if self.atol is None else self.atol
+        rtol = default_rtol if self.rtol is None else self.rtol
+
+        def apply_inverse_transpose(grad: Tensor) -> Tensor:
+            u = grad
+            for _ in range(self.max_iter):
+                (jt_u,) = torch.autograd.grad(gx0, x0, u, retain_graph=True)
+                u_next = grad - jt_u
+                if ((u_next - u).abs() <= atol + rtol * u_next.abs()).all():
+                    return u_next
+                u = u_next
+            raise InversionError(
+                f"the implicit gradient of the inverse did not converge in {self.max_iter} iterations"
+            )
+
+        x.register_hook(apply_inverse_transpose)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"logdet={self.logdet!r}, inverse_method={self.inverse_method!r}"
+
+
+class ActNorm(nn.Module):
+    r"""Per-channel affine map :math:`y = (x + b) \odot e^{s}` on dimension 1, initialised from
+    the first training batch to zero mean and unit variance per channel (across processes
+    under ``torch.distributed``). :math:`\log|\det| = (\prod_{i \ge 2} n_i) \sum_c s_c`.
+
+    References:
+        Kingma, Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
+        NeurIPS 2018, https://arxiv.org/abs/1807.03039
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _broadcast(self, p: Tensor, x: Tensor) -> Tensor:
+        return p.view(1, -1, *[1] * (x.dim() - 2))
+
+    def _check(self, x: Tensor, name: str) -> None:
+        check_input(x, name, None, self.bias.dtype)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"{name}: expected {self.num_features} channels in dimension 1, got shape {tuple(x.shape)}")
+
+    @torch.no_grad()
+    def _initialise(self, x: Tensor) -> None:
+        dims = [0, *range(2, x.dim())]
+        stats = torch.stack([x.sum(dims), x.pow(2).sum(dims)])
+        count = torch.tensor(float(x.numel() // self.num_features), dtype=x.dtype, device=x.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+            dist.all_reduce(count)
+        mean = stats[0] / count
+        var = (stats[1] / count - mean.pow(2)).clamp_min(0)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-0.5 * torch.log(var + self.eps))
+        self.initialized.fill_(True)
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        return (self.log_scale.sum() * x[0, 0].numel()).expand(x.shape[0])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(x, "ActNorm input")
+        if self.training and not self.initialized:
+            self._initialise(x)
+        y = (x + self._broadcast(self.bias, x)) * self._broadcast(self.log_scale, x).exp()
+        return y, self._logdet(x)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        self._check(y, "ActNorm.inverse input")
+        return y * self._broadcast(-self.log_scale, y).exp() - self._broadcast(self.bias, y)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}"
+
+
+class Squeeze(nn.Module):
+    """2x2 space-to-depth, ``(C, H, W) -> (4C, H/2, W/2)``: invertible downsampling with
+    log-det 0 (Dinh et al., "Density estimation using Real NVP", ICLR 2017)."""
+
+    def _check(self, x: Tensor, name: str) -> None:
+        check_input(x, name, None, None)
+        if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"{name}: expected (batch, C, H, W) with even H and W, got {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(x, "Squeeze input")
+        b, c, h, w = x.shape
+        y = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+        return y, x.new_zeros(b)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        check_input(y, "Squeeze.inverse input", None, None)
+        b, c4, h, w = y.shape
+        if c4 % 4:
+            raise ValueError(f"Squeeze.inverse input: channels must be a multiple of 4, got {c4}")
+        c = c4 // 4
+        return y.view(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
+
+
+class Sequential(nn.Sequential):
+    """A composition of invertible layers: log-dets add up (``None`` if any layer gives
+    ``None``) and the inverse runs the layers' inverses in reverse order."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        total: Tensor | None = None
+        missing = False
+        for layer in self:
+            x, logdet = layer(x)
+            if logdet is None:
+                missing = True
+            elif not missing:
+                total = logdet if total is None else total + logdet
+        return x, None if missing else total
+
+    def inverse(self, y: Tensor) -> Tensor:
+        for layer in reversed(self):
+            y = layer.inverse(y)
+        return y

@@ -1,0 +1,369 @@
+r"""Lipschitz-constrained linear layers.
+
+Spectral normalisation rescales a weight so that the operator norm of its layer stays below a
+coefficient :math:`c < 1`,
+
+.. math:: W \mapsto W / \max(1, \hat\sigma(W) / c),
+
+with :math:`\hat\sigma` the largest singular value estimated by power iteration on the layer's
+*operator*: the matrix for :class:`~torch.nn.Linear`, the convolution at the input's spatial
+size (with its stride, padding and dilation) for :class:`~torch.nn.Conv2d`.
+
+Power iteration approaches :math:`\sigma` from below, so an estimate that lags the weights lets
+the true norm exceed :math:`c`. :func:`lipschitz_bound` gives a certificate instead: exact
+singular values by SVD for dense layers and, for convolutions, the exact norm of the circular
+convolution on the padded grid from the per-frequency matrices of the kernel's DFT, which bounds
+the zero-padded, strided operator.
+
+References:
+    Miyato et al., "Spectral Normalization for Generative Adversarial Networks", ICLR 2018,
+    https://arxiv.org/abs/1802.05957
+
+    Gouk et al., "Regularisation of Neural Networks by Enforcing Lipschitz Continuity", 2018,
+    https://arxiv.org/abs/1804.04368
+
+    Behrmann et al., "Invertible Residual Networks", ICML 2019, https://arxiv.org/abs/1811.00995
+
+    Sedghi, Gupta, Long, "The Singular Values of Convolutional Layers", ICLR 2019,
+    https://arxiv.org/abs/1805.10408
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .activations import LipSwish
+
+__all__ = [
+    "SpectralNorm",
+    "spectral_norm",
+    "converge_spectral_norms",
+    "lipschitz_bound",
+    "operator_norm_bound",
+]
+
+
+class SpectralNorm(nn.Module):
+    r"""Parametrization :math:`W \mapsto W / \max(1, \hat\sigma / c)` for a linear or conv layer.
+
+    In training mode every evaluation of the weight runs ``n_power_iterations`` steps of power
+    iteration, then keeps iterating while the estimate still moves by more than ``tolerance``
+    (relative), at most ``max_power_iterations`` steps in all. In eval mode the vectors are
+    frozen and :math:`\hat\sigma = u^\top W v` is read off them.
+
+    Arguments:
+        layer: the ``nn.Linear`` or ``nn.Conv2d`` whose weight is normalised.
+        coeff: the bound :math:`c` on the layer's operator norm.
+        n_power_iterations: power-iteration steps per training evaluation.
+        tolerance: relative change of :math:`\hat\sigma` below which iteration stops;
+            ``None`` runs exactly ``n_power_iterations`` steps.
+        max_power_iterations: the cap on steps per training evaluation.
+        input_shape: ``(C, H, W)`` of a convolution's input; inferred at the first call if
+            ``None``.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Linear | nn.Conv2d,
+        coeff: float = 0.97,
+        n_power_iterations: int = 1,
+        tolerance: float | None = 1e-3,
+        max_power_iterations: int = 50,
+        input_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 < coeff:
+            raise ValueError(f"coeff must be positive, got {coeff}")
+        if n_power_iterations < 1 or max_power_iterations < n_power_iterations:
+            raise ValueError(
+                "need 1 <= n_power_iterations <= max_power_iterations, got "
+                f"{n_power_iterations} and {max_power_iterations}"
+            )
+        self.coeff = coeff
+        self.n_power_iterations = n_power_iterations
+        self.tolerance = tolerance
+        self.max_power_iterations = max_power_iterations
+        self.is_conv = isinstance(layer, nn.Conv2d)
+        weight = layer.weight.detach()
+        if self.is_conv:
+            if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                raise ValueError(
+                    "spectral_norm supports Conv2d with groups=1, padding_mode='zeros' and "
+                    f"integer padding, got groups={layer.groups}, "
+                    f"padding_mode={layer.padding_mode!r}, padding={layer.padding!r}"
+                )
+            self.stride = layer.stride
+            self.padding = layer.padding
+            self.dilation = layer.dilation
+            self.register_buffer("u", weight.new_empty(0))
+            self.register_buffer("v", weight.new_empty(0))
+            if input_shape is not None:
+                self.set_input_shape(tuple(input_shape), weight)
+        else:
+            self.register_buffer("u", _unit(weight.new_empty(weight.shape[1]).normal_()))
+            self.register_buffer("v", _unit(weight.new_empty(weight.shape[0]).normal_()))
+            self.power_iterate(weight, max_power_iterations, tolerance)
+
+    # The operator and its adjoint --------------------------------------------------------
+    def apply_operator(self, weight: Tensor, x: Tensor) -> Tensor:
+        """``W x``: the layer's linear part applied to an input-space vector."""
+        if self.is_conv:
+            return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation)
+        return weight @ x
+
+    def apply_adjoint(self, weight: Tensor, y: Tensor) -> Tensor:
+        """``W^T y``: the adjoint, for conv the gradient of the convolution w.r.t. its input."""
+        if self.is_conv:
+            return torch.nn.grad.conv2d_input(
+                self.u.shape, weight, y, self.stride, self.padding, self.dilation
+            )
+        return weight.T @ y
+
+    # Power iteration ---------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of one input (without batch), ``None`` for a conv not yet called."""
+        if self.u.numel() == 0:
+            return None
+        return tuple(self.u.shape[1:]) if self.is_conv else tuple(self.u.shape)
+
+    def set_input_shape(self, shape: tuple[int, ...], weight: Tensor) -> None:
+        """Start the power iteration for a convolution on inputs of ``shape`` and converge it."""
+        if self.input_shape == tuple(shape):
+            return
+        with torch.no_grad():
+            u = weight.new_empty((1, *shape)).normal_()
+            v = F.conv2d(u, weight, None, self.stride, self.padding, self.dilation)
+            self.u = _unit(u)
+            self.v = _unit(v.normal_())
+            self.power_iterate(weight, self.max_power_iterations, self.tolerance)
+
+    @torch.no_grad()
+    def power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None) -> int:
+        r"""Update ``u``, ``v`` in place; stop once :math:`\hat\sigma` changes by under
+        ``tolerance`` (relative) after at least ``n_power_iterations`` steps. Returns the steps
+        taken."""
+        previous = None
+        min_steps = min(self.n_power_iterations, max_steps)
+        for step in range(1, max_steps + 1):
+            self.v.copy_(_unit(self.apply_operator(weight, self.u)))
+            adjoint = self.apply_adjoint(weight, self.v)
+            sigma = torch.linalg.vector_norm(adjoint)
+            self.u.copy_(adjoint / sigma.clamp_min(1e-12))
+            if step >= min_steps:
+                if tolerance is None:
+                    return step
+                if previous is not None and abs(sigma - previous) <= tolerance * sigma:
+                    return step
+            previous = sigma
+        return max_steps
+
+    def sigma(self, weight: Tensor) -> Tensor:
+        r""":math:`\hat\sigma = v^\top W u`, differentiable in ``weight``."""
+        u, v = self.u, self.v
+        if self.training:  # later in-place updates must not touch tensors saved for backward
+            u, v = u.clone(), v.clone()
+        return torch.sum(v * self.apply_operator(weight, u))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.input_shape is None:
+            raise RuntimeError(
+                "the spectral norm of this Conv2d needs its input shape: pass "
+                "input_shape=(C, H, W) to spectral_norm or call the layer once first"
+            )
+        if self.training:
+            self.power_iterate(weight, self.max_power_iterations, self.tolerance)
+        return weight / torch.clamp(self.sigma(weight) / self.coeff, min=1.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A convolution's vectors take their shape from the input size, known only once run.
+        for name in ("u", "v"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}, "
+            f"tolerance={self.tolerance}, input_shape={self.input_shape}"
+        )
+
+
+def _unit(x: Tensor) -> Tensor:
+    return x / torch.linalg.vector_norm(x).clamp_min(1e-12)
+
+
+def _record_input_shape(layer: nn.Module, args: tuple) -> None:
+    if not parametrize.is_parametrized(layer, "weight"):
+        return
+    for p in layer.parametrizations.weight:
+        if isinstance(p, SpectralNorm) and p.is_conv:
+            p.set_input_shape(tuple(args[0].shape[1:]), layer.parametrizations.weight.original)
+
+
+def spectral_norm(
+    module: nn.Linear | nn.Conv2d,
+    coeff: float = 0.97,
+    n_power_iterations: int = 1,
+    *,
+    tolerance: float | None = 1e-3,
+    max_power_iterations: int = 50,
+    input_shape: tuple[int, ...] | None = None,
+) -> nn.Linear | nn.Conv2d:
+    r"""Constrain the operator norm of ``module`` to at most ``coeff`` (approximately: see
+    :class:`SpectralNorm`; :func:`lipschitz_bound` certifies it).
+
+    The weight becomes a :mod:`torch.nn.utils.parametrize` parametrization, so ``state_dict``,
+    optimisers, ``torch.compile`` and ``parametrize.remove_parametrizations`` work as usual.
+
+    Example:
+        >>> layer = spectral_norm(nn.Linear(4, 4), coeff=0.9)
+        >>> bool(torch.linalg.matrix_norm(layer.weight, ord=2) <= 0.9 + 1e-4)
+        True
+    """
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        raise TypeError(f"spectral_norm takes nn.Linear or nn.Conv2d, got {type(module).__name__}")
+    parametrization = SpectralNorm(
+        module, coeff, n_power_iterations, tolerance, max_power_iterations, input_shape
+    )
+    parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
+    if isinstance(module, nn.Conv2d):
+        module.register_forward_pre_hook(_record_input_shape)
+    return module
+
+
+def _spectral_norms(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralNorm]]:
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, SpectralNorm):
+                    yield module, p
+
+
+@torch.no_grad()
+def converge_spectral_norms(
+    model: nn.Module, tolerance: float = 1e-6, max_iterations: int = 2000
+) -> int:
+    """Run every spectral norm's power iteration in ``model`` until its estimate changes by
+    less than ``tolerance`` (relative). Call it before evaluation and inversion so that the
+    frozen eval-mode weights obey the coefficient. Returns the number of layers converged."""
+    count = 0
+    for module, p in _spectral_norms(model):
+        if p.input_shape is None:
+            raise RuntimeError(
+                f"{module} has not seen an input yet, so its operator is unknown: "
+                "run the model once or pass input_shape to spectral_norm"
+            )
+        p.power_iterate(module.parametrizations.weight.original, max_iterations, tolerance)
+        count += 1
+    return count
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
+    """A guaranteed upper bound on the operator norm of a linear layer's linear part at
+    ``input_shape`` (one input, no batch), computed in float64: exact for ``nn.Linear``; for
+    ``nn.Conv2d`` the exact norm of the circular convolution on a grid large enough that the
+    zero-padded, strided convolution is one of its restrictions."""
+    weight = layer.weight.detach().double()
+    if isinstance(layer, nn.Linear):
+        return torch.linalg.matrix_norm(weight, ord=2).item()
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            raise ValueError("operator_norm_bound supports Conv2d with groups=1 only")
+        _, height, width = input_shape
+        grid = [
+            max(size + 2 * pad, size + dil * (k - 1))
+            for size, pad, dil, k in zip(
+                (height, width), layer.padding, layer.dilation, weight.shape[2:]
+            )
+        ]
+        return _circular_conv_norm(weight, grid, layer.dilation)
+    raise TypeError(f"no operator norm for {type(layer).__name__}")
+
+
+def _circular_conv_norm(weight: Tensor, grid: list[int], dilation: tuple[int, int]) -> float:
+    c_out, c_in, kh, kw = weight.shape
+    kernel = weight.new_zeros(c_out, c_in, *grid)
+    kernel[:, :, : dilation[0] * (kh - 1) + 1 : dilation[0], : dilation[1] * (kw - 1) + 1 : dilation[1]] = weight
+    spectrum = torch.fft.fft2(kernel).permute(2, 3, 0, 1)  # (H, W, c_out, c_in)
+    norm = 0.0
+    for row in spectrum:  # one frequency row at a time bounds the memory of the SVDs
+        norm = max(norm, torch.linalg.matrix_norm(row, ord=2).max().item())
+    return norm
+
+
+_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.Flatten, LipSwish)
+
+
+def _activation_lipschitz(module: nn.Module) -> float | None:
+    if isinstance(module, _ONE_LIPSCHITZ):
+        return 1.0
+    if isinstance(module, nn.ELU):
+        return max(1.0, module.alpha)
+    if isinstance(module, nn.LeakyReLU):
+        return max(1.0, abs(module.negative_slope))
+    if isinstance(module, nn.Sigmoid):
+        return 0.25
+    return None
+
+
+def _chain(g: nn.Module) -> Iterator[nn.Module]:
+    if isinstance(g, nn.Sequential):
+        for child in g:
+            yield from _chain(child)
+    else:
+        yield g
+
+
+@torch.no_grad()
+def lipschitz_bound(g: nn.Module, input_shape: tuple[int, ...]) -> float:
+    r"""A certified upper bound on :math:`\mathrm{Lip}(g)` in the Euclidean norm for a chain
+    ``g`` (a layer or nested ``nn.Sequential``) of ``nn.Linear`` / ``nn.Conv2d`` layers, spectral
+    normalised or not, and activations with known Lipschitz constants:
+    :math:`\mathrm{Lip}(g) \le \prod_i \|W_i\|_2 \prod_j \mathrm{Lip}(\phi_j)`.
+
+    The weights are read as the layers use them in eval mode; nothing is updated.
+    ``input_shape`` is the shape of one input, without batch.
+    """
+    shape = tuple(input_shape)
+    bound = 1.0
+    with _eval_mode(g):
+        for layer in _chain(g):
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                bound *= operator_norm_bound(layer, shape)
+            else:
+                constant = _activation_lipschitz(layer)
+                if constant is None:
+                    raise TypeError(
+                        f"cannot certify the Lipschitz constant of {type(layer).__name__}; "
+                        "lipschitz_bound knows Linear, Conv2d, LipSwish, ReLU, ELU, LeakyReLU, "
+                        "Tanh, Sigmoid, Identity, Dropout and Flatten"
+                    )
+                bound *= constant
+            probe = torch.zeros((1, *shape), dtype=_dtype_of(layer, g))
+            shape = tuple(layer(probe).shape[1:])
+    return bound
+
+
+def _dtype_of(layer: nn.Module, model: nn.Module) -> torch.dtype:
+    for tensor in (*layer.parameters(), *model.parameters()):
+        return tensor.dtype
+    return torch.get_default_dtype()
