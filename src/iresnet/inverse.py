@@ -32,7 +32,7 @@ class InversionError(RuntimeError):
 
 @dataclass
 class InversionReport:
-    """What an inversion cost and how well it converged.
+    r"""What an inversion cost and how well it converged.
 
     Attributes:
         method: ``"fixed_point"`` or ``"anderson"``.

@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 
+_CONVERGE_TOLERANCE = 1e-6
+_CONVERGE_STEPS = 2000
+
+
 class SpectralNorm(nn.Module):
     r"""Parametrization :math:`W \mapsto W / \max(1, \hat\sigma / c)` for a linear or conv layer.
 
@@ -108,7 +112,7 @@ class SpectralNorm(nn.Module):
         else:
             self.register_buffer("u", _unit(weight.new_empty(weight.shape[1]).normal_()))
             self.register_buffer("v", _unit(weight.new_empty(weight.shape[0]).normal_()))
-            self.power_iterate(weight, max_power_iterations, tolerance)
+            self.power_iterate(weight, _CONVERGE_STEPS, _CONVERGE_TOLERANCE)
 
     # The operator and its adjoint --------------------------------------------------------
     def apply_operator(self, weight: Tensor, x: Tensor) -> Tensor:
@@ -142,7 +146,7 @@ class SpectralNorm(nn.Module):
             v = F.conv2d(u, weight, None, self.stride, self.padding, self.dilation)
             self.u = _unit(u)
             self.v = _unit(v.normal_())
-            self.power_iterate(weight, self.max_power_iterations, self.tolerance)
+            self.power_iterate(weight, _CONVERGE_STEPS, _CONVERGE_TOLERANCE)
 
     @torch.no_grad()
     def power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None) -> int:
@@ -249,7 +253,7 @@ def _spectral_norms(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralNorm]
 
 @torch.no_grad()
 def converge_spectral_norms(
-    model: nn.Module, tolerance: float = 1e-6, max_iterations: int = 2000
+    model: nn.Module, tolerance: float = _CONVERGE_TOLERANCE, max_iterations: int = _CONVERGE_STEPS
 ) -> int:
     """Run every spectral norm's power iteration in ``model`` until its estimate changes by
     less than ``tolerance`` (relative). Call it before evaluation and inversion so that the

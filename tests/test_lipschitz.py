@@ -1,0 +1,260 @@
+"""Spectral normalisation and Lipschitz certificates, checked against dense operator matrices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+import iresnet
+from iresnet.lipschitz import SpectralNorm
+
+
+def dense_operator(layer: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """The matrix of the linear part of ``layer`` at ``input_shape``, column by column."""
+    n = torch.Size(input_shape).numel()
+    weight = layer.weight.detach()
+    basis = torch.eye(n, dtype=weight.dtype, device=weight.device).view(n, *input_shape)
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            out = basis @ weight.T
+        else:
+            out = F.conv2d(basis, weight, None, layer.stride, layer.padding, layer.dilation)
+    return out.reshape(n, -1).T
+
+
+def exact_norm(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
+    return torch.linalg.matrix_norm(dense_operator(layer, input_shape), ord=2).item()
+
+
+def sigma_estimate(layer: nn.Module) -> float:
+    p = layer.parametrizations.weight[0]
+    return p.sigma(layer.parametrizations.weight.original).item()
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (7, 2), (16, 16)])
+def test_linear_weight_is_scaled_to_coeff(device, shape):
+    layer = nn.Linear(*shape).double().to(device)
+    with torch.no_grad():
+        layer.weight.mul_(5.0)  # well above the coefficient
+    iresnet.spectral_norm(layer, coeff=0.8)
+    layer(torch.randn(4, shape[0], dtype=torch.float64, device=device))
+    assert exact_norm(layer, (shape[0],)) == pytest.approx(0.8, rel=1e-3)
+
+
+def test_weight_below_coeff_is_left_alone(device):
+    layer = nn.Linear(6, 6).double().to(device)
+    with torch.no_grad():
+        layer.weight.copy_(0.1 * torch.linalg.qr(layer.weight)[0])  # norm 0.1
+    original = layer.weight.detach().clone()
+    iresnet.spectral_norm(layer, coeff=0.9)
+    torch.testing.assert_close(layer.weight, original)
+
+
+@pytest.mark.parametrize(
+    "conv_args, input_shape",
+    [
+        (dict(in_channels=2, out_channels=3, kernel_size=3, padding=1), (2, 5, 5)),
+        (dict(in_channels=3, out_channels=2, kernel_size=3, padding=1, stride=2), (3, 6, 6)),
+        (dict(in_channels=2, out_channels=2, kernel_size=3, padding=2, dilation=2), (2, 6, 5)),
+        (dict(in_channels=2, out_channels=4, kernel_size=1), (2, 4, 4)),
+    ],
+)
+def test_conv_power_iteration_runs_on_the_operator(device, conv_args, input_shape):
+    """sigma converges to the norm of the convolution at the input size (with its stride,
+    padding, dilation), not to the norm of the reshaped kernel."""
+    conv = nn.Conv2d(**conv_args).double().to(device)
+    operator = exact_norm(conv, input_shape)
+    iresnet.spectral_norm(conv, coeff=100.0)  # no rescaling: we look at sigma alone
+    conv(torch.randn(1, *input_shape, dtype=torch.float64, device=device))
+    iresnet.converge_spectral_norms(conv, tolerance=1e-12)
+    assert sigma_estimate(conv) == pytest.approx(operator, rel=1e-5)
+
+
+def test_operator_norm_differs_from_reshaped_kernel_norm(device):
+    """On a small input the operator norm of a padded conv is well below the circular norm and
+    also unlike the reshaped-kernel norm: the distinction the power iteration must respect."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(1, 1, 3, padding=1, stride=2).double().to(device)
+    kernel_norm = torch.linalg.matrix_norm(conv.weight.reshape(1, -1), ord=2).item()
+    assert abs(exact_norm(conv, (1, 4, 4)) - kernel_norm) > 1e-3
+
+
+def test_conv_normalised_to_coeff(device):
+    conv = nn.Conv2d(3, 4, 3, padding=1).double().to(device)
+    with torch.no_grad():
+        conv.weight.mul_(10.0)
+    iresnet.spectral_norm(conv, coeff=0.7, input_shape=(3, 6, 6))
+    conv.eval()
+    assert exact_norm(conv, (3, 6, 6)) == pytest.approx(0.7, rel=1e-3)
+
+
+def test_eval_mode_freezes_the_weight(device):
+    layer = iresnet.spectral_norm(nn.Linear(5, 5).to(device), coeff=0.5)
+    layer.eval()
+    first = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(torch.randn(5, 5, device=device))
+    u = layer.parametrizations.weight[0].u.clone()
+    layer(torch.randn(2, 5, device=device))
+    torch.testing.assert_close(layer.parametrizations.weight[0].u, u)  # no power iteration
+    # the weight follows the parameter with the frozen vectors
+    assert not torch.allclose(layer.weight, first)
+
+
+def test_training_forward_updates_vectors(device):
+    layer = iresnet.spectral_norm(nn.Linear(5, 5).to(device), coeff=0.5)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.randn(5, 5, device=device))
+    u = layer.parametrizations.weight[0].u.clone()
+    layer(torch.randn(2, 5, device=device))
+    assert not torch.allclose(layer.parametrizations.weight[0].u, u)
+
+
+def test_converge_catches_up_with_changed_weights(device):
+    """After the weights move, frozen eval weights can exceed coeff; converging fixes that."""
+    layer = iresnet.spectral_norm(nn.Linear(8, 8).double().to(device), coeff=0.9)
+    layer.eval()
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.randn(8, 8, dtype=torch.float64, device=device) * 4)
+    stale = exact_norm(layer, (8,))
+    iresnet.converge_spectral_norms(layer)
+    assert stale > 0.9 + 1e-3
+    assert exact_norm(layer, (8,)) <= 0.9 * (1 + 1e-5)
+
+
+def test_conv_without_input_shape_raises_clear_error(device):
+    conv = iresnet.spectral_norm(nn.Conv2d(2, 2, 3, padding=1).to(device))
+    with pytest.raises(RuntimeError, match="input shape"):
+        conv.weight
+    with pytest.raises(RuntimeError, match="has not seen an input"):
+        iresnet.converge_spectral_norms(conv)
+
+
+def test_rejects_other_modules():
+    with pytest.raises(TypeError, match="nn.Linear or nn.Conv2d"):
+        iresnet.spectral_norm(nn.Conv1d(2, 2, 3))
+    with pytest.raises(ValueError, match="groups=1"):
+        iresnet.spectral_norm(nn.Conv2d(2, 2, 3, groups=2))
+
+
+def test_state_dict_round_trip_restores_conv_vectors(device):
+    conv = iresnet.spectral_norm(nn.Conv2d(2, 3, 3, padding=1).to(device))
+    conv(torch.randn(1, 2, 5, 7, device=device))
+    fresh = iresnet.spectral_norm(nn.Conv2d(2, 3, 3, padding=1).to(device))
+    fresh.load_state_dict(conv.state_dict())
+    conv.eval(), fresh.eval()
+    torch.testing.assert_close(fresh.weight, conv.weight)
+    assert fresh.parametrizations.weight[0].input_shape == (2, 5, 7)
+
+
+def test_remove_parametrizations_keeps_normalised_weight(device):
+    layer = iresnet.spectral_norm(nn.Linear(4, 4).to(device), coeff=0.5)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.mul_(10)
+    layer.eval()
+    iresnet.converge_spectral_norms(layer)
+    weight = layer.weight.detach().clone()
+    parametrize.remove_parametrizations(layer, "weight")
+    assert isinstance(layer.weight, nn.Parameter)
+    torch.testing.assert_close(layer.weight.detach(), weight)
+
+
+def test_optimizer_and_compile_work(device):
+    """Gradients reach the original weight, Adam steps, and torch.compile traces the layer."""
+    layer = iresnet.spectral_norm(nn.Linear(4, 4).to(device), coeff=0.5)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+    x = torch.randn(8, 4, device=device)
+    before = layer.parametrizations.weight.original.detach().clone()
+    layer(x).pow(2).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, layer.parametrizations.weight.original)
+    layer.eval()
+    compiled = torch.compile(layer, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+# Certificates ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "conv_args, input_shape",
+    [
+        (dict(in_channels=2, out_channels=3, kernel_size=3, padding=1), (2, 5, 5)),
+        (dict(in_channels=3, out_channels=2, kernel_size=3, padding=1, stride=2), (3, 6, 6)),
+        (dict(in_channels=2, out_channels=2, kernel_size=3, padding=2, dilation=2), (2, 6, 5)),
+        (dict(in_channels=2, out_channels=2, kernel_size=3, padding=0), (2, 5, 5)),
+        (dict(in_channels=2, out_channels=3, kernel_size=(3, 1), padding=(1, 0)), (2, 4, 3)),
+    ],
+)
+def test_conv_bound_dominates_exact_operator_norm(device, conv_args, input_shape):
+    conv = nn.Conv2d(**conv_args).double().to(device)
+    bound = iresnet.operator_norm_bound(conv, input_shape)
+    exact = exact_norm(conv, input_shape)
+    assert exact <= bound * (1 + 1e-10)
+    assert bound <= 2 * exact  # a certificate, but not a vacuous one
+
+
+@pytest.mark.parametrize("size", [3, 4, 7])
+def test_conv_bound_is_exact_for_circular_convolution(device, size):
+    """At the grid it uses, the bound is the exact norm of the circular convolution."""
+    conv = nn.Conv2d(2, 3, 3, padding=1).double().to(device)
+    grid = size + 2
+    n = 2 * grid * grid
+    basis = torch.eye(n, dtype=torch.float64, device=device).view(n, 2, grid, grid)
+    circular = F.conv2d(F.pad(basis, (1, 1, 1, 1), mode="circular"), conv.weight.detach())
+    exact = torch.linalg.matrix_norm(circular.reshape(n, -1).T, ord=2).item()
+    assert iresnet.operator_norm_bound(conv, (2, size, size)) == pytest.approx(exact, rel=1e-10)
+
+
+def test_linear_bound_is_exact(device):
+    layer = nn.Linear(5, 3).double().to(device)
+    assert iresnet.operator_norm_bound(layer, (5,)) == pytest.approx(exact_norm(layer, (5,)), rel=1e-12)
+
+
+def test_chain_bound_dominates_jacobian_norms(device):
+    """The certificate is the product of exact layer norms and bounds every Jacobian."""
+    g = nn.Sequential(
+        iresnet.spectral_norm(nn.Linear(3, 16), 0.9), iresnet.LipSwish(),
+        nn.Sequential(iresnet.spectral_norm(nn.Linear(16, 16), 0.9), nn.ELU()),
+        iresnet.spectral_norm(nn.Linear(16, 3), 0.9),
+    ).double().to(device)
+    g(torch.randn(1, 3, dtype=torch.float64, device=device))
+    g.eval()
+    bound = iresnet.lipschitz_bound(g, (3,))
+    product = 1.0
+    for layer in (g[0], g[2][0], g[3]):
+        product *= exact_norm(layer, tuple(layer.weight.shape[1:]))
+    assert bound == pytest.approx(product, rel=1e-10)
+    for x in torch.randn(50, 3, dtype=torch.float64, device=device) * 3:
+        jacobian = torch.autograd.functional.jacobian(lambda z: g(z[None])[0], x)
+        assert torch.linalg.matrix_norm(jacobian, ord=2) <= bound * (1 + 1e-10)
+
+
+def test_conv_chain_bound_tracks_shapes_through_strides(device):
+    g = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1),
+    ).double().to(device)
+    bound = iresnet.lipschitz_bound(g, (2, 8, 8))
+    expected = iresnet.operator_norm_bound(g[0], (2, 8, 8)) * iresnet.operator_norm_bound(g[2], (4, 4, 4))
+    assert bound == pytest.approx(expected, rel=1e-12)
+
+
+def test_bound_does_not_touch_power_iteration(device):
+    layer = iresnet.spectral_norm(nn.Linear(4, 4).to(device))
+    u = layer.parametrizations.weight[0].u.clone()
+    iresnet.lipschitz_bound(nn.Sequential(layer), (4,))
+    torch.testing.assert_close(layer.parametrizations.weight[0].u, u)
+    assert layer.training
+
+
+def test_bound_refuses_unknown_activation(device):
+    with pytest.raises(TypeError, match="cannot certify"):
+        iresnet.lipschitz_bound(nn.Sequential(nn.Linear(2, 2), nn.Softplus(beta=5)).to(device), (2,))
+
+
+def test_spectral_norm_class_is_a_parametrization():
+    layer = iresnet.spectral_norm(nn.Linear(3, 3))
+    assert isinstance(layer.parametrizations.weight[0], SpectralNorm)
