@@ -29,7 +29,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,10 +69,18 @@ class Exact(LogDetEstimator):
         return "Exact()"
 
 
-def _probe(x: Tensor, kind: str) -> Tensor:
+def _probes(x: Tensor, kind: str) -> Iterator[Tensor]:
+    """Probe vectors ``v`` with :math:`E[v v^T] = I`: one Gaussian or Rademacher draw, or
+    every basis vector in turn (``"basis"``, exact traces at ``d`` times the cost)."""
     if kind == "gaussian":
-        return torch.randn_like(x)
-    return torch.randint_like(x, 2).mul_(2).sub_(1)
+        yield torch.randn_like(x)
+    elif kind == "rademacher":
+        yield torch.randint_like(x, 2).mul_(2).sub_(1)
+    else:
+        for i in range(x[0].numel()):
+            v = torch.zeros_like(x).flatten(1)
+            v[:, i] = 1
+            yield v.view_as(x)
 
 
 def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -117,8 +125,8 @@ class _Series(LogDetEstimator):
     def __init__(self, n_samples: int, probe: str, memory_efficient: bool) -> None:
         if n_samples < 1:
             raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-        if probe not in ("gaussian", "rademacher"):
-            raise ValueError(f"probe must be 'gaussian' or 'rademacher', got {probe!r}")
+        if probe not in ("gaussian", "rademacher", "basis"):
+            raise ValueError(f"probe must be 'gaussian', 'rademacher' or 'basis', got {probe!r}")
         self.n_samples = n_samples
         self.probe = probe
         self.memory_efficient = memory_efficient
@@ -135,18 +143,18 @@ class _Series(LogDetEstimator):
         surrogate = x.new_zeros(x.shape[0])
         for _ in range(self.n_samples):
             weights = self.term_weights()
-            v = _probe(x, self.probe)
-            vjp = v  # v^T J^{k-1}
-            neumann_vector = torch.zeros_like(v)
-            for k, weight in enumerate(weights, start=1):
-                sign = 1.0 if k % 2 else -1.0
+            for v in _probes(x, self.probe):
+                vjp = v  # v^T J^{k-1}
+                neumann_vector = torch.zeros_like(v)
+                for k, weight in enumerate(weights, start=1):
+                    sign = 1.0 if k % 2 else -1.0
+                    if neumann:
+                        neumann_vector += sign * weight * vjp
+                    (vjp,) = torch.autograd.grad(gx, x, vjp, create_graph=create_graph, retain_graph=True)
+                    value = value + sign * weight / k * _per_sample_dot(vjp, v)
                 if neumann:
-                    neumann_vector += sign * weight * vjp
-                (vjp,) = torch.autograd.grad(gx, x, vjp, create_graph=create_graph, retain_graph=True)
-                value = value + sign * weight / k * _per_sample_dot(vjp, v)
-            if neumann:
-                (jt_w,) = torch.autograd.grad(gx, x, neumann_vector, create_graph=True, retain_graph=True)
-                surrogate = surrogate + _per_sample_dot(jt_w, v)
+                    (jt_w,) = torch.autograd.grad(gx, x, neumann_vector, create_graph=True, retain_graph=True)
+                    surrogate = surrogate + _per_sample_dot(jt_w, v)
         value = value / self.n_samples
         if not neumann:
             return value if differentiable else value.detach()
@@ -166,7 +174,7 @@ class PowerSeries(_Series):
     Arguments:
         n_terms: the number of series terms.
         n_samples: Hutchinson probes per sample.
-        probe: ``"gaussian"`` or ``"rademacher"``.
+        probe: ``"gaussian"``, ``"rademacher"`` or ``"basis"`` (exact traces, ``d`` passes).
         memory_efficient: Neumann-series gradient computed in the forward pass.
     """
 
@@ -205,7 +213,7 @@ class Roulette(_Series):
         p: the geometric distribution's success probability.
         rate: the Poisson distribution's mean.
         n_samples: Hutchinson probes (each with its own draw of ``N``).
-        probe: ``"gaussian"`` or ``"rademacher"``.
+        probe: ``"gaussian"``, ``"rademacher"`` or ``"basis"`` (exact traces, ``d`` passes).
         memory_efficient: Neumann-series gradient computed in the forward pass.
     """
 
