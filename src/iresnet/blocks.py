@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
+from .lipschitz import frozen_power_iteration
 from .logdet import LogDetEstimator, make_estimator
 from .validation import check_input
 
@@ -128,7 +129,7 @@ class ResidualBlock(nn.Module):
         differentiable = torch.is_grad_enabled() and (
             y.requires_grad or any(p.requires_grad for p in self.g.parameters())
         )
-        with parametrize.cached():
+        with parametrize.cached(), frozen_power_iteration(self.g):
             _cache_parametrizations(self.g)
             with torch.no_grad():
                 x, self.last_inversion = solve_fixed_point(
@@ -149,7 +150,9 @@ class ResidualBlock(nn.Module):
         atol = default_atol if self.atol is None else self.atol
         rtol = default_rtol if self.rtol is None else self.rtol
 
-        def apply_inverse_transpose(grad: Tensor) -> Tensor:
+        def apply_inverse_transpose(grad: Tensor | None) -> Tensor | None:
+            if grad is None:  # an undefined gradient stays undefined
+                return None
             u = grad
             for _ in range(self.max_iter):
                 (jt_u,) = torch.autograd.grad(gx0, x0, u, retain_graph=True)

@@ -44,6 +44,7 @@ __all__ = [
     "SpectralNorm",
     "spectral_norm",
     "converge_spectral_norms",
+    "frozen_power_iteration",
     "lipschitz_bound",
     "operator_norm_bound",
 ]
@@ -268,6 +269,21 @@ def converge_spectral_norms(
         p.power_iterate(module.parametrizations.weight.original, max_iterations, tolerance)
         count += 1
     return count
+
+
+@contextlib.contextmanager
+def frozen_power_iteration(model: nn.Module) -> Iterator[None]:
+    """Within the context no spectral norm in ``model`` updates its estimate, as in eval mode,
+    so that repeated evaluations (an inversion's iterations) see one fixed function."""
+    norms = [p for _, p in _spectral_norms(model)]
+    modes = [p.training for p in norms]
+    for p in norms:
+        p.training = False
+    try:
+        yield
+    finally:
+        for p, mode in zip(norms, modes):
+            p.training = mode
 
 
 @contextlib.contextmanager

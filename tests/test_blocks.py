@@ -1,0 +1,283 @@
+"""Residual blocks (inverse, errors), ActNorm, Squeeze and Sequential."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import iresnet
+
+
+def mlp_branch(dim: int, coeff: float, hidden: int = 32) -> nn.Sequential:
+    g = nn.Sequential(
+        iresnet.spectral_norm(nn.Linear(dim, hidden), coeff), iresnet.LipSwish(),
+        iresnet.spectral_norm(nn.Linear(hidden, hidden), coeff), iresnet.LipSwish(),
+        iresnet.spectral_norm(nn.Linear(hidden, dim), coeff),
+    )
+    with torch.no_grad():  # make every layer bind at its coefficient
+        for layer in g[::2]:
+            layer.parametrizations.weight.original.mul_(10)
+    iresnet.converge_spectral_norms(g)
+    return g
+
+
+def conv_branch(channels: int, coeff: float, hidden: int = 8) -> nn.Sequential:
+    return nn.Sequential(
+        iresnet.spectral_norm(nn.Conv2d(channels, hidden, 3, padding=1), coeff), iresnet.LipSwish(),
+        iresnet.spectral_norm(nn.Conv2d(hidden, hidden, 1), coeff), iresnet.LipSwish(),
+        iresnet.spectral_norm(nn.Conv2d(hidden, channels, 3, padding=1), coeff),
+    )
+
+
+def block_of(g: nn.Module, device, dtype=torch.float64, **options) -> iresnet.ResidualBlock:
+    return iresnet.ResidualBlock(g.to(device=device, dtype=dtype), "exact", **options)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+def test_dense_inverse_round_trip(device, dtype, tol, method):
+    block = block_of(mlp_branch(4, 0.95), device, dtype, inverse_method=method)
+    x = torch.randn(64, 4, dtype=dtype, device=device) * 3
+    y, _ = block(x)
+    torch.testing.assert_close(block.inverse(y), x, atol=tol, rtol=tol)
+    assert block.last_inversion.method == method
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+def test_conv_inverse_round_trip(device, method):
+    block = block_of(conv_branch(3, 0.9), device, inverse_method=method)
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64, device=device)
+    block(x)
+    block.eval()
+    iresnet.converge_spectral_norms(block)
+    y, _ = block(x)
+    torch.testing.assert_close(block.inverse(y), x, atol=1e-8, rtol=1e-8)
+
+
+def test_inverse_in_training_mode_inverts_the_forward_just_run(device):
+    """The inverse freezes the power iteration, so it inverts the very function the training
+    forward pass applied."""
+    block = block_of(mlp_branch(3, 0.9), device)
+    block.train()
+    x = torch.randn(16, 3, dtype=torch.float64, device=device)
+    y, _ = block(x)
+    torch.testing.assert_close(block.inverse(y.detach()), x, atol=1e-8, rtol=1e-8)
+
+
+def test_anderson_needs_fewer_evaluations(device):
+    """With J_g close to -0.98 I the plain iteration contracts slowly; Anderson reaches the
+    same tolerance with fewer evaluations of g."""
+    first, second = nn.Linear(8, 64), nn.Linear(64, 8)
+    with torch.no_grad():
+        first.weight.copy_(torch.linalg.qr(torch.randn(64, 8))[0])
+        first.bias.fill_(2.0)  # mostly in the linear part of the ELU
+        second.weight.copy_(-first.weight.T)
+    g = nn.Sequential(iresnet.spectral_norm(first, 0.99), nn.ELU(), iresnet.spectral_norm(second, 0.99))
+    block = block_of(g, device, max_iter=5000)
+    x = torch.randn(128, 8, dtype=torch.float64, device=device)
+    y, _ = block(x)
+    plain = block.inverse(y, method="fixed_point")
+    plain_report = block.last_inversion
+    accelerated = block.inverse(y, method="anderson")
+    anderson_report = block.last_inversion
+    torch.testing.assert_close(plain, x, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(accelerated, x, atol=1e-8, rtol=1e-8)
+    assert anderson_report.evaluations < plain_report.evaluations
+    assert anderson_report.sample_evaluations < plain_report.sample_evaluations
+    assert anderson_report.max_residual <= 1e-10 * (1 + y.abs().max().item())
+
+
+def test_per_sample_stopping(device):
+    """Samples that converge early stop being evaluated."""
+    block = block_of(mlp_branch(2, 0.9), device)
+    y = torch.cat([torch.zeros(1, 2), 50 * torch.ones(1, 2)]).to(device=device, dtype=torch.float64)
+    block.inverse(y)
+    report = block.last_inversion
+    assert report.sample_evaluations < 2 * report.iterations
+
+
+def _linear_block(device, scale: float) -> iresnet.ResidualBlock:
+    """g(x) = scale * x, with Lip(g) = |scale|."""
+    g = nn.Linear(2, 2, bias=False).double().to(device)
+    with torch.no_grad():
+        g.weight.copy_(scale * torch.eye(2))
+    return iresnet.ResidualBlock(g, None, max_iter=20)
+
+
+def test_expanding_branch_diverges_and_raises(device):
+    """g(x) = -1.5 x: the Banach iteration x <- y + 1.5 x runs away."""
+    block = _linear_block(device, -1.5)
+    with pytest.raises(iresnet.InversionError, match=r"failed for 5 of 5 samples after 20 iterations"):
+        block.inverse(torch.randn(5, 2, dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+def test_singular_map_raises(device, method):
+    """g(x) = -x maps everything to 0: no preimage exists and neither solver may pretend."""
+    block = _linear_block(device, -1.0)
+    with pytest.raises(iresnet.InversionError, match=r"(failed for 5 of 5 samples after 20 iterations|diverged)"):
+        block.inverse(torch.randn(5, 2, dtype=torch.float64, device=device), method=method)
+
+
+def test_iteration_cap_names_samples_residuals_and_iterations(device):
+    block = block_of(mlp_branch(2, 0.99), device, max_iter=3)
+    y, _ = block(torch.randn(4, 2, dtype=torch.float64, device=device) * 5)
+    with pytest.raises(iresnet.InversionError, match=r"failed for 4 of 4 samples after 3 iterations: their updates are [0-9.e-]+"):
+        block.inverse(y)
+
+
+def test_inverse_is_differentiable_by_implicit_function_theorem(device):
+    block = block_of(mlp_branch(3, 0.9, hidden=8), device)
+    block.eval()
+    y = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(block.inverse, (y,), atol=1e-7)
+    inverse = InverseOf(block)
+    names = [name for name, _ in inverse.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in inverse.parameters())
+
+    def inverse_of(*values: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(inverse, dict(zip(names, values)), (y.detach(),))
+
+    assert torch.autograd.gradcheck(inverse_of, params, atol=1e-7)
+
+
+class InverseOf(nn.Module):
+    """A module whose forward is a block's inverse, for functional_call over its parameters."""
+
+    def __init__(self, block: iresnet.ResidualBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.block.inverse(y)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.randn(4, 3, dtype=torch.float64), r"expected shape \(batch, 2\)"),
+        (torch.randn(2, dtype=torch.float64), r"expected a batch of shape"),
+        (torch.randn(4, 2, dtype=torch.float32), "expected dtype torch.float64"),
+        (torch.ones(4, 2, dtype=torch.int64), "floating-point"),
+        (torch.tensor([[0.0, float("nan")], [1.0, 1.0]], dtype=torch.float64), "1 of 2 samples hold NaN or inf"),
+        (torch.tensor([[0.0, float("inf")], [1.0, -float("inf")]], dtype=torch.float64), "2 of 2 samples hold NaN or inf"),
+    ],
+)
+def test_bad_input_gets_clear_value_error(device, bad, message):
+    block = block_of(mlp_branch(2, 0.9), device)
+    block(torch.randn(3, 2, dtype=torch.float64, device=device))
+    bad = bad.to(device)
+    with pytest.raises(ValueError, match=message):
+        block(bad)
+    with pytest.raises(ValueError, match=message):
+        block.inverse(bad)
+
+
+def test_branch_that_changes_shape_is_rejected(device):
+    block = iresnet.ResidualBlock(nn.Linear(3, 2).to(device), "exact")
+    with pytest.raises(ValueError, match="must keep the shape"):
+        block(torch.randn(2, 3, device=device))
+
+
+def test_logdet_none_returns_none(device):
+    block = iresnet.ResidualBlock(mlp_branch(2, 0.9).to(device), None)
+    y, logdet = block(torch.randn(3, 2, device=device))
+    assert logdet is None and y.shape == (3, 2)
+
+
+# ActNorm, Squeeze, Sequential ---------------------------------------------------------------
+
+
+def brute_force_logdet(f, x: torch.Tensor) -> torch.Tensor:
+    out = []
+    for sample in x:
+        jacobian = torch.autograd.functional.jacobian(lambda z: f(z[None])[0][0], sample)
+        d = sample.numel()
+        out.append(torch.linalg.slogdet(jacobian.reshape(d, d)).logabsdet)
+    return torch.stack(out)
+
+
+def test_actnorm_data_dependent_initialisation(device):
+    norm = iresnet.ActNorm(3).double().to(device)
+    x = torch.randn(256, 3, 4, 4, dtype=torch.float64, device=device) * torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64, device=device).view(1, 3, 1, 1) + 7
+    y, _ = norm(x)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64, device=device), atol=1e-10, rtol=0)
+    var = x.var((0, 2, 3), unbiased=False)
+    torch.testing.assert_close(y.var((0, 2, 3), unbiased=False), var / (var + norm.eps), atol=1e-10, rtol=0)
+    assert bool(norm.initialized)
+    before = norm.bias.detach().clone()
+    norm(x * 2)  # initialised once only
+    torch.testing.assert_close(norm.bias.detach(), before)
+
+
+def test_actnorm_logdet_and_inverse(device):
+    norm = iresnet.ActNorm(2).double().to(device)
+    x = torch.randn(8, 2, 3, 3, dtype=torch.float64, device=device) * 3
+    norm(x)  # initialise
+    with torch.no_grad():
+        norm.log_scale.add_(torch.tensor([0.3, -0.7], dtype=torch.float64, device=device))
+    y, logdet = norm(x)
+    torch.testing.assert_close(logdet, brute_force_logdet(norm, x))
+    torch.testing.assert_close(norm.inverse(y), x)
+    with pytest.raises(ValueError, match="expected 2 channels"):
+        norm(torch.randn(2, 3, dtype=torch.float64, device=device))
+
+
+def test_actnorm_state_dict_keeps_initialisation(device):
+    norm = iresnet.ActNorm(2).to(device)
+    norm(torch.randn(16, 2, device=device) + 3)
+    fresh = iresnet.ActNorm(2).to(device)
+    fresh.load_state_dict(norm.state_dict())
+    assert bool(fresh.initialized)
+
+
+def test_squeeze_layout_and_round_trip(device):
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float64, device=device).view(2, 1, 4, 4)
+    squeeze = iresnet.Squeeze()
+    y, logdet = squeeze(x)
+    assert y.shape == (2, 4, 2, 2)
+    # channel k holds the pixels at offset (k // 2, k % 2) of each 2x2 patch
+    torch.testing.assert_close(y[0, 1], x[0, 0, 0::2, 1::2])
+    torch.testing.assert_close(y[0, 2], x[0, 0, 1::2, 0::2])
+    torch.testing.assert_close(logdet, torch.zeros(2, dtype=torch.float64, device=device))
+    torch.testing.assert_close(squeeze.inverse(y), x)
+    with pytest.raises(ValueError, match="even H and W"):
+        squeeze(torch.randn(1, 1, 3, 4, device=device))
+
+
+def test_sequential_sums_logdets_and_inverts_in_reverse(device):
+    torch.manual_seed(2)
+    model = iresnet.Sequential(
+        iresnet.ActNorm(4), block_of(mlp_branch(4, 0.9), device), iresnet.ActNorm(4),
+        block_of(mlp_branch(4, 0.8), device),
+    ).double().to(device)
+    x = torch.randn(6, 4, dtype=torch.float64, device=device)
+    model(x * 2 + 1)  # ActNorm initialisation
+    model.eval()
+    with torch.no_grad():
+        model[0].log_scale.add_(0.5)
+    y, logdet = model(x)
+    torch.testing.assert_close(logdet, brute_force_logdet(model, x))
+    torch.testing.assert_close(model.inverse(y), x, atol=1e-8, rtol=1e-8)
+
+
+def test_sequential_with_squeeze_round_trips_images(device):
+    model = iresnet.Sequential(
+        block_of(conv_branch(1, 0.9), device), iresnet.Squeeze(), iresnet.ActNorm(4),
+        block_of(conv_branch(4, 0.9), device),
+    ).double().to(device)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64, device=device)
+    model(x)
+    model.eval()
+    iresnet.converge_spectral_norms(model)
+    y, logdet = model(x)
+    assert y.shape == (3, 4, 2, 2)
+    torch.testing.assert_close(logdet, brute_force_logdet(model, x))
+    torch.testing.assert_close(model.inverse(y), x, atol=1e-8, rtol=1e-8)
+
+
+def test_sequential_logdet_is_none_if_any_layer_has_none(device):
+    model = iresnet.Sequential(iresnet.ActNorm(2), iresnet.ResidualBlock(mlp_branch(2, 0.5), None)).to(device)
+    _, logdet = model(torch.randn(3, 2, device=device))
+    assert logdet is None
