@@ -13,6 +13,7 @@ from .distributions import Flow, ModuleTransform, as_transform
 from .inverse import InversionError, InversionReport, solve_fixed_point
 from .lipschitz import (
     SpectralNorm,
+    circular_conv_bound,
     converge_spectral_norms,
     lipschitz_bound,
     operator_norm_bound,
@@ -38,6 +39,7 @@ __all__ = [
     "SpectralNorm",
     "Squeeze",
     "as_transform",
+    "circular_conv_bound",
     "converge_spectral_norms",
     "lipschitz_bound",
     "operator_norm_bound",

@@ -29,9 +29,10 @@ class LipSwish(nn.Module):
 
     def __init__(self, beta: float = 0.5) -> None:
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"beta must be positive, got {beta}")
-        self.raw_beta = nn.Parameter(torch.tensor(math.log(math.expm1(beta))))
+        if not 0 < beta < math.inf:
+            raise ValueError(f"beta must be positive and finite, got {beta}")
+        # the inverse of softplus, written to stay finite for large beta
+        self.raw_beta = nn.Parameter(torch.tensor(beta + math.log(-math.expm1(-beta))))
 
     @property
     def beta(self) -> Tensor:

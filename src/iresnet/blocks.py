@@ -244,6 +244,15 @@ class Squeeze(nn.Module):
         y = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
         return y, x.new_zeros(b)
 
+    def forward_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one output for an input of ``shape`` ``(C, H, W)``."""
+        c, h, w = shape
+        return (4 * c, h // 2, w // 2)
+
+    def inverse_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        c, h, w = shape
+        return (c // 4, 2 * h, 2 * w)
+
     def inverse(self, y: Tensor) -> Tensor:
         check_input(y, "Squeeze.inverse input", None, None)
         b, c4, h, w = y.shape
@@ -272,3 +281,14 @@ class Sequential(nn.Sequential):
         for layer in reversed(self):
             y = layer.inverse(y)
         return y
+
+    def forward_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one output; layers without ``forward_shape`` keep the shape."""
+        for layer in self:
+            shape = layer.forward_shape(shape) if hasattr(layer, "forward_shape") else shape
+        return shape
+
+    def inverse_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        for layer in reversed(self):
+            shape = layer.inverse_shape(shape) if hasattr(layer, "inverse_shape") else shape
+        return shape

@@ -22,27 +22,40 @@ __all__ = ["ModuleTransform", "as_transform", "Flow"]
 class ModuleTransform(Transform):
     """A bijective ``Transform`` from a module with ``forward(x) -> (y, logdet)`` and
     ``inverse(y)``; ``event_dim`` is the number of trailing dimensions of one event. Any
-    leading batch dimensions are flattened into one for the module and restored after."""
+    leading batch dimensions are flattened into one for the module and restored after. Event
+    shapes follow the module's ``forward_shape`` / ``inverse_shape`` where it has them."""
 
     bijective = True
 
     def __init__(self, module: nn.Module, event_dim: int = 1) -> None:
         super().__init__()
         self.module = module
-        self.event_dim = event_dim
+        self._event_dim = event_dim
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
     def domain(self) -> constraints.Constraint:
-        return constraints.independent(constraints.real, self.event_dim)
+        return constraints.independent(constraints.real, self._event_dim)
 
     @property
     def codomain(self) -> constraints.Constraint:
-        return constraints.independent(constraints.real, self.event_dim)
+        return constraints.independent(constraints.real, self._event_dim)
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        return self._shape(shape, "forward_shape")
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        return self._shape(shape, "inverse_shape")
+
+    def _shape(self, shape: torch.Size, method: str) -> torch.Size:
+        if not hasattr(self.module, method):
+            return torch.Size(shape)
+        split = len(shape) - self._event_dim
+        return torch.Size((*shape[:split], *getattr(self.module, method)(tuple(shape[split:]))))
 
     def _flat(self, x: Tensor) -> tuple[Tensor, torch.Size]:
-        batch = x.shape[: x.dim() - self.event_dim]
-        return x.reshape(-1, *x.shape[x.dim() - self.event_dim :]), batch
+        batch = x.shape[: x.dim() - self._event_dim]
+        return x.reshape(-1, *x.shape[x.dim() - self._event_dim :]), batch
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         flat, batch = self._flat(x)
@@ -67,7 +80,7 @@ class ModuleTransform(Transform):
         return self._forward(x)[1]
 
     def __repr__(self) -> str:
-        return f"ModuleTransform({type(self.module).__name__}, event_dim={self.event_dim})"
+        return f"ModuleTransform({type(self.module).__name__}, event_dim={self._event_dim})"
 
 
 def as_transform(module: nn.Module, event_dim: int = 1) -> ModuleTransform:
@@ -93,7 +106,9 @@ class Flow(Distribution):
     def __init__(self, transform: Transform, base: Distribution) -> None:
         self.transform = transform
         self.base = base
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+        shape = transform.inverse_shape(base.batch_shape + base.event_shape)
+        batch_dims = len(base.batch_shape)
+        super().__init__(shape[:batch_dims], shape[batch_dims:], validate_args=False)
 
     def log_prob(self, x: Tensor) -> Tensor:
         z = self.transform(x)

@@ -47,6 +47,7 @@ __all__ = [
     "frozen_power_iteration",
     "lipschitz_bound",
     "operator_norm_bound",
+    "circular_conv_bound",
 ]
 
 
@@ -58,17 +59,14 @@ class SpectralNorm(nn.Module):
     r"""Parametrization :math:`W \mapsto W / \max(1, \hat\sigma / c)` for a linear or conv layer.
 
     In training mode every evaluation of the weight runs ``n_power_iterations`` steps of power
-    iteration, then keeps iterating while the estimate still moves by more than ``tolerance``
-    (relative), at most ``max_power_iterations`` steps in all. In eval mode the vectors are
-    frozen and :math:`\hat\sigma = u^\top W v` is read off them.
+    iteration, warm-started from the previous vectors. In eval mode the vectors are frozen and
+    :math:`\hat\sigma = v^\top W u` is read off them. The vectors are converged when created
+    and by :func:`converge_spectral_norms`, which evaluation and inversion should call first.
 
     Arguments:
         layer: the ``nn.Linear`` or ``nn.Conv2d`` whose weight is normalised.
         coeff: the bound :math:`c` on the layer's operator norm.
         n_power_iterations: power-iteration steps per training evaluation.
-        tolerance: relative change of :math:`\hat\sigma` below which iteration stops;
-            ``None`` runs exactly ``n_power_iterations`` steps.
-        max_power_iterations: the cap on steps per training evaluation.
         input_shape: ``(C, H, W)`` of a convolution's input; inferred at the first call if
             ``None``.
     """
@@ -78,22 +76,15 @@ class SpectralNorm(nn.Module):
         layer: nn.Linear | nn.Conv2d,
         coeff: float = 0.97,
         n_power_iterations: int = 1,
-        tolerance: float | None = 1e-3,
-        max_power_iterations: int = 50,
         input_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         if not 0 < coeff:
             raise ValueError(f"coeff must be positive, got {coeff}")
-        if n_power_iterations < 1 or max_power_iterations < n_power_iterations:
-            raise ValueError(
-                "need 1 <= n_power_iterations <= max_power_iterations, got "
-                f"{n_power_iterations} and {max_power_iterations}"
-            )
+        if n_power_iterations < 1:
+            raise ValueError(f"n_power_iterations must be at least 1, got {n_power_iterations}")
         self.coeff = coeff
         self.n_power_iterations = n_power_iterations
-        self.tolerance = tolerance
-        self.max_power_iterations = max_power_iterations
         self.is_conv = isinstance(layer, nn.Conv2d)
         weight = layer.weight.detach()
         if self.is_conv:
@@ -150,23 +141,19 @@ class SpectralNorm(nn.Module):
             self.power_iterate(weight, _CONVERGE_STEPS, _CONVERGE_TOLERANCE)
 
     @torch.no_grad()
-    def power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None) -> int:
-        r"""Update ``u``, ``v`` in place; stop once :math:`\hat\sigma` changes by under
-        ``tolerance`` (relative) after at least ``n_power_iterations`` steps. Returns the steps
-        taken."""
+    def power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None = None) -> int:
+        r"""Update ``u``, ``v`` in place for ``max_steps`` steps, or until :math:`\hat\sigma`
+        changes by less than ``tolerance`` (relative). Returns the steps taken."""
         previous = None
-        min_steps = min(self.n_power_iterations, max_steps)
         for step in range(1, max_steps + 1):
             self.v.copy_(_unit(self.apply_operator(weight, self.u)))
             adjoint = self.apply_adjoint(weight, self.v)
-            sigma = torch.linalg.vector_norm(adjoint)
-            self.u.copy_(adjoint / sigma.clamp_min(1e-12))
-            if step >= min_steps:
-                if tolerance is None:
-                    return step
+            sigma = torch.linalg.vector_norm(adjoint).item() if tolerance is not None else None
+            self.u.copy_(_unit(adjoint))
+            if tolerance is not None:
                 if previous is not None and abs(sigma - previous) <= tolerance * sigma:
                     return step
-            previous = sigma
+                previous = sigma
         return max_steps
 
     def sigma(self, weight: Tensor) -> Tensor:
@@ -183,7 +170,7 @@ class SpectralNorm(nn.Module):
                 "input_shape=(C, H, W) to spectral_norm or call the layer once first"
             )
         if self.training:
-            self.power_iterate(weight, self.max_power_iterations, self.tolerance)
+            self.power_iterate(weight, self.n_power_iterations)
         return weight / torch.clamp(self.sigma(weight) / self.coeff, min=1.0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -197,12 +184,15 @@ class SpectralNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}, "
-            f"tolerance={self.tolerance}, input_shape={self.input_shape}"
+            f"input_shape={self.input_shape}"
         )
 
 
 def _unit(x: Tensor) -> Tensor:
-    return x / torch.linalg.vector_norm(x).clamp_min(1e-12)
+    """``x / |x|`` with negligible entries set to 0: power iteration drives the entries outside
+    the top singular vector towards zero, and denormal floats slow the CPU a thousandfold."""
+    x = x / torch.linalg.vector_norm(x).clamp_min(1e-12)
+    return x.masked_fill_(x.abs() < torch.finfo(x.dtype).tiny ** 0.5, 0.0)
 
 
 def _record_input_shape(layer: nn.Module, args: tuple) -> None:
@@ -218,8 +208,6 @@ def spectral_norm(
     coeff: float = 0.97,
     n_power_iterations: int = 1,
     *,
-    tolerance: float | None = 1e-3,
-    max_power_iterations: int = 50,
     input_shape: tuple[int, ...] | None = None,
 ) -> nn.Linear | nn.Conv2d:
     r"""Constrain the operator norm of ``module`` to at most ``coeff`` (approximately: see
@@ -235,9 +223,7 @@ def spectral_norm(
     """
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"spectral_norm takes nn.Linear or nn.Conv2d, got {type(module).__name__}")
-    parametrization = SpectralNorm(
-        module, coeff, n_power_iterations, tolerance, max_power_iterations, input_shape
-    )
+    parametrization = SpectralNorm(module, coeff, n_power_iterations, input_shape)
     parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
     if isinstance(module, nn.Conv2d):
         module.register_forward_pre_hook(_record_input_shape)
@@ -297,37 +283,63 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
+_EXACT_CONV_MAX_DIM = 2048
+
+
 def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
     """A guaranteed upper bound on the operator norm of a linear layer's linear part at
-    ``input_shape`` (one input, no batch), computed in float64: exact for ``nn.Linear``; for
-    ``nn.Conv2d`` the exact norm of the circular convolution on a grid large enough that the
-    zero-padded, strided convolution is one of its restrictions."""
+    ``input_shape`` (one input, no batch), computed in float64.
+
+    Exact for ``nn.Linear``, and for ``nn.Conv2d`` whose input and output have at most 2048
+    entries (the SVD of the operator's matrix). Larger convolutions get the exact norm of the
+    circular convolution on a grid large enough that the zero-padded, strided convolution is
+    one of its restrictions: an upper bound that is loose by about ``k / H`` on ``H x H`` maps.
+    """
     weight = layer.weight.detach().double()
     if isinstance(layer, nn.Linear):
         return torch.linalg.matrix_norm(weight, ord=2).item()
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
             raise ValueError("operator_norm_bound supports Conv2d with groups=1 only")
-        _, height, width = input_shape
-        grid = [
-            max(size + 2 * pad, size + dil * (k - 1))
-            for size, pad, dil, k in zip(
-                (height, width), layer.padding, layer.dilation, weight.shape[2:]
-            )
-        ]
-        return _circular_conv_norm(weight, grid, layer.dilation)
+        n_in = torch.Size(input_shape).numel()
+        n_out = layer.out_channels * torch.Size(_conv_output_size(layer, input_shape)).numel()
+        if max(n_in, n_out) <= _EXACT_CONV_MAX_DIM:
+            basis = torch.eye(n_in, dtype=weight.dtype, device=weight.device).view(n_in, *input_shape)
+            columns = F.conv2d(basis, weight, None, layer.stride, layer.padding, layer.dilation)
+            return torch.linalg.matrix_norm(columns.reshape(n_in, -1), ord=2).item()
+        return circular_conv_bound(layer, input_shape)
     raise TypeError(f"no operator norm for {type(layer).__name__}")
 
 
-def _circular_conv_norm(weight: Tensor, grid: list[int], dilation: tuple[int, int]) -> float:
+def circular_conv_bound(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> float:
+    """The norm of the circular convolution with ``layer``'s kernel on the smallest grid of
+    which the zero-padded, strided convolution at ``input_shape`` is a restriction: the largest
+    singular value of the per-frequency ``c_out x c_in`` matrices of the kernel's 2-D DFT
+    (Sedghi et al. 2019). An upper bound on the layer's operator norm."""
+    weight = layer.weight.detach().double()
+    _, height, width = input_shape
+    grid = [
+        max(size + 2 * pad, size + dil * (k - 1))
+        for size, pad, dil, k in zip((height, width), layer.padding, layer.dilation, weight.shape[2:])
+    ]
     c_out, c_in, kh, kw = weight.shape
+    dh, dw = layer.dilation
     kernel = weight.new_zeros(c_out, c_in, *grid)
-    kernel[:, :, : dilation[0] * (kh - 1) + 1 : dilation[0], : dilation[1] * (kw - 1) + 1 : dilation[1]] = weight
+    kernel[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw] = weight
     spectrum = torch.fft.fft2(kernel).permute(2, 3, 0, 1)  # (H, W, c_out, c_in)
     norm = 0.0
     for row in spectrum:  # one frequency row at a time bounds the memory of the SVDs
         norm = max(norm, torch.linalg.matrix_norm(row, ord=2).max().item())
     return norm
+
+
+def _conv_output_size(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> tuple[int, int]:
+    return tuple(
+        (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        for size, pad, dil, k, stride in zip(
+            input_shape[1:], layer.padding, layer.dilation, layer.kernel_size, layer.stride
+        )
+    )
 
 
 _ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.Flatten, LipSwish)
