@@ -36,15 +36,22 @@ normflows' ``InducedNormLinear.forward`` runs *no* power iteration
 training loop calls ``nf.utils.update_lipschitz(model, n)``, as normflows' tests and the
 Residual Flows code do after each optimiser step. The normflows step here therefore ends with
 ``update_lipschitz(model, P)`` and the iresnet layers use
-``spectral_norm(..., n_power_iterations=P, tolerance=None)``, i.e. exactly P iterations per
-training forward (``--power-iterations P``, default 5 = normflows' ``max_lipschitz_iter``
-default). ``--iresnet-sn-tolerance`` switches iresnet to its adaptive rule instead.
+``spectral_norm(..., n_power_iterations=P)``, which runs exactly P iterations per training
+forward (``--power-iterations P``, default 5 = normflows' ``max_lipschitz_iter`` default). Older
+iresnet versions whose ``spectral_norm`` has a ``tolerance`` option get ``tolerance=None`` (the
+same fixed count), or ``--iresnet-sn-tolerance`` for their adaptive rule. Both libraries
+converge their estimates at construction; inversion converges them again (below).
+
+Threads: ``torch.set_num_threads(--threads)`` for both, default all cores. On a VM whose
+vCPUs are shared, OpenMP's spinning threads can make multi-threaded timings swing tenfold;
+``--threads 1`` is then the steadier choice.
 
 What is measured
 ----------------
 * Training step: forward + log-det + backward + Adam step (+ the power iterations above),
   median over ``--steps`` steps after ``--warmup`` steps; iresnet and normflows steps are
-  interleaved so that drifts of the machine hit both alike.
+  interleaved, and the ratio is the median of the per-step ratios, so that drifts of the
+  machine's speed hit both alike.
 * Peak memory of a training step. On CPU two numbers:
   (a) RSS: each library runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (so
   glibc returns freed tensors to the OS and RSS follows live memory); after the warm-up the
@@ -55,8 +62,11 @@ What is measured
   backward, deduplicated by storage, parameters excluded; the peak of the bytes alive at once
   during one step is reported (the memory held by autograd graphs).
   On CUDA: ``torch.cuda.max_memory_allocated`` during a step minus the allocation before it.
-* Inversion of 10,000 standard-normal latent points to 1e-5, models in eval mode with identical
-  weights (copied again after training) and converged spectral norms
+* Inversion of 10,000 standard-normal latent points to 1e-5. At initialisation every block
+  converges in about 3 evaluations of g (Lip(g) is far below 0.9 there), so the normflows model
+  is first trained ``--pretrain-steps`` more steps (untimed, default 400, Adam lr 3e-3; then
+  Lip(g) is about 0.72 per block) and its weights copied into iresnet: both invert the same
+  function. Models in eval mode with converged spectral norms
   (``iresnet.converge_spectral_norms`` / ``nf.utils.update_lipschitz(model, 200)``):
   iresnet ``Sequential.inverse`` with every block's ``inverse_method`` set to ``"anderson"`` or
   ``"fixed_point"`` and ``atol = rtol = 1e-5`` (per element: ``|f(x)-x| <= atol + rtol |f(x)|``);
@@ -66,6 +76,16 @@ What is measured
   step of about ``sqrt(1e-5) ~ 3e-3``; the "matched" normflows run calls its
   ``_inverse_fixed_point(y, atol=1e-10, rtol=1e-10)``, i.e. a step below ``1e-5 sqrt(1 + |y|)``,
   comparable to iresnet's rule. Ratios use the matched run; the default is shown for reference.
+  ``--inverse-repeats`` interleaved rounds (median; ratio = median of per-round ratios), after
+  one untimed warm-up on 1,000 points. The g evaluations are counted by iresnet's
+  ``InversionReport`` and, for normflows, by a forward hook on each branch; the result is checked
+  with each library's own forward map (``max |f(x) - z|``).
+* Allocator: by default (``--malloc retain``) glibc is told (``mallopt``) to keep freed memory,
+  because otherwise every large temporary is page-faulted in afresh and the kernel time
+  (reported per inversion) adds run-to-run noise to both libraries; ``--malloc default`` keeps
+  glibc's heuristics.
+* ``--profile`` prints torch.profiler and cProfile tables of iresnet's (and normflows')
+  training step and Anderson inversion after the table.
 
 Run ``python benchmarks/toy_flow_vs_normflows.py --help`` for the options.
 """
@@ -74,8 +94,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import gc
+import inspect
 import json
 import math
 import os
@@ -125,9 +147,13 @@ class Config:
     iresnet_sn_tolerance: float | None = None
     init_zeros: bool = False
     n_invert: int = 10_000
+    pretrain_steps: int = 400
+    pretrain_lr: float = 3e-3
     inverse_tol: float = 1e-5
-    inverse_repeats: int = 3
+    inverse_repeats: int = 5
     skip_inverse: bool = False
+    profile: bool = False
+    malloc: str = "retain"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
@@ -150,10 +176,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
     p.add_argument("--iresnet-sn-tolerance", type=float, default=None,
                    help="use iresnet's adaptive power iteration with this tolerance (default: exactly --power-iterations)")
     p.add_argument("--init-zeros", action="store_true", help="normflows' init_zeros=True (last layer / 1000)")
+    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
+                   help="untimed normflows training steps before the inversion benchmark (default 400)")
+    p.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr, help="their Adam learning rate (default 3e-3)")
     p.add_argument("--n-invert", type=int, default=d.n_invert, help="latent points to invert (default 10000)")
     p.add_argument("--inverse-tol", type=float, default=d.inverse_tol, help="inversion tolerance (default 1e-5)")
     p.add_argument("--inverse-repeats", type=int, default=d.inverse_repeats, help="inversions timed (median reported)")
     p.add_argument("--skip-inverse", action="store_true", help="only training time and memory")
+    p.add_argument("--profile", action="store_true",
+                   help="after the table, profile iresnet's training step and Anderson inversion (and normflows')")
+    p.add_argument("--malloc", choices=["retain", "default"], default=d.malloc,
+                   help="retain (default): glibc keeps freed memory for reuse (mallopt), so that timings do not "
+                        "depend on page-fault churn; default: glibc's own heuristics")
     p.add_argument("--_memory-worker", dest="memory_worker", choices=["iresnet", "normflows"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     worker = args.memory_worker
@@ -209,6 +243,20 @@ def build_normflows(cfg: Config) -> nf.NormalizingFlow:
     return nf.NormalizingFlow(nf.distributions.DiagGaussian(DIM, trainable=False), flows)
 
 
+def spectral_norm_has_tolerance() -> bool:
+    """Whether this iresnet's ``spectral_norm`` takes ``tolerance`` (adaptive iteration count);
+    without it every training forward runs exactly ``n_power_iterations`` steps."""
+    return "tolerance" in inspect.signature(iresnet.spectral_norm).parameters
+
+
+def spectral_norm_options(cfg: Config) -> dict[str, object]:
+    if spectral_norm_has_tolerance():
+        return {"tolerance": cfg.iresnet_sn_tolerance, "max_power_iterations": max(50, cfg.power_iterations)}
+    if cfg.iresnet_sn_tolerance is not None:
+        raise SystemExit("--iresnet-sn-tolerance: this iresnet's spectral_norm has no tolerance option")
+    return {}
+
+
 def iresnet_branch(cfg: Config) -> nn.Sequential:
     """LipSwish before every spectrally normalised linear layer, as in ``LipschitzMLP``."""
     sizes = [DIM, HIDDEN, HIDDEN, DIM]
@@ -217,7 +265,7 @@ def iresnet_branch(cfg: Config) -> nn.Sequential:
         layers.append(iresnet.LipSwish())
         layers.append(iresnet.spectral_norm(
             nn.Linear(fan_in, fan_out), COEFF, n_power_iterations=cfg.power_iterations,
-            tolerance=cfg.iresnet_sn_tolerance, max_power_iterations=max(50, cfg.power_iterations),
+            **spectral_norm_options(cfg),
         ))
     return nn.Sequential(*layers)
 
@@ -303,6 +351,12 @@ class Pair:
     ir_opt: torch.optim.Optimizer
     nf_opt: torch.optim.Optimizer
     ir_draws: list[int]
+    ir_rng: np.random.RandomState
+
+    def reseed_tail_draws(self, seed: int) -> None:
+        """Restart both tail-length generators at the same state."""
+        self.ir_rng.seed(seed)
+        np.random.seed(seed)
 
     def step(self, library: str) -> float:
         if library == "iresnet":
@@ -321,7 +375,8 @@ def build_pair(cfg: Config) -> Pair:
     torch.manual_seed(cfg.seed)
     nf_model = build_normflows(cfg)
     draws: list[int] = []
-    ir_model = build_iresnet(cfg, np.random.RandomState(cfg.seed), draws)
+    rng = np.random.RandomState(cfg.seed)
+    ir_model = build_iresnet(cfg, rng, draws)
     copy_normflows_into_iresnet(nf_model, ir_model)
     nf_model.to(device)
     ir_model.to(device)
@@ -329,13 +384,36 @@ def build_pair(cfg: Config) -> Pair:
     return Pair(
         cfg, toy_batch(cfg.batch, cfg.seed, device), ir_model, nf_model,
         torch.optim.Adam(ir_model.parameters(), lr=cfg.lr),
-        torch.optim.Adam(nf_model.parameters(), lr=cfg.lr), draws,
+        torch.optim.Adam(nf_model.parameters(), lr=cfg.lr), draws, rng,
     )
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc returns large freed blocks to the kernel (``munmap``, heap trimming), and
+    the next allocation of a 5 MB activation page-faults every page in again. In this VM that
+    kernel time was 15-50 % of an inversion and varied from run to run with the allocation
+    history, for both libraries. A fixed mmap threshold of 32 MiB (glibc's maximum) and an
+    unreachable trim threshold remove that noise. Returns False where glibc is not found."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median of ``a[i] / b[i]``: runs done back to back share the machine's speed of the
+    moment, so the ratio of each pair is steadier than the ratio of two medians on a machine
+    whose speed drifts."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def time_training(pair: Pair) -> dict[str, object]:
@@ -359,6 +437,7 @@ def time_training(pair: Pair) -> dict[str, object]:
         terms += sum(n + N_EXACT_TERMS for n in step_draws)
     return {
         "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "paired_ratio": paired_ratio(times["iresnet"], times["normflows"]),
         "min_s": {k: min(v) for k, v in times.items()},
         "max_s": {k: max(v) for k, v in times.items()},
         "final_loss": {k: v[-1] for k, v in losses.items()},
@@ -376,7 +455,10 @@ class _Packed:
     __slots__ = ("meter", "tensor", "key")
 
     def __init__(self, meter: SavedTensorMeter, tensor: Tensor, key: int) -> None:
-        self.meter, self.tensor, self.key = meter, tensor, key
+        # Detached: holding a saved *output* itself would tie it to its own grad_fn in a
+        # reference cycle that outlives graphs never run backward (autograd restores the
+        # graph metadata on unpack).
+        self.meter, self.tensor, self.key = meter, tensor.detach(), key
 
     def __del__(self) -> None:
         self.meter.release(self.key)
@@ -499,7 +581,7 @@ def cuda_step_peak(pair: Pair, library: str) -> int:
 # Inversion
 # --------------------------------------------------------------------------------------------
 class CallCounter:
-    """Counts calls of a module and the rows they were given (forward hook)."""
+    """Counts calls of some modules and the rows they were given (forward hooks)."""
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.calls = 0
@@ -510,40 +592,55 @@ class CallCounter:
         self.calls += 1
         self.rows += args[0].shape[0]
 
+    def reset(self) -> None:
+        self.calls = self.rows = 0
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
 @dataclass
-class InverseResult:
-    seconds: float
-    x: Tensor
-    iterations: int = 0  # summed over blocks (for normflows: loop iterations)
-    evaluations: int = 0  # calls of g
-    sample_evaluations: int = 0  # rows passed through g
-    forward_error: float = float("nan")  # max |f(x) - z| with the library's own forward map
+class Inversion:
+    """One way of inverting the flow: ``run(z)`` returns ``x`` and the cost counters
+    ``(iterations, evaluations of g, rows through g)`` summed over the blocks."""
+
+    library: str
+    run: Callable[[Tensor], tuple[Tensor, tuple[int, int, int]]]
+    forward_map: Callable[[Tensor], Tensor]
+    seconds: list[float] = field(default_factory=list)
+    counts: tuple[int, int, int] = (0, 0, 0)
+    forward_error: float = float("nan")  # max |f(x) - z|, f the library's own forward map
+    x: Tensor | None = None
+    kernel_seconds: list[float] = field(default_factory=list)  # system CPU time (page faults...)
+    page_faults: list[int] = field(default_factory=list)  # minor page faults
 
 
-def prepare_for_inversion(pair: Pair) -> None:
-    """Eval mode, identical weights, converged spectral norms in both."""
+def pretrain(pair: Pair) -> float:
+    """Train the normflows model (untimed for the table) so that its blocks are no longer the
+    near-identity maps of initialisation; returns the seconds it took."""
+    cfg = pair.cfg
+    pair.nf_model.train()
+    opt = torch.optim.Adam(pair.nf_model.parameters(), lr=cfg.pretrain_lr)
+    start = time.perf_counter()
+    for _ in range(cfg.pretrain_steps):
+        normflows_step(pair.nf_model, opt, pair.x, cfg.power_iterations)
+    return time.perf_counter() - start
+
+
+def prepare_for_inversion(pair: Pair) -> list[float]:
+    """Eval mode, identical weights, converged spectral norms in both; returns the certified
+    Lipschitz bound of every iresnet branch."""
     copy_normflows_into_iresnet(pair.nf_model, pair.ir_model)
     pair.nf_model.eval()
     pair.ir_model.eval()
     nf.utils.update_lipschitz(pair.nf_model, NF_CONVERGE_ITERATIONS)
     iresnet.converge_spectral_norms(pair.ir_model)
+    return [iresnet.lipschitz_bound(b.g, (DIM,)) for b in iresnet_blocks(pair.ir_model)]
 
 
-def timed(fn: Callable[[], Tensor], repeats: int, device: str) -> tuple[float, Tensor]:
-    """Median seconds of ``repeats`` calls and the last result."""
-    times, out = [], None
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        out = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out  # type: ignore[return-value]
+def iresnet_blocks(model: iresnet.Sequential) -> list[iresnet.ResidualBlock]:
+    return [m for m in model if isinstance(m, iresnet.ResidualBlock)]
 
 
 @torch.no_grad()
@@ -560,32 +657,32 @@ def normflows_forward_map(model: nf.NormalizingFlow, x: Tensor) -> Tensor:
     return x
 
 
-def invert_iresnet(pair: Pair, z: Tensor, method: str) -> InverseResult:
-    blocks = [m for m in pair.ir_model if isinstance(m, iresnet.ResidualBlock)]
-    for b in blocks:
-        b.inverse_method = method
+def iresnet_inversion(model: iresnet.Sequential, method: str, atol: float, rtol: float) -> Inversion:
+    """``iresnet.Sequential.inverse`` with every block set to ``method``, ``atol``, ``rtol``."""
+    blocks = iresnet_blocks(model)
 
-    def run() -> Tensor:
+    def run(z: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        for b in blocks:
+            b.inverse_method, b.atol, b.rtol = method, atol, rtol
         with torch.no_grad():
-            return pair.ir_model.inverse(z)
+            x = model.inverse(z)
+        reports = [b.last_inversion for b in blocks]
+        return x, (sum(r.iterations for r in reports), sum(r.evaluations for r in reports),
+                   sum(r.sample_evaluations for r in reports))
 
-    seconds, x = timed(run, pair.cfg.inverse_repeats, pair.cfg.device)
-    reports = [b.last_inversion for b in blocks]
-    return InverseResult(
-        seconds, x,
-        sum(r.iterations for r in reports), sum(r.evaluations for r in reports),
-        sum(r.sample_evaluations for r in reports),
-        (iresnet_forward_map(pair.ir_model, x) - z).abs().max().item(),
-    )
+    return Inversion("iresnet", run, lambda x: iresnet_forward_map(model, x))
 
 
-def invert_normflows(pair: Pair, z: Tensor, atol: float | None) -> InverseResult:
-    """Sampling direction, inversion only (``Residual.forward`` would add a log-det):
-    ``iResBlock.inverse`` (its defaults) or, with ``atol``, ``_inverse_fixed_point(atol=rtol=atol)``."""
-    flows = list(pair.nf_model.flows)
-    nets = [f.iresblock.nnet for f in flows if isinstance(f, nf.flows.Residual)]
+def normflows_inversion(model: nf.NormalizingFlow, atol: float | None) -> Inversion:
+    """The sampling direction, inversion only (``Residual.forward`` would add a log-det):
+    ``iResBlock.inverse`` (its defaults) or, with ``atol``,
+    ``iResBlock._inverse_fixed_point(y, atol=atol, rtol=atol)``."""
+    flows = list(model.flows)
+    counter = CallCounter([f.iresblock.nnet for f in flows if isinstance(f, nf.flows.Residual)])
+    n_blocks = len(counter.handles)
 
-    def run() -> Tensor:
+    def run(z: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        counter.reset()
         y = z
         with torch.no_grad():
             for flow in flows:
@@ -595,45 +692,65 @@ def invert_normflows(pair: Pair, z: Tensor, atol: float | None) -> InverseResult
                     y = flow.iresblock.inverse(y)
                 else:
                     y = flow.iresblock._inverse_fixed_point(y, atol=atol, rtol=atol)
-        return y
+        # each block evaluates g once before its loop, then once per iteration
+        return y, (counter.calls - n_blocks, counter.calls, counter.rows)
 
-    seconds, x = timed(run, pair.cfg.inverse_repeats, pair.cfg.device)
-    counter = CallCounter(nets)
-    run()
-    counter.remove()
-    # every call but the first of each block is one loop iteration
-    return InverseResult(
-        seconds, x, counter.calls - len(nets), counter.calls, counter.rows,
-        (normflows_forward_map(pair.nf_model, x) - z).abs().max().item(),
-    )
+    return Inversion("normflows", run, lambda x: normflows_forward_map(model, x))
 
 
-def normflows_sample_api_seconds(pair: Pair, z: Tensor) -> float:
+def run_inversions(variants: dict[str, Inversion], z: Tensor, cfg: Config) -> None:
+    """One untimed warm-up on 1,000 points each, then ``inverse_repeats`` interleaved rounds."""
+    for v in variants.values():
+        v.run(z[:1000])
+    for _ in range(cfg.inverse_repeats):
+        for v in variants.values():
+            synchronize(cfg.device)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            start = time.perf_counter()
+            v.x, v.counts = v.run(z)
+            synchronize(cfg.device)
+            v.seconds.append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            v.kernel_seconds.append(after.ru_stime - usage.ru_stime)
+            v.page_faults.append(after.ru_minflt - usage.ru_minflt)
+    for v in variants.values():
+        v.forward_error = (v.forward_map(v.x) - z).abs().max().item()
+
+
+def normflows_sample_api_seconds(model: nf.NormalizingFlow, z: Tensor, device: str) -> float:
     """``NormalizingFlow.forward(z)``: normflows' public latent -> data call (default tolerance,
-    plus the exact 2x2 log-det its eval mode computes per block)."""
-    def run() -> Tensor:
-        with torch.no_grad():
-            return pair.nf_model.forward(z)
-    return timed(run, 1, pair.cfg.device)[0]
+    plus the exact 2x2 log-det its eval mode computes in every block)."""
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.forward(z)
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def benchmark_inversion(pair: Pair) -> dict[str, object]:
     cfg = pair.cfg
-    prepare_for_inversion(pair)
+    pretrain_s = pretrain(pair)
+    bounds = prepare_for_inversion(pair)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     z = torch.randn(cfg.n_invert, DIM, generator=gen).to(cfg.device)
-    matched_atol = cfg.inverse_tol**2
-    results = {
-        "ir_anderson": invert_iresnet(pair, z, "anderson"),
-        "ir_fixed": invert_iresnet(pair, z, "fixed_point"),
-        "nf_matched": invert_normflows(pair, z, matched_atol),
-        "nf_default": invert_normflows(pair, z, None),
+    tol = cfg.inverse_tol
+    variants = {
+        "ir_anderson": iresnet_inversion(pair.ir_model, "anderson", tol, tol),
+        "ir_fixed": iresnet_inversion(pair.ir_model, "fixed_point", tol, tol),
+        "ir_anderson_strict": iresnet_inversion(pair.ir_model, "anderson", tol, 0.0),
+        "nf_matched": normflows_inversion(pair.nf_model, tol**2),
+        "nf_default": normflows_inversion(pair.nf_model, None),
     }
+    run_inversions(variants, z, cfg)
     return {
-        "results": results,
-        "nf_sample_api_s": normflows_sample_api_seconds(pair, z),
-        "max_diff_anderson_vs_nf": (results["ir_anderson"].x - results["nf_matched"].x).abs().max().item(),
-        "nf_matched_atol": matched_atol,
+        "variants": variants,
+        "pretrain_s": pretrain_s,
+        "lipschitz_bounds": bounds,
+        "nf_sample_api_s": normflows_sample_api_seconds(pair.nf_model, z, cfg.device),
+        "max_diff_anderson_vs_nf": (variants["ir_anderson"].x - variants["nf_matched"].x).abs().max().item(),
+        "nf_matched_atol": tol**2,
+        "z": z,
     }
 
 
@@ -651,15 +768,32 @@ def table(rows: list[tuple[str, str, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def iresnet_source() -> str:
+    """The git commit of the iresnet checkout and whether ``src/`` has uncommitted changes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "src"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown source"
+    return f"commit {head}" + (" + uncommitted changes in src/" if dirty else "")
+
+
 def describe(cfg: Config) -> str:
-    sn = (f"iresnet spectral_norm(n_power_iterations={cfg.power_iterations}, tolerance=None): "
-          f"exactly {cfg.power_iterations} per training forward"
-          if cfg.iresnet_sn_tolerance is None else
-          f"iresnet spectral_norm(n_power_iterations={cfg.power_iterations}, "
-          f"tolerance={cfg.iresnet_sn_tolerance}): at least {cfg.power_iterations}, up to 50 per training forward")
+    if cfg.iresnet_sn_tolerance is not None:
+        sn = (f"iresnet spectral_norm(n_power_iterations={cfg.power_iterations}, tolerance="
+              f"{cfg.iresnet_sn_tolerance}): at least {cfg.power_iterations}, up to 50 per training forward")
+    else:
+        extra = ", tolerance=None" if spectral_norm_has_tolerance() else ""
+        sn = (f"iresnet spectral_norm(n_power_iterations={cfg.power_iterations}{extra}): "
+              f"exactly {cfg.power_iterations} per training forward")
     return "\n".join([
-        f"- torch {torch.__version__}, normflows {nf.__version__}, iresnet {iresnet.__version__}, "
-        f"device {cfg.device}, torch.set_num_threads({cfg.threads}), {platform.processor() or platform.machine()}",
+        f"- torch {torch.__version__}, normflows {nf.__version__}, iresnet {iresnet.__version__} "
+        f"({iresnet_source()}), "
+        f"device {cfg.device}, torch.set_num_threads({cfg.threads}) on {os.cpu_count()} logical CPUs "
+        f"({platform.machine()}), Python {platform.python_version()}",
         f"- model: {cfg.blocks} x [ActNorm, residual block], branch Swish-Linear(2,128)-Swish-Linear(128,128)-"
         f"Swish-Linear(128,2), coeff {COEFF}, init_zeros={cfg.init_zeros}; identical weights in both",
         f"- log-det: Roulette, {N_EXACT_TERMS} exact terms + geometric({GEOM_P}) tail, 1 Hutchinson sample, "
@@ -667,8 +801,65 @@ def describe(cfg: Config) -> str:
         f"- power iterations: normflows update_lipschitz(model, {cfg.power_iterations}) "
         f"after every optimizer step (its forward runs none); {sn}",
         f"- training: batch {cfg.batch}, Adam lr {cfg.lr}, {cfg.warmup} warm-up steps, median of {cfg.steps} "
-        f"interleaved steps, seed {cfg.seed}",
+        f"interleaved steps, seed {cfg.seed}; glibc malloc: {cfg.malloc}",
     ])
+
+
+def inversion_rows(cfg: Config, inv: dict) -> list[tuple[str, str, str, str, str]]:
+    v: dict[str, Inversion] = inv["variants"]
+    sec = {k: statistics.median(x.seconds) for k, x in v.items()}
+    nfm, n, tol = v["nf_matched"], f"{cfg.n_invert:,}", f"{cfg.inverse_tol:g}"
+    a, f, s = v["ir_anderson"], v["ir_fixed"], v["ir_anderson_strict"]
+
+    def vs_nf(key: str) -> str:
+        return f"{paired_ratio(v[key].seconds, nfm.seconds):.2f}"
+
+    return [
+        (f"invert {n} to {tol}: iresnet Anderson vs normflows fixed point (s)",
+         f"{sec['ir_anderson']:.3f}", f"{sec['nf_matched']:.3f}", vs_nf("ir_anderson"), "<= 0.5"),
+        (f"invert {n} to {tol}: iresnet fixed point vs normflows fixed point (s)",
+         f"{sec['ir_fixed']:.3f}", f"{sec['nf_matched']:.3f}", vs_nf("ir_fixed"), ""),
+        (f"invert {n}: iresnet Anderson with rtol=0 (stricter) vs normflows (s)",
+         f"{sec['ir_anderson_strict']:.3f}", f"{sec['nf_matched']:.3f}", vs_nf("ir_anderson_strict"), ""),
+        ("g evaluations summed over blocks: Anderson / fixed point / Anderson rtol=0",
+         f"{a.counts[1]} / {f.counts[1]} / {s.counts[1]}", f"{nfm.counts[1]}", ratio(a.counts[1], nfm.counts[1]), ""),
+        ("rows through g (sample evaluations): Anderson / fixed point / Anderson rtol=0",
+         f"{a.counts[2]:,} / {f.counts[2]:,} / {s.counts[2]:,}", f"{nfm.counts[2]:,}",
+         ratio(a.counts[2], nfm.counts[2]), ""),
+        ("max abs(f(x) - z) after inversion: Anderson / fixed point / Anderson rtol=0",
+         f"{a.forward_error:.1e} / {f.forward_error:.1e} / {s.forward_error:.1e}", f"{nfm.forward_error:.1e}", "", ""),
+    ]
+
+
+def inversion_notes(cfg: Config, inv: dict) -> list[str]:
+    v: dict[str, Inversion] = inv["variants"]
+    nfd = v["nf_default"]
+    bounds = inv["lipschitz_bounds"]
+    tol = f"{cfg.inverse_tol:g}"
+    return [
+        f"inversion model: the normflows model after {cfg.pretrain_steps} more untimed training steps (Adam lr "
+        f"{cfg.pretrain_lr}, {inv['pretrain_s']:.0f} s), weights copied into iresnet; certified Lip(g) per block "
+        f"(iresnet.lipschitz_bound) {min(bounds):.3f} to {max(bounds):.3f}",
+        f"normflows matched: _inverse_fixed_point(y, atol=rtol={inv['nf_matched_atol']:g}) on its squared step, i.e. "
+        f"stop when every abs(dx) < {tol} sqrt(1 + abs(y)), whole batch until the last element converges; iresnet "
+        f"atol=rtol={tol}: per sample, abs(dx) <= {tol} (1 + abs(x)) (rtol=0: abs(dx) <= {tol}); cap "
+        f"{NF_MAX_INVERSE_ITER} iterations in both",
+        f"normflows with its own default (atol=rtol=1e-5 on the squared step, so abs(dx) < ~3e-3): "
+        f"{statistics.median(nfd.seconds):.3f} s, {nfd.counts[1]} g evaluations, max abs(f(x) - z) "
+        f"{nfd.forward_error:.1e}; its public NormalizingFlow.forward(z) (that, plus an exact 2x2 log-det per "
+        f"block): {inv['nf_sample_api_s']:.3f} s",
+        f"iterations summed over blocks (iresnet: InversionReport.iterations; normflows: loop iterations after "
+        f"its first x = y - g(y)): iresnet Anderson {v['ir_anderson'].counts[0]}, fixed point "
+        f"{v['ir_fixed'].counts[0]}; normflows {v['nf_matched'].counts[0]}; max abs(x_iresnet Anderson - "
+        f"x_normflows) = {inv['max_diff_anderson_vs_nf']:.1e}",
+        f"inversion seconds of the {cfg.inverse_repeats} interleaved rounds (the table gives medians, "
+        f"and the median of the per-round ratios): " + ", ".join(
+            f"{k} [{', '.join(f'{t:.2f}' for t in x.seconds)}]" for k, x in v.items()),
+        "median kernel (system) CPU seconds and minor page faults per inversion, mostly fresh pages for "
+        "large temporaries: " + ", ".join(
+            f"{k} {statistics.median(x.kernel_seconds):.2f} s / {statistics.median(x.page_faults):,.0f}"
+            for k, x in v.items()),
+    ]
 
 
 def report(cfg: Config, train: dict, memory: dict, inversion: dict | None) -> str:
@@ -676,58 +867,82 @@ def report(cfg: Config, train: dict, memory: dict, inversion: dict | None) -> st
     rows: list[tuple[str, str, str, str, str]] = [(
         f"training step, median of {cfg.steps} (ms)",
         f"{1e3 * med['iresnet']:.1f}", f"{1e3 * med['normflows']:.1f}",
-        ratio(med["iresnet"], med["normflows"]), "<= 0.5",
+        f"{train['paired_ratio']:.2f}", "<= 0.5",
     )]
     for label, key in memory["rows"]:
         ir, nfv = memory[key]["iresnet"], memory[key]["normflows"]
         rows.append((label, f"{ir / 2**20:.2f}", f"{nfv / 2**20:.2f}", ratio(ir, nfv), "<= 1"))
     if inversion is not None:
-        r = inversion["results"]
-        nfm = r["nf_matched"]
-        tol = f"{cfg.inverse_tol:g}"
-        rows += [
-            (f"invert {cfg.n_invert:,} to {tol}: iresnet Anderson vs normflows fixed point (s)",
-             f"{r['ir_anderson'].seconds:.3f}", f"{nfm.seconds:.3f}", ratio(r["ir_anderson"].seconds, nfm.seconds), "<= 0.5"),
-            (f"invert {cfg.n_invert:,} to {tol}: iresnet fixed point vs normflows fixed point (s)",
-             f"{r['ir_fixed'].seconds:.3f}", f"{nfm.seconds:.3f}", ratio(r["ir_fixed"].seconds, nfm.seconds), ""),
-            ("g evaluations, sum over blocks: Anderson / fixed point vs normflows",
-             f"{r['ir_anderson'].evaluations} / {r['ir_fixed'].evaluations}", f"{nfm.evaluations}",
-             ratio(r["ir_anderson"].evaluations, nfm.evaluations), ""),
-            ("rows through g (sample evaluations): Anderson / fixed point vs normflows",
-             f"{r['ir_anderson'].sample_evaluations:,} / {r['ir_fixed'].sample_evaluations:,}", f"{nfm.sample_evaluations:,}",
-             ratio(r["ir_anderson"].sample_evaluations, nfm.sample_evaluations), ""),
-            ("max |f(x) - z| after inversion: Anderson / fixed point vs normflows",
-             f"{r['ir_anderson'].forward_error:.1e} / {r['ir_fixed'].forward_error:.1e}", f"{nfm.forward_error:.1e}", "", ""),
-        ]
-    out = [describe(cfg), "", table(rows), ""]
-    out.append(
-        f"- tail draws identical in both libraries at every step: {train['draws_match']}; "
-        f"mean series terms per block and step: {train['mean_terms_per_block']:.2f}"
-    )
-    out.append(
-        "- training step min / max (ms): iresnet "
+        rows += inversion_rows(cfg, inversion)
+    notes = [
+        "time ratios are medians of back-to-back pairs (step i of both libraries, or one round of "
+        "inversions); memory ratios are plain ratios",
+        f"tail draws identical in both libraries at every step: {train['draws_match']}; "
+        f"mean series terms per block and step: {train['mean_terms_per_block']:.2f}",
+        "training step min / max (ms): iresnet "
         f"{1e3 * train['min_s']['iresnet']:.1f} / {1e3 * train['max_s']['iresnet']:.1f}, normflows "
-        f"{1e3 * train['min_s']['normflows']:.1f} / {1e3 * train['max_s']['normflows']:.1f}; final loss iresnet "
-        f"{train['final_loss']['iresnet']:.4f}, normflows {train['final_loss']['normflows']:.4f}"
-    )
-    out += [f"- {line}" for line in memory["notes"]]
-    if inversion is not None:
-        r = inversion["results"]
-        nfd = r["nf_default"]
-        out += [
-            f"- normflows inversion, matched: _inverse_fixed_point(atol=rtol={inversion['nf_matched_atol']:g}) on the "
-            f"squared step (stops at |dx| < {cfg.inverse_tol:g} sqrt(1+|y|)); iresnet: atol=rtol={cfg.inverse_tol:g} "
-            f"per element (|dx| <= {cfg.inverse_tol:g} (1+|x|)), max_iter {NF_MAX_INVERSE_ITER} in both",
-            f"- normflows with its default (atol=rtol=1e-5 on the squared step, |dx| < ~3e-3): "
-            f"{nfd.seconds:.3f} s, {nfd.evaluations} g evaluations, max |f(x) - z| {nfd.forward_error:.1e}; "
-            f"its public NormalizingFlow.forward(z) (same, plus an exact 2x2 log-det per block): "
-            f"{inversion['nf_sample_api_s']:.3f} s",
-            f"- iresnet iterations summed over blocks: Anderson {r['ir_anderson'].iterations}, fixed point "
-            f"{r['ir_fixed'].iterations}; normflows {r['nf_matched'].iterations}. max |x_iresnet(Anderson) - "
-            f"x_normflows| = {inversion['max_diff_anderson_vs_nf']:.1e}; inversion times are the median of "
-            f"{cfg.inverse_repeats}",
-        ]
-    return "\n".join(out)
+        f"{1e3 * train['min_s']['normflows']:.1f} / {1e3 * train['max_s']['normflows']:.1f}; loss after the timed "
+        f"steps: iresnet {train['final_loss']['iresnet']:.4f}, normflows {train['final_loss']['normflows']:.4f}",
+        *memory["notes"],
+        *([] if inversion is None else inversion_notes(cfg, inversion)),
+    ]
+    return "\n".join([describe(cfg), "", table(rows), "", *[f"- {n}" for n in notes]])
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles (--profile)
+# --------------------------------------------------------------------------------------------
+def torch_profile(fn: Callable[[], object], repeats: int, rows: int = 14) -> str:
+    """torch.profiler's operator table, sorted by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def python_profile(fn: Callable[[], object], repeats: int, sort: str, rows: int = 18) -> str:
+    """cProfile's function table (``sort`` = "tottime" or "cumulative")."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(repeats):
+        fn()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(rows)
+    return "\n".join(line for line in out.getvalue().splitlines() if line.strip())
+
+
+def profiles(pair: Pair, z: Tensor | None) -> str:
+    """Where the time goes: iresnet's (and normflows') training step and, with ``z``, the
+    Anderson inversion of ``z`` against normflows' matched fixed point."""
+    cfg = pair.cfg
+    pair.ir_model.train()
+    pair.nf_model.train()
+    parts = []
+    for library in ("iresnet", "normflows"):
+        pair.reseed_tail_draws(cfg.seed + 2)
+        parts.append(f"### {library} training step x3, torch.profiler (self CPU)\n"
+                     + torch_profile(lambda: pair.step(library), 3))
+    pair.reseed_tail_draws(cfg.seed + 2)
+    parts.append("### iresnet training step x3, cProfile (cumulative)\n"
+                 + python_profile(lambda: pair.step("iresnet"), 3, "cumulative", 30))
+    if z is not None:
+        prepare_for_inversion(pair)
+        anderson = iresnet_inversion(pair.ir_model, "anderson", cfg.inverse_tol, cfg.inverse_tol)
+        matched = normflows_inversion(pair.nf_model, cfg.inverse_tol**2)
+        parts.append(f"### iresnet Anderson inversion of {len(z):,} points, torch.profiler (self CPU)\n"
+                     + torch_profile(lambda: anderson.run(z), 1, 18))
+        parts.append(f"### iresnet Anderson inversion of {len(z):,} points, cProfile (tottime)\n"
+                     + python_profile(lambda: anderson.run(z), 1, "tottime", 14))
+        parts.append(f"### normflows matched fixed-point inversion of {len(z):,} points, torch.profiler (self CPU)\n"
+                     + torch_profile(lambda: matched.run(z), 1, 10))
+    return "\n\n".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -768,6 +983,8 @@ def main(argv: list[str] | None = None) -> None:
     if worker is not None:
         print(json.dumps(memory_worker(cfg, worker)))
         return
+    if cfg.malloc == "retain" and not retain_freed_memory():
+        cfg.malloc = "default (mallopt unavailable)"
     started = time.perf_counter()
     pair = build_pair(cfg)
     train = time_training(pair)
@@ -776,6 +993,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# toy 2-D residual flow: iresnet vs normflows ({datetime.date.today().isoformat()})\n")
     print(report(cfg, train, memory, inversion))
     print(f"- total benchmark wall time {time.perf_counter() - started:.0f} s")
+    if cfg.profile:
+        print("\n## Profiles\n")
+        print(profiles(pair, None if inversion is None else inversion["z"]))
 
 
 if __name__ == "__main__":

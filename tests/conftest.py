@@ -1,13 +1,9 @@
-"""Shared test options: ``--device cuda`` runs the same suite on a GPU."""
+"""Shared fixtures: ``device`` (from ``--device``, see the root conftest) and a fixed seed."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--device", default="cpu", help="torch device the tests run on (cpu, cuda, cuda:1, ...)")
 
 
 @pytest.fixture(scope="session")
