@@ -8,26 +8,13 @@ from torch import nn
 
 import iresnet
 
+from helpers import binding, conv_branch, dense_branch, jacobian_logdet
+
 
 def mlp_branch(dim: int, coeff: float, hidden: int = 32) -> nn.Sequential:
-    g = nn.Sequential(
-        iresnet.spectral_norm(nn.Linear(dim, hidden), coeff), iresnet.LipSwish(),
-        iresnet.spectral_norm(nn.Linear(hidden, hidden), coeff), iresnet.LipSwish(),
-        iresnet.spectral_norm(nn.Linear(hidden, dim), coeff),
-    )
-    with torch.no_grad():  # make every layer bind at its coefficient
-        for layer in g[::2]:
-            layer.parametrizations.weight.original.mul_(10)
+    g = binding(dense_branch(dim, hidden, coeff, depth=3))
     iresnet.converge_spectral_norms(g)
     return g
-
-
-def conv_branch(channels: int, coeff: float, hidden: int = 8) -> nn.Sequential:
-    return nn.Sequential(
-        iresnet.spectral_norm(nn.Conv2d(channels, hidden, 3, padding=1), coeff), iresnet.LipSwish(),
-        iresnet.spectral_norm(nn.Conv2d(hidden, hidden, 1), coeff), iresnet.LipSwish(),
-        iresnet.spectral_norm(nn.Conv2d(hidden, channels, 3, padding=1), coeff),
-    )
 
 
 def block_of(g: nn.Module, device, dtype=torch.float64, **options) -> iresnet.ResidualBlock:
@@ -46,7 +33,7 @@ def test_dense_inverse_round_trip(device, dtype, tol, method):
 
 @pytest.mark.parametrize("method", ["fixed_point", "anderson"])
 def test_conv_inverse_round_trip(device, method):
-    block = block_of(conv_branch(3, 0.9), device, inverse_method=method)
+    block = block_of(conv_branch(3, 8, 0.9), device, inverse_method=method)
     x = torch.randn(8, 3, 6, 6, dtype=torch.float64, device=device)
     block(x)
     block.eval()
@@ -189,15 +176,6 @@ def test_logdet_none_returns_none(device):
 # ActNorm, Squeeze, Sequential ---------------------------------------------------------------
 
 
-def brute_force_logdet(f, x: torch.Tensor) -> torch.Tensor:
-    out = []
-    for sample in x:
-        jacobian = torch.autograd.functional.jacobian(lambda z: f(z[None])[0][0], sample)
-        d = sample.numel()
-        out.append(torch.linalg.slogdet(jacobian.reshape(d, d)).logabsdet)
-    return torch.stack(out)
-
-
 def test_actnorm_data_dependent_initialisation(device):
     norm = iresnet.ActNorm(3).double().to(device)
     x = torch.randn(256, 3, 4, 4, dtype=torch.float64, device=device) * torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64, device=device).view(1, 3, 1, 1) + 7
@@ -218,7 +196,7 @@ def test_actnorm_logdet_and_inverse(device):
     with torch.no_grad():
         norm.log_scale.add_(torch.tensor([0.3, -0.7], dtype=torch.float64, device=device))
     y, logdet = norm(x)
-    torch.testing.assert_close(logdet, brute_force_logdet(norm, x))
+    torch.testing.assert_close(logdet, jacobian_logdet(norm, x))
     torch.testing.assert_close(norm.inverse(y), x)
     with pytest.raises(ValueError, match="expected 2 channels"):
         norm(torch.randn(2, 3, dtype=torch.float64, device=device))
@@ -258,14 +236,14 @@ def test_sequential_sums_logdets_and_inverts_in_reverse(device):
     with torch.no_grad():
         model[0].log_scale.add_(0.5)
     y, logdet = model(x)
-    torch.testing.assert_close(logdet, brute_force_logdet(model, x))
+    torch.testing.assert_close(logdet, jacobian_logdet(model, x))
     torch.testing.assert_close(model.inverse(y), x, atol=1e-8, rtol=1e-8)
 
 
 def test_sequential_with_squeeze_round_trips_images(device):
     model = iresnet.Sequential(
-        block_of(conv_branch(1, 0.9), device), iresnet.Squeeze(), iresnet.ActNorm(4),
-        block_of(conv_branch(4, 0.9), device),
+        block_of(conv_branch(1, 8, 0.9), device), iresnet.Squeeze(), iresnet.ActNorm(4),
+        block_of(conv_branch(4, 8, 0.9), device),
     ).double().to(device)
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64, device=device)
     model(x)
@@ -273,7 +251,7 @@ def test_sequential_with_squeeze_round_trips_images(device):
     iresnet.converge_spectral_norms(model)
     y, logdet = model(x)
     assert y.shape == (3, 4, 2, 2)
-    torch.testing.assert_close(logdet, brute_force_logdet(model, x))
+    torch.testing.assert_close(logdet, jacobian_logdet(model, x))
     torch.testing.assert_close(model.inverse(y), x, atol=1e-8, rtol=1e-8)
 
 

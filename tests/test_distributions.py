@@ -11,24 +11,17 @@ from torch.distributions import Independent, Normal, TransformedDistribution
 
 import iresnet
 
+from helpers import dense_branch
+
 DTYPE = torch.float64
-
-
-def mlp(dim: int, hidden: int, coeff: float) -> nn.Sequential:
-    """A spectral-normalised residual branch, Lip <= coeff**2."""
-    return nn.Sequential(
-        iresnet.spectral_norm(nn.Linear(dim, hidden), coeff),
-        iresnet.LipSwish(),
-        iresnet.spectral_norm(nn.Linear(hidden, dim), coeff),
-    )
 
 
 def make_model(device: torch.device, coeff: float = 0.7, **block_kwargs) -> iresnet.Sequential:
     """ResidualBlock -> ActNorm -> ResidualBlock on R^2, float64, eval mode, norms converged."""
     model = iresnet.Sequential(
-        iresnet.ResidualBlock(mlp(2, 16, coeff), logdet="exact", **block_kwargs),
+        iresnet.ResidualBlock(dense_branch(2, 16, coeff), logdet="exact", **block_kwargs),
         iresnet.ActNorm(2),
-        iresnet.ResidualBlock(mlp(2, 16, coeff), logdet="exact", **block_kwargs),
+        iresnet.ResidualBlock(dense_branch(2, 16, coeff), logdet="exact", **block_kwargs),
     ).to(device=device, dtype=DTYPE)
     with torch.no_grad():  # a fixed, non-trivial ActNorm (log-det 0.15) instead of data init
         model[1].bias.copy_(torch.tensor([0.3, -0.2]))
@@ -141,7 +134,7 @@ def test_mapped_samples_are_standard_normal(device: torch.device) -> None:
 
 def test_block_inverse_gradcheck(device: torch.device) -> None:
     """The implicit gradient of y -> ResidualBlock.inverse(y) matches finite differences."""
-    block = iresnet.ResidualBlock(mlp(3, 8, 0.8), logdet="exact", atol=1e-13, rtol=1e-13)
+    block = iresnet.ResidualBlock(dense_branch(3, 8, 0.8), logdet="exact", atol=1e-13, rtol=1e-13)
     block = block.to(device=device, dtype=DTYPE)
     iresnet.converge_spectral_norms(block)
     block.eval()
@@ -184,7 +177,7 @@ def test_rsample_parameter_gradient_matches_finite_differences(device: torch.dev
 def test_missing_logdet_raises(wrap: bool, device: torch.device) -> None:
     """A module computing no log-det (logdet=None), alone or in a Sequential, gives ValueError
     in log_prob, while sampling still works."""
-    module: nn.Module = iresnet.ResidualBlock(mlp(2, 8, 0.7), logdet=None)
+    module: nn.Module = iresnet.ResidualBlock(dense_branch(2, 8, 0.7), logdet=None)
     if wrap:
         module = iresnet.Sequential(iresnet.ActNorm(2), module)
     module = module.to(device=device, dtype=DTYPE).eval()

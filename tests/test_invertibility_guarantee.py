@@ -9,25 +9,15 @@ from torch import nn
 
 import iresnet
 
+from helpers import conv_branch, dense_branch
+
 
 def dense_model(coeff: float) -> iresnet.Sequential:
-    def branch() -> nn.Sequential:
-        return nn.Sequential(
-            iresnet.spectral_norm(nn.Linear(4, 32), coeff), iresnet.LipSwish(),
-            iresnet.spectral_norm(nn.Linear(32, 32), coeff), iresnet.LipSwish(),
-            iresnet.spectral_norm(nn.Linear(32, 4), coeff),
-        )
-    return iresnet.Sequential(*[iresnet.ResidualBlock(branch(), None) for _ in range(3)])
+    return iresnet.Sequential(*[iresnet.ResidualBlock(dense_branch(4, 32, coeff, depth=3), None) for _ in range(3)])
 
 
 def conv_model(coeff: float) -> iresnet.Sequential:
-    def branch() -> nn.Sequential:
-        return nn.Sequential(
-            iresnet.spectral_norm(nn.Conv2d(2, 8, 3, padding=1), coeff), nn.ELU(),
-            iresnet.spectral_norm(nn.Conv2d(8, 8, 1), coeff), nn.ELU(),
-            iresnet.spectral_norm(nn.Conv2d(8, 2, 3, padding=1), coeff),
-        )
-    return iresnet.Sequential(*[iresnet.ResidualBlock(branch(), None) for _ in range(2)])
+    return iresnet.Sequential(*[iresnet.ResidualBlock(conv_branch(2, 8, coeff, nn.ELU), None) for _ in range(2)])
 
 
 def lipschitz_ratio(g: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from torch import nn
 
 import iresnet
 
+from helpers import conv_branch, dense_branch
+
 # Each example seeds torch from a drawn integer, so a failure reproduces from its report.
 DENSE = settings(max_examples=40, deadline=None)
 CONV = settings(max_examples=25, deadline=None)
@@ -21,22 +23,6 @@ dtypes = st.sampled_from([torch.float32, torch.float64])
 coeffs = st.floats(0.3, 0.95)
 estimators = st.sampled_from(["exact", "series", "roulette"])
 methods = st.sampled_from(["fixed_point", "anderson"])
-
-
-def dense_branch(dim: int, hidden: int, coeff: float) -> nn.Sequential:
-    return nn.Sequential(
-        iresnet.spectral_norm(nn.Linear(dim, hidden), coeff), iresnet.LipSwish(),
-        iresnet.spectral_norm(nn.Linear(hidden, dim), coeff),
-    )
-
-
-def conv_branch(channels: int, hidden: int, coeff: float) -> nn.Sequential:
-    """The i-ResNet branch: 3x3, 1x1, 3x3 convolutions with LipSwish in between."""
-    return nn.Sequential(
-        iresnet.spectral_norm(nn.Conv2d(channels, hidden, 3, padding=1), coeff), iresnet.LipSwish(),
-        iresnet.spectral_norm(nn.Conv2d(hidden, hidden, 1), coeff), iresnet.LipSwish(),
-        iresnet.spectral_norm(nn.Conv2d(hidden, channels, 3, padding=1), coeff),
-    )
 
 
 def random_actnorm(channels: int) -> iresnet.ActNorm:
