@@ -85,53 +85,58 @@ def solve_fixed_point(
     default_atol, default_rtol = default_tolerances(y.dtype)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
-    solver = _Anderson(y, memory) if method == "anderson" else _Banach(y)
-    x = y.clone()
-    residual = torch.full((y.shape[0],), float("inf"), dtype=y.dtype, device=y.device)
-    active = torch.arange(y.shape[0], device=y.device)
-    evaluations = sample_evaluations = 0
-    iteration = 0
-    while active.numel() and iteration < max_iter:
+    batch = y.shape[0]
+    solver = _Anderson(y, memory) if method == "anderson" else _Banach()
+    solution = y.clone()
+    residual = y.new_zeros(batch)
+    # the working set: the samples not yet converged, compacted after each iteration
+    index = torch.arange(batch, device=y.device)
+    x, target = y, y
+    worst = y.new_full((batch,), float("inf"))
+    evaluations = sample_evaluations = iteration = 0
+    while index.numel() and iteration < max_iter:
         iteration += 1
-        x_active = x[active]
-        f_active = y[active] - g(x_active)
+        fx = target - g(x)
         evaluations += 1
-        sample_evaluations += active.numel()
-        step = (f_active - x_active).flatten(1)
-        residual[active] = step.abs().amax(1)
-        converged = (step.abs() <= atol + rtol * f_active.flatten(1).abs()).all(1)
-        diverged = ~torch.isfinite(f_active.flatten(1)).all(1)
-        if diverged.any():
+        sample_evaluations += index.numel()
+        step = (fx - x).flatten(1).abs()
+        worst = step.amax(1)
+        if not torch.isfinite(worst).all():
             raise InversionError(
-                f"fixed-point inversion ({method}) diverged for {int(diverged.sum())} of "
-                f"{y.shape[0]} samples at iteration {iteration}: the iterate is not finite. "
-                "Lip(g) may be >= 1 (call iresnet.converge_spectral_norms first)."
+                f"fixed-point inversion ({method}) diverged for "
+                f"{int((~torch.isfinite(worst)).sum())} of {batch} samples at iteration "
+                f"{iteration}: the iterate is not finite. Lip(g) may be >= 1 "
+                "(call iresnet.converge_spectral_norms first)."
             )
-        x[active[converged]] = f_active[converged]
-        still = ~converged
-        x[active[still]] = solver.next_iterate(active[still], x_active[still], f_active[still])
-        active = active[still]
-    report = InversionReport(method, iteration, evaluations, sample_evaluations,
-                             residual.max().item() if residual.numel() else 0.0)
-    if active.numel():
-        worst = residual[active]
+        converged = (step <= atol + rtol * fx.flatten(1).abs()).all(1)
+        if converged.any():
+            solution[index[converged]] = fx[converged]
+            residual[index[converged]] = worst[converged]
+            keep = ~converged
+            index, x, fx, target, worst = index[keep], x[keep], fx[keep], target[keep], worst[keep]
+            solver.keep(keep)
+        if index.numel():
+            x = solver.next_iterate(x, fx)
+    if index.numel():
         shown = ", ".join(f"{r:.3g}" for r in worst[:5].tolist())
         raise InversionError(
-            f"fixed-point inversion ({method}) failed for {active.numel()} of {y.shape[0]} "
+            f"fixed-point inversion ({method}) failed for {index.numel()} of {batch} "
             f"samples after {iteration} iterations: their updates are {shown}"
-            f"{' ...' if active.numel() > 5 else ''} against atol={atol:g}, rtol={rtol:g}. "
+            f"{' ...' if index.numel() > 5 else ''} against atol={atol:g}, rtol={rtol:g}. "
             "Lip(g) may be >= 1 (call iresnet.converge_spectral_norms first) or max_iter too low."
         )
-    return x, report
+    report = InversionReport(method, iteration, evaluations, sample_evaluations,
+                             residual.max().item() if batch else 0.0)
+    return solution, report
 
 
 class _Banach:
     """Plain iteration: the next iterate is ``f(x)``."""
 
-    def __init__(self, y: Tensor) -> None:
+    def keep(self, mask: Tensor) -> None:
         pass
 
-    def next_iterate(self, index: Tensor, x: Tensor, fx: Tensor) -> Tensor:
+    def next_iterate(self, x: Tensor, fx: Tensor) -> Tensor:
         return fx
 
 
@@ -148,28 +153,24 @@ class _Anderson:
         batch, dim = y.shape[0], y[0].numel()
         self.memory = memory
         self.f_history = y.new_zeros(batch, memory, dim)
-        self.r_history = y.new_zeros(batch, memory, dim)
-        self.count = torch.zeros(batch, dtype=torch.long, device=y.device)
+        self.r_history = y.new_zeros(batch, memory, dim, dtype=torch.float64)
+        self.count = 0
 
-    def next_iterate(self, index: Tensor, x: Tensor, fx: Tensor) -> Tensor:
-        if index.numel() == 0:
-            return fx
-        fx_flat, r_flat = fx.flatten(1), (fx - x).flatten(1)
-        slot = self.count[index] % self.memory
-        self.f_history[index, slot] = fx_flat
-        self.r_history[index, slot] = r_flat
-        self.count[index] += 1
-        used = min(int(self.count[index].min()), self.memory)
+    def keep(self, mask: Tensor) -> None:
+        self.f_history, self.r_history = self.f_history[mask], self.r_history[mask]
+
+    def next_iterate(self, x: Tensor, fx: Tensor) -> Tensor:
+        slot = self.count % self.memory
+        self.f_history[:, slot] = fx.flatten(1)
+        self.r_history[:, slot] = (fx - x).flatten(1)
+        self.count += 1
+        used = min(self.count, self.memory)
         if used < 2:
             return fx
-        r = self.r_history[index].double()
-        f = self.f_history[index]
-        if used < self.memory:  # every active sample has filled the same first slots
-            r, f = r[:, :used], f[:, :used]
+        r, f = self.r_history[:, :used], self.f_history[:, :used]
         gram = r @ r.transpose(1, 2)
         scale = gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(1e-300)
-        gram = gram + 1e-10 * scale[:, None, None] * torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
-        ones = torch.ones(gram.shape[:2], dtype=gram.dtype, device=gram.device)
-        alpha = torch.linalg.solve(gram, ones)
+        gram = gram + 1e-10 * scale[:, None, None] * torch.eye(used, dtype=gram.dtype, device=gram.device)
+        alpha = torch.linalg.solve(gram, torch.ones(gram.shape[:2], dtype=gram.dtype, device=gram.device))
         alpha = alpha / alpha.sum(1, keepdim=True)
         return (alpha.to(f.dtype).unsqueeze(1) @ f).squeeze(1).view_as(fx)

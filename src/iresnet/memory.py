@@ -53,7 +53,7 @@ class SavedTensorMeter(saved_tensors_hooks):
             self.peak = max(self.peak, self.current)
         else:
             entry[1] += 1
-        return _Saved(self, key, tensor)
+        return _Saved(self, key, tensor.detach())  # a saved output must not keep its own graph alive
 
     def _release(self, key: tuple) -> None:
         entry = self._live[key]
