@@ -22,8 +22,10 @@ from iresnet.memory import SavedTensorMeter
 
 def block(memory_efficient: bool, n_terms: int, device: torch.device) -> iresnet.ResidualBlock:
     g = nn.Sequential(
-        iresnet.spectral_norm(nn.Linear(16, 512), 0.9), iresnet.LipSwish(),
-        iresnet.spectral_norm(nn.Linear(512, 512), 0.9), iresnet.LipSwish(),
+        iresnet.spectral_norm(nn.Linear(16, 512), 0.9),
+        iresnet.LipSwish(),
+        iresnet.spectral_norm(nn.Linear(512, 512), 0.9),
+        iresnet.LipSwish(),
         iresnet.spectral_norm(nn.Linear(512, 16), 0.9),
     )
     estimator = iresnet.PowerSeries(n_terms=n_terms, memory_efficient=memory_efficient)

@@ -20,8 +20,10 @@ def dense_branch(dim: int, hidden: int, coeff: float, depth: int = 2, activation
 def conv_branch(channels: int, hidden: int, coeff: float, activation=iresnet.LipSwish) -> nn.Sequential:
     """The i-ResNet branch: 3x3, 1x1, 3x3 convolutions, spectral-normalised."""
     return nn.Sequential(
-        iresnet.spectral_norm(nn.Conv2d(channels, hidden, 3, padding=1), coeff), activation(),
-        iresnet.spectral_norm(nn.Conv2d(hidden, hidden, 1), coeff), activation(),
+        iresnet.spectral_norm(nn.Conv2d(channels, hidden, 3, padding=1), coeff),
+        activation(),
+        iresnet.spectral_norm(nn.Conv2d(hidden, hidden, 1), coeff),
+        activation(),
         iresnet.spectral_norm(nn.Conv2d(hidden, channels, 3, padding=1), coeff),
     )
 

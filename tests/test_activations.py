@@ -59,7 +59,10 @@ def test_large_beta_max_slope_on_fixed_grid(beta: float, device: torch.device) -
 def test_difference_quotients_at_most_one(beta: float, device: torch.device) -> None:
     """|phi(a) - phi(b)| <= |a - b| on random pairs at several scales."""
     act = lipswish(beta, device)
-    a = torch.randn(100_000, dtype=torch.float64, device=device) * torch.logspace(-2, 4, 100_000, device=device).double()
+    a = (
+        torch.randn(100_000, dtype=torch.float64, device=device)
+        * torch.logspace(-2, 4, 100_000, device=device).double()
+    )
     b = a + torch.randn_like(a) * a.abs().clamp_min(1e-3)
     with torch.no_grad():
         assert ((act(a) - act(b)).abs() <= (a - b).abs() * (1 + 1e-12)).all()

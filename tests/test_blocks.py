@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import iresnet
-
 from helpers import binding, conv_branch, dense_branch, jacobian_logdet
 
 
@@ -110,7 +109,9 @@ def test_singular_map_raises(device, method):
 def test_iteration_cap_names_samples_residuals_and_iterations(device):
     block = block_of(mlp_branch(2, 0.99), device, max_iter=3)
     y, _ = block(torch.randn(4, 2, dtype=torch.float64, device=device) * 5)
-    with pytest.raises(iresnet.InversionError, match=r"failed for 4 of 4 samples after 3 iterations: their updates are [0-9.e-]+"):
+    with pytest.raises(
+        iresnet.InversionError, match=r"failed for 4 of 4 samples after 3 iterations: their updates are [0-9.e-]+"
+    ):
         block.inverse(y)
 
 
@@ -148,7 +149,10 @@ class InverseOf(nn.Module):
         (torch.randn(4, 2, dtype=torch.float32), "expected dtype torch.float64"),
         (torch.ones(4, 2, dtype=torch.int64), "floating-point"),
         (torch.tensor([[0.0, float("nan")], [1.0, 1.0]], dtype=torch.float64), "1 of 2 samples hold NaN or inf"),
-        (torch.tensor([[0.0, float("inf")], [1.0, -float("inf")]], dtype=torch.float64), "2 of 2 samples hold NaN or inf"),
+        (
+            torch.tensor([[0.0, float("inf")], [1.0, -float("inf")]], dtype=torch.float64),
+            "2 of 2 samples hold NaN or inf",
+        ),
     ],
 )
 def test_bad_input_gets_clear_value_error(device, bad, message):
@@ -178,9 +182,15 @@ def test_logdet_none_returns_none(device):
 
 def test_actnorm_data_dependent_initialisation(device):
     norm = iresnet.ActNorm(3).double().to(device)
-    x = torch.randn(256, 3, 4, 4, dtype=torch.float64, device=device) * torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64, device=device).view(1, 3, 1, 1) + 7
+    x = (
+        torch.randn(256, 3, 4, 4, dtype=torch.float64, device=device)
+        * torch.tensor([1.0, 5.0, 0.2], dtype=torch.float64, device=device).view(1, 3, 1, 1)
+        + 7
+    )
     y, _ = norm(x)
-    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64, device=device), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        y.mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64, device=device), atol=1e-10, rtol=0
+    )
     var = x.var((0, 2, 3), unbiased=False)
     torch.testing.assert_close(y.var((0, 2, 3), unbiased=False), var / (var + norm.eps), atol=1e-10, rtol=0)
     assert bool(norm.initialized)
@@ -226,10 +236,16 @@ def test_squeeze_layout_and_round_trip(device):
 
 def test_sequential_sums_logdets_and_inverts_in_reverse(device):
     torch.manual_seed(2)
-    model = iresnet.Sequential(
-        iresnet.ActNorm(4), block_of(mlp_branch(4, 0.9), device), iresnet.ActNorm(4),
-        block_of(mlp_branch(4, 0.8), device),
-    ).double().to(device)
+    model = (
+        iresnet.Sequential(
+            iresnet.ActNorm(4),
+            block_of(mlp_branch(4, 0.9), device),
+            iresnet.ActNorm(4),
+            block_of(mlp_branch(4, 0.8), device),
+        )
+        .double()
+        .to(device)
+    )
     x = torch.randn(6, 4, dtype=torch.float64, device=device)
     model(x * 2 + 1)  # ActNorm initialisation
     model.eval()
@@ -241,10 +257,16 @@ def test_sequential_sums_logdets_and_inverts_in_reverse(device):
 
 
 def test_sequential_with_squeeze_round_trips_images(device):
-    model = iresnet.Sequential(
-        block_of(conv_branch(1, 8, 0.9), device), iresnet.Squeeze(), iresnet.ActNorm(4),
-        block_of(conv_branch(4, 8, 0.9), device),
-    ).double().to(device)
+    model = (
+        iresnet.Sequential(
+            block_of(conv_branch(1, 8, 0.9), device),
+            iresnet.Squeeze(),
+            iresnet.ActNorm(4),
+            block_of(conv_branch(4, 8, 0.9), device),
+        )
+        .double()
+        .to(device)
+    )
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64, device=device)
     model(x)
     model.eval()

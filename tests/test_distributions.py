@@ -10,7 +10,6 @@ from torch import nn
 from torch.distributions import Independent, Normal, TransformedDistribution
 
 import iresnet
-
 from helpers import dense_branch
 
 DTYPE = torch.float64
@@ -60,6 +59,7 @@ def test_log_prob_matches_brute_force_jacobian(device: torch.device) -> None:
     x = 2 * torch.randn(8, 2, dtype=DTYPE, device=device)
     expected = []
     for xi in x:
+
         def f(v: torch.Tensor) -> torch.Tensor:
             return model(v.unsqueeze(0))[0].squeeze(0)
 

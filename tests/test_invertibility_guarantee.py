@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import iresnet
-
 from helpers import conv_branch, dense_branch
 
 

@@ -232,11 +232,16 @@ def test_linear_bound_is_exact(device):
 
 def test_chain_bound_dominates_jacobian_norms(device):
     """The certificate is the product of exact layer norms and bounds every Jacobian."""
-    g = nn.Sequential(
-        iresnet.spectral_norm(nn.Linear(3, 16), 0.9), iresnet.LipSwish(),
-        nn.Sequential(iresnet.spectral_norm(nn.Linear(16, 16), 0.9), nn.ELU()),
-        iresnet.spectral_norm(nn.Linear(16, 3), 0.9),
-    ).double().to(device)
+    g = (
+        nn.Sequential(
+            iresnet.spectral_norm(nn.Linear(3, 16), 0.9),
+            iresnet.LipSwish(),
+            nn.Sequential(iresnet.spectral_norm(nn.Linear(16, 16), 0.9), nn.ELU()),
+            iresnet.spectral_norm(nn.Linear(16, 3), 0.9),
+        )
+        .double()
+        .to(device)
+    )
     g(torch.randn(1, 3, dtype=torch.float64, device=device))
     g.eval()
     bound = iresnet.lipschitz_bound(g, (3,))
@@ -250,9 +255,15 @@ def test_chain_bound_dominates_jacobian_norms(device):
 
 
 def test_conv_chain_bound_tracks_shapes_through_strides(device):
-    g = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1),
-    ).double().to(device)
+    g = (
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(4, 2, 3, padding=1),
+        )
+        .double()
+        .to(device)
+    )
     bound = iresnet.lipschitz_bound(g, (2, 8, 8))
     expected = exact_norm(g[0], (2, 8, 8)) * exact_norm(g[2], (4, 4, 4))
     assert bound == pytest.approx(expected, rel=1e-12)

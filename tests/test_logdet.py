@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 import iresnet
-from iresnet.memory import SavedTensorMeter
-
 from helpers import binding, conv_branch, dense_branch, jacobian_logdet
+from iresnet.memory import SavedTensorMeter
 
 
 def make_block(device, estimator, dim=3, coeff=0.9, conv=False) -> iresnet.ResidualBlock:
@@ -31,9 +30,7 @@ def brute_force_logdet(g: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def jacobian_matrices(g: nn.Module, x: torch.Tensor) -> torch.Tensor:
     d = x[0].numel()
-    return torch.stack([
-        torch.autograd.functional.jacobian(lambda z: g(z[None])[0], s).reshape(d, d) for s in x
-    ])
+    return torch.stack([torch.autograd.functional.jacobian(lambda z: g(z[None])[0], s).reshape(d, d) for s in x])
 
 
 @pytest.mark.parametrize("conv", [False, True])
@@ -123,11 +120,13 @@ def _seeded(block: iresnet.ResidualBlock, seed: int = 1):
     def logdet_of(x: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(seed)
         return block(x)[1]
+
     return logdet_of
 
 
 @pytest.mark.parametrize(
-    "estimator", ["exact", iresnet.PowerSeries(n_terms=3), iresnet.Roulette(n_exact_terms=2)],
+    "estimator",
+    ["exact", iresnet.PowerSeries(n_terms=3), iresnet.Roulette(n_exact_terms=2)],
     ids=["exact", "series", "roulette"],
 )
 @pytest.mark.parametrize("conv", [False, True])
@@ -138,7 +137,8 @@ def test_gradcheck_with_respect_to_input(device, estimator, conv):
 
 
 @pytest.mark.parametrize(
-    "estimator", ["exact", iresnet.PowerSeries(n_terms=3), iresnet.Roulette(n_exact_terms=2)],
+    "estimator",
+    ["exact", iresnet.PowerSeries(n_terms=3), iresnet.Roulette(n_exact_terms=2)],
     ids=["exact", "series", "roulette"],
 )
 def test_gradcheck_with_respect_to_parameters(device, estimator):
@@ -157,8 +157,14 @@ def test_gradcheck_with_respect_to_parameters(device, estimator):
 @pytest.mark.parametrize(
     "plain, efficient",
     [
-        (iresnet.PowerSeries(n_terms=5, probe="basis"), iresnet.PowerSeries(n_terms=5, probe="basis", memory_efficient=True)),
-        (iresnet.Roulette(n_exact_terms=2, probe="basis"), iresnet.Roulette(n_exact_terms=2, probe="basis", memory_efficient=True)),
+        (
+            iresnet.PowerSeries(n_terms=5, probe="basis"),
+            iresnet.PowerSeries(n_terms=5, probe="basis", memory_efficient=True),
+        ),
+        (
+            iresnet.Roulette(n_exact_terms=2, probe="basis"),
+            iresnet.Roulette(n_exact_terms=2, probe="basis", memory_efficient=True),
+        ),
     ],
     ids=["series", "roulette"],
 )

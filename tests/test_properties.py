@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import iresnet
-
 from helpers import conv_branch, dense_branch
 
 # Each example seeds torch from a drawn integer, so a failure reproduces from its report.
@@ -60,8 +59,14 @@ def assert_round_trip(model: nn.Module, x: torch.Tensor) -> None:
 
 @DENSE
 @given(
-    seed=seeds, dtype=dtypes, coeff=coeffs, estimator=estimators, method=methods,
-    dim=st.integers(1, 6), hidden=st.integers(1, 32), batch=st.integers(1, 8),
+    seed=seeds,
+    dtype=dtypes,
+    coeff=coeffs,
+    estimator=estimators,
+    method=methods,
+    dim=st.integers(1, 6),
+    hidden=st.integers(1, 32),
+    batch=st.integers(1, 8),
 )
 def test_dense_block_round_trip(device, seed, dtype, coeff, estimator, method, dim, hidden, batch):
     """Dense residual blocks invert their forward pass."""
@@ -73,13 +78,18 @@ def test_dense_block_round_trip(device, seed, dtype, coeff, estimator, method, d
 
 @CONV
 @given(
-    seed=seeds, dtype=dtypes, coeff=coeffs, estimator=estimators, method=methods,
-    channels=st.integers(1, 3), hidden=st.integers(1, 8), height=st.integers(2, 6),
-    width=st.integers(2, 6), batch=st.integers(1, 4),
+    seed=seeds,
+    dtype=dtypes,
+    coeff=coeffs,
+    estimator=estimators,
+    method=methods,
+    channels=st.integers(1, 3),
+    hidden=st.integers(1, 8),
+    height=st.integers(2, 6),
+    width=st.integers(2, 6),
+    batch=st.integers(1, 4),
 )
-def test_conv_block_round_trip(
-    device, seed, dtype, coeff, estimator, method, channels, hidden, height, width, batch
-):
+def test_conv_block_round_trip(device, seed, dtype, coeff, estimator, method, channels, hidden, height, width, batch):
     """Convolutional residual blocks invert their forward pass on any small image size."""
     torch.manual_seed(seed)
     x = torch.randn(batch, channels, height, width, dtype=dtype, device=device)
@@ -89,8 +99,14 @@ def test_conv_block_round_trip(
 
 @CONV
 @given(
-    seed=seeds, dtype=dtypes, coeff=coeffs, estimator=estimators, method=methods,
-    channels=st.integers(1, 2), half_height=st.integers(1, 3), half_width=st.integers(1, 3),
+    seed=seeds,
+    dtype=dtypes,
+    coeff=coeffs,
+    estimator=estimators,
+    method=methods,
+    channels=st.integers(1, 2),
+    half_height=st.integers(1, 3),
+    half_width=st.integers(1, 3),
     batch=st.integers(1, 4),
 )
 def test_multiscale_sequential_round_trip(

@@ -133,8 +133,13 @@ class ResidualBlock(nn.Module):
             _cache_parametrizations(self.g)
             with torch.no_grad():
                 x, self.last_inversion = solve_fixed_point(
-                    self.g, y, method or self.inverse_method, self.atol, self.rtol,
-                    self.max_iter, self.anderson_memory,
+                    self.g,
+                    y,
+                    method or self.inverse_method,
+                    self.atol,
+                    self.rtol,
+                    self.max_iter,
+                    self.anderson_memory,
                 )
             if differentiable:
                 x = self._implicit_gradient(x, y)
@@ -160,9 +165,7 @@ class ResidualBlock(nn.Module):
                 if ((u_next - u).abs() <= atol + rtol * u_next.abs()).all():
                     return u_next
                 u = u_next
-            raise InversionError(
-                f"the implicit gradient of the inverse did not converge in {self.max_iter} iterations"
-            )
+            raise InversionError(f"the implicit gradient of the inverse did not converge in {self.max_iter} iterations")
 
         x.register_hook(apply_inverse_transpose)
         return x
@@ -195,7 +198,9 @@ class ActNorm(nn.Module):
     def _check(self, x: Tensor, name: str) -> None:
         check_input(x, name, None, self.bias.dtype)
         if x.shape[1] != self.num_features:
-            raise ValueError(f"{name}: expected {self.num_features} channels in dimension 1, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name}: expected {self.num_features} channels in dimension 1, got shape {tuple(x.shape)}"
+            )
 
     @torch.no_grad()
     def _initialise(self, x: Tensor) -> None:

@@ -22,8 +22,10 @@ def build_block(dim: int, hidden: int, coeff: float) -> ResidualBlock:
         for layer in layers:
             layer.weight.mul_(4.0)
     g = nn.Sequential(
-        spectral_norm(layers[0], coeff), LipSwish(),
-        spectral_norm(layers[1], coeff), LipSwish(),
+        spectral_norm(layers[0], coeff),
+        LipSwish(),
+        spectral_norm(layers[1], coeff),
+        LipSwish(),
         spectral_norm(layers[2], coeff),
     )
     return ResidualBlock(g.double(), Exact())
@@ -44,7 +46,9 @@ def fit(block: ResidualBlock, data: torch.Tensor, steps: int) -> tuple[float, fl
     return losses[0], losses[-1]
 
 
-def run_demo(dim: int = 2, hidden: int = 64, coeff: float = 0.9, n: int = 1000, draws: int = 200, seed: int = 0) -> dict:
+def run_demo(
+    dim: int = 2, hidden: int = 64, coeff: float = 0.9, n: int = 1000, draws: int = 200, seed: int = 0
+) -> dict:
     """Print and return the demo's figures."""
     torch.manual_seed(seed)
     block = build_block(dim, hidden, coeff)
@@ -52,8 +56,10 @@ def run_demo(dim: int = 2, hidden: int = 64, coeff: float = 0.9, n: int = 1000, 
     data = torch.randn(512, dim, dtype=torch.float64) * scales
     print(f"Residual block {dim}-{hidden}-{hidden}-{dim}, LipSwish, spectral norm coeff {coeff}, float64")
     before, after = fit(block, data, steps=150)
-    print(f"  fitted to a Gaussian with scales {scales.min():.1f}..{scales.max():.1f} in 150 Adam steps: "
-          f"NLL {before:.3f} -> {after:.3f} nats")
+    print(
+        f"  fitted to a Gaussian with scales {scales.min():.1f}..{scales.max():.1f} in 150 Adam steps: "
+        f"NLL {before:.3f} -> {after:.3f} nats"
+    )
     block.eval()
     converge_spectral_norms(block)
     bound = lipschitz_bound(block.g, (dim,))
@@ -67,8 +73,10 @@ def run_demo(dim: int = 2, hidden: int = 64, coeff: float = 0.9, n: int = 1000, 
         x_rec = block.inverse(y, method=method)
         report = block.last_inversion
         errors[method] = (x_rec - x).abs().max().item()
-        print(f"  {method:<12} max |x - F^-1(F(x))| = {errors[method]:.2e}   "
-              f"iterations {report.iterations:>3}, g evaluations per sample {report.sample_evaluations / n:.1f}")
+        print(
+            f"  {method:<12} max |x - F^-1(F(x))| = {errors[method]:.2e}   "
+            f"iterations {report.iterations:>3}, g evaluations per sample {report.sample_evaluations / n:.1f}"
+        )
 
     print("\nlog|det dF/dx| of 8 points: estimators against the exact value (slogdet of I + J_g)")
     points, reference = x[:8], exact[:8]
@@ -83,7 +91,14 @@ def run_demo(dim: int = 2, hidden: int = 64, coeff: float = 0.9, n: int = 1000, 
             mean, stderr = samples.mean(0), samples.std(0) / math.sqrt(draws)
             deviation = ((mean - reference).abs() / stderr).max().item()
             rows[name] = deviation
-            print(f"  {name:<24} mean of {draws} draws within {deviation:.1f} standard errors of exact "
-                  f"(largest |mean - exact| = {(mean - reference).abs().max().item():.1e})")
+            print(
+                f"  {name:<24} mean of {draws} draws within {deviation:.1f} standard errors of exact "
+                f"(largest |mean - exact| = {(mean - reference).abs().max().item():.1e})"
+            )
     print(f"  exact log-dets: {', '.join(f'{v:+.4f}' for v in reference.tolist())}")
-    return {"nll": (before, after), "lipschitz_bound": bound, "inverse_errors": errors, "logdet_deviation_in_stderr": rows}
+    return {
+        "nll": (before, after),
+        "lipschitz_bound": bound,
+        "inverse_errors": errors,
+        "logdet_deviation_in_stderr": rows,
+    }

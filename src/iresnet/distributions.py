@@ -114,10 +114,10 @@ class Flow(Distribution):
         z = self.transform(x)
         return self.base.log_prob(z) + self.transform.log_abs_det_jacobian(x, z)
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         z = self.base.rsample(sample_shape) if self.base.has_rsample else self.base.sample(sample_shape)
         return self.transform.inv(z)
 
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)

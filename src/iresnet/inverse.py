@@ -125,8 +125,9 @@ def solve_fixed_point(
             f"{' ...' if index.numel() > 5 else ''} against atol={atol:g}, rtol={rtol:g}. "
             "Lip(g) may be >= 1 (call iresnet.converge_spectral_norms first) or max_iter too low."
         )
-    report = InversionReport(method, iteration, evaluations, sample_evaluations,
-                             residual.max().item() if batch else 0.0)
+    report = InversionReport(
+        method, iteration, evaluations, sample_evaluations, residual.max().item() if batch else 0.0
+    )
     return solution, report
 
 

@@ -116,9 +116,7 @@ class SpectralNorm(nn.Module):
     def apply_adjoint(self, weight: Tensor, y: Tensor) -> Tensor:
         """``W^T y``: the adjoint, for conv the gradient of the convolution w.r.t. its input."""
         if self.is_conv:
-            return torch.nn.grad.conv2d_input(
-                self.u.shape, weight, y, self.stride, self.padding, self.dilation
-            )
+            return torch.nn.grad.conv2d_input(self.u.shape, weight, y, self.stride, self.padding, self.dilation)
         return weight.T @ y
 
     # Power iteration ---------------------------------------------------------------------
@@ -182,10 +180,7 @@ class SpectralNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (
-            f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}, "
-            f"input_shape={self.input_shape}"
-        )
+        return f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}, input_shape={self.input_shape}"
 
 
 def _unit(x: Tensor) -> Tensor:

@@ -159,9 +159,7 @@ class _Series(LogDetEstimator):
         if not neumann:
             return value if differentiable else value.detach()
         inputs = ([x] if x.requires_grad else []) + params
-        grads = torch.autograd.grad(
-            surrogate.sum() / self.n_samples, inputs, retain_graph=True, allow_unused=True
-        )
+        grads = torch.autograd.grad(surrogate.sum() / self.n_samples, inputs, retain_graph=True, allow_unused=True)
         grads = list(grads) if x.requires_grad else [None, *grads]
         return _StoredGradient.apply(value.detach(), grads, x, *params)
 
