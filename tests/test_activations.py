@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import iresnet
 
@@ -100,3 +101,12 @@ def test_bad_beta_raises(beta: float) -> None:
     """Non-positive, infinite or NaN beta is rejected at construction."""
     with pytest.raises(ValueError, match="beta"):
         iresnet.LipSwish(beta)
+
+
+@pytest.mark.parametrize("activation", [nn.ELU(), nn.ReLU(), nn.LeakyReLU(0.2), nn.Tanh()], ids=repr)
+def test_torch_activations_certified_as_one_lipschitz_are(activation: nn.Module, device: torch.device) -> None:
+    """The activations lipschitz_bound counts as 1-Lipschitz have slopes within [-1, 1]."""
+    z = torch.linspace(-20, 20, 400_001, dtype=torch.float64, device=device, requires_grad=True)
+    (slope,) = torch.autograd.grad(activation(z).sum(), z)
+    assert slope.abs().max().item() <= 1.0
+    assert iresnet.lipschitz_bound(nn.Sequential(activation), (1,)) == 1.0
