@@ -110,3 +110,16 @@ def test_torch_activations_certified_as_one_lipschitz_are(activation: nn.Module,
     (slope,) = torch.autograd.grad(activation(z).sum(), z)
     assert slope.abs().max().item() <= 1.0
     assert iresnet.lipschitz_bound(nn.Sequential(activation), (1,)) == 1.0
+
+
+def test_first_and_second_derivatives(device: torch.device) -> None:
+    """gradcheck and gradgradcheck in z and beta: the log-det's Neumann gradient needs both."""
+    swish = iresnet.LipSwish(0.7).double().to(device)
+    z = 3 * torch.randn(7, dtype=torch.float64, device=device, requires_grad=True)
+    raw = swish.raw_beta.detach().clone().requires_grad_()
+
+    def phi(z: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(swish, {"raw_beta": raw}, (z,))
+
+    assert torch.autograd.gradcheck(phi, (z, raw))
+    assert torch.autograd.gradgradcheck(phi, (z, raw))

@@ -39,4 +39,5 @@ class LipSwish(nn.Module):
         return F.softplus(self.raw_beta)
 
     def forward(self, z: Tensor) -> Tensor:
-        return z * torch.sigmoid(self.beta * z) / 1.1
+        # in place where autograd saves nothing: two temporaries fewer than the plain formula
+        return (z * torch.sigmoid_(self.beta * z)).div_(1.1)
