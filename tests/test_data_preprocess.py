@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from torch.distributions import Independent, TransformedDistribution, Uniform
-from torch.distributions.transforms import AffineTransform, SigmoidTransform
+from torch.distributions.transforms import SigmoidTransform
 
 import iresnet
 from helpers import jacobian_logdet
@@ -54,7 +54,7 @@ def logistic(shape, device) -> Independent:
     """The standard logistic distribution per dimension: sigmoid^-1 of a uniform."""
     zeros = torch.zeros(shape, dtype=torch.float64, device=device)
     uniform = Uniform(zeros, zeros + 1)
-    return Independent(TransformedDistribution(uniform, [SigmoidTransform().inv, AffineTransform(0.0, 1.0)]), len(shape))
+    return Independent(TransformedDistribution(uniform, [SigmoidTransform().inv]), len(shape))
 
 
 @pytest.mark.parametrize("levels, alpha", [(256, 0.05), (17, 1e-6)])
