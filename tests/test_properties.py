@@ -22,6 +22,7 @@ dtypes = st.sampled_from([torch.float32, torch.float64])
 coeffs = st.floats(0.3, 0.95)
 estimators = st.sampled_from(["exact", "series", "roulette"])
 methods = st.sampled_from(["fixed_point", "anderson"])
+SETTINGS = dict(seed=seeds, dtype=dtypes, coeff=coeffs, estimator=estimators, method=methods)
 
 
 def random_actnorm(channels: int) -> iresnet.ActNorm:
@@ -59,11 +60,7 @@ def assert_round_trip(model: nn.Module, x: torch.Tensor) -> None:
 
 @DENSE
 @given(
-    seed=seeds,
-    dtype=dtypes,
-    coeff=coeffs,
-    estimator=estimators,
-    method=methods,
+    **SETTINGS,
     dim=st.integers(1, 6),
     hidden=st.integers(1, 32),
     batch=st.integers(1, 8),
@@ -78,11 +75,7 @@ def test_dense_block_round_trip(device, seed, dtype, coeff, estimator, method, d
 
 @CONV
 @given(
-    seed=seeds,
-    dtype=dtypes,
-    coeff=coeffs,
-    estimator=estimators,
-    method=methods,
+    **SETTINGS,
     channels=st.integers(1, 3),
     hidden=st.integers(1, 8),
     height=st.integers(2, 6),
@@ -99,11 +92,7 @@ def test_conv_block_round_trip(device, seed, dtype, coeff, estimator, method, ch
 
 @CONV
 @given(
-    seed=seeds,
-    dtype=dtypes,
-    coeff=coeffs,
-    estimator=estimators,
-    method=methods,
+    **SETTINGS,
     channels=st.integers(1, 2),
     half_height=st.integers(1, 3),
     half_width=st.integers(1, 3),
