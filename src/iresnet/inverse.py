@@ -110,10 +110,11 @@ def solve_fixed_point(
             )
         converged = (step <= atol + rtol * fx.flatten(1).abs()).all(1)
         if converged.any():
-            solution[index[converged]] = fx[converged]
-            residual[index[converged]] = worst[converged]
-            keep = ~converged
-            index, x, fx, target, worst = index[keep], x[keep], fx[keep], target[keep], worst[keep]
+            done = converged.nonzero().squeeze(1)
+            solution[index[done]] = fx[done]
+            residual[index[done]] = worst[done]
+            keep = (~converged).nonzero().squeeze(1)
+            index, x, fx, target, worst = (t.index_select(0, keep) for t in (index, x, fx, target, worst))
             solver.keep(keep)
         if index.numel():
             x = solver.next_iterate(x, fx)
@@ -134,7 +135,7 @@ def solve_fixed_point(
 class _Banach:
     """Plain iteration: the next iterate is ``f(x)``."""
 
-    def keep(self, mask: Tensor) -> None:
+    def keep(self, rows: Tensor) -> None:
         pass
 
     def next_iterate(self, x: Tensor, fx: Tensor) -> Tensor:
@@ -157,8 +158,8 @@ class _Anderson:
         self.r_history = y.new_zeros(batch, memory, dim, dtype=torch.float64)
         self.count = 0
 
-    def keep(self, mask: Tensor) -> None:
-        self.f_history, self.r_history = self.f_history[mask], self.r_history[mask]
+    def keep(self, rows: Tensor) -> None:
+        self.f_history, self.r_history = self.f_history.index_select(0, rows), self.r_history.index_select(0, rows)
 
     def next_iterate(self, x: Tensor, fx: Tensor) -> Tensor:
         slot = self.count % self.memory
