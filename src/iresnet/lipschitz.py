@@ -337,7 +337,7 @@ def _conv_output_size(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> tuple[i
     )
 
 
-_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.Flatten, LipSwish)
+_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten, LipSwish)
 
 
 def _activation_lipschitz(module: nn.Module) -> float | None:
@@ -382,7 +382,7 @@ def lipschitz_bound(g: nn.Module, input_shape: tuple[int, ...]) -> float:
                     raise TypeError(
                         f"cannot certify the Lipschitz constant of {type(layer).__name__}; "
                         "lipschitz_bound knows Linear, Conv2d, LipSwish, ReLU, ELU, LeakyReLU, "
-                        "Tanh, Sigmoid, Identity, Dropout and Flatten"
+                        "Tanh, Sigmoid, Identity, Dropout, Flatten and Unflatten"
                     )
                 bound *= constant
             probe = torch.zeros((1, *shape), dtype=_dtype_of(layer, g))

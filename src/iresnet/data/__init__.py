@@ -1,14 +1,18 @@
 """Data: toy 2-D densities and the pre-processing of discrete images."""
 
+from .images import IMAGE_DATASETS, ImageSpec, load_images
 from .preprocess import Logit, UniformDequantize, bits_per_dim
 from .toy import TOY_DATASETS, eight_gaussians_log_prob, sample_toy, toy_entropy
 
 __all__ = [
+    "IMAGE_DATASETS",
     "TOY_DATASETS",
+    "ImageSpec",
     "Logit",
     "UniformDequantize",
     "bits_per_dim",
     "eight_gaussians_log_prob",
+    "load_images",
     "sample_toy",
     "toy_entropy",
 ]

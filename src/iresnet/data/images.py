@@ -1,0 +1,196 @@
+r"""Image data sets as integer tensors: ``images`` of shape ``(N, C, H, W)``, dtype
+``torch.uint8``, values in ``{0, ..., levels - 1}``, and ``labels`` of shape ``(N,)``, int64.
+
+Nothing here rescales or dequantises: that is :class:`~iresnet.data.UniformDequantize`'s job,
+with the bits/dim convention of :mod:`iresnet.data.preprocess`.
+
+=========  ===========  ======  =======  ==============================================
+name       shape        levels  classes  source
+=========  ===========  ======  =======  ==============================================
+digits     (1, 8, 8)    17      10       scikit-learn's ``load_digits`` (bundled)
+mnist      (1, 28, 28)  256     10       ``torchvision.datasets.MNIST``
+cifar10    (3, 32, 32)  256     10       ``torchvision.datasets.CIFAR10``
+=========  ===========  ======  =======  ==============================================
+
+>>> IMAGE_DATASETS["digits"]
+ImageSpec(name='digits', shape=(1, 8, 8), levels=17, classes=10)
+>>> IMAGE_DATASETS["cifar10"].event_size
+3072
+
+References:
+    Alpaydin, Kaynak, "Optical Recognition of Handwritten Digits", UCI Machine Learning
+    Repository, 1998, https://doi.org/10.24432/C50P49 (the 8 x 8 digits)
+
+    LeCun, Bottou, Bengio, Haffner, "Gradient-based learning applied to document
+    recognition", Proc. IEEE 86(11), 1998 (MNIST)
+
+    Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", technical report,
+    University of Toronto, 2009 (CIFAR-10)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["IMAGE_DATASETS", "ImageSpec", "load_images"]
+
+DEFAULT_ROOT = "~/.cache/iresnet/data"
+
+DIGITS_TRAIN_SIZE = 1500
+DIGITS_SEED = 0
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What an image data set holds: ``shape`` ``(C, H, W)`` of one image, ``levels``
+    intensity levels (values ``0 .. levels - 1``) and ``classes`` labels ``0 .. classes - 1``."""
+
+    name: str
+    shape: tuple[int, int, int]
+    levels: int
+    classes: int
+
+    @property
+    def event_size(self) -> int:
+        """``C * H * W``, the ``D`` of bits/dim."""
+        channels, height, width = self.shape
+        return channels * height * width
+
+
+IMAGE_DATASETS: dict[str, ImageSpec] = {
+    "digits": ImageSpec("digits", (1, 8, 8), levels=17, classes=10),
+    "mnist": ImageSpec("mnist", (1, 28, 28), levels=256, classes=10),
+    "cifar10": ImageSpec("cifar10", (3, 32, 32), levels=256, classes=10),
+}
+
+# What torchvision 0.29 reads: (folder under root, files, where the files come from).
+# MNIST checks that all four uncompressed files exist (no checksum) for either split; CIFAR10
+# checks the MD5 sums of all six batches and of batches.meta for either split.
+_TORCHVISION_FILES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "mnist": (
+        ("MNIST", "raw"),
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        "the uncompressed IDX files (gunzip the .gz archives from http://yann.lecun.com/exdb/mnist/ or a mirror)",
+    ),
+    "cifar10": (
+        ("cifar-10-batches-py",),
+        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
+        "the python version, as extracted from cifar-10-python.tar.gz (https://www.cs.toronto.edu/~kriz/cifar.html)",
+    ),
+}
+
+
+def load_images(
+    name: str, root: str | os.PathLike | None = None, *, train: bool = True, download: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The training (``train=True``) or test images of ``name`` (a key of
+    :data:`IMAGE_DATASETS`) as ``(images, labels)``: ``images`` uint8 of shape
+    ``(N, C, H, W)`` with values in ``[0, levels - 1]``, ``labels`` int64 of shape ``(N,)``.
+
+    - ``"digits"``: the 1797 8 x 8 images of scikit-learn's ``load_digits`` (values 0 .. 16),
+      split once and for all: ``numpy.random.RandomState(0).permutation(1797)`` (NumPy's
+      legacy generator, whose stream never changes), its first 1500 entries are the training
+      set and its last 297 the test set, each in ascending index order. ``root`` and
+      ``download`` are ignored. Needs scikit-learn.
+    - ``"mnist"`` (60000 / 10000 images) and ``"cifar10"`` (50000 / 10000, channels RGB) are
+      read by torchvision from ``root``, by default ``~/.cache/iresnet/data``: MNIST from
+      ``<root>/MNIST/raw/``, CIFAR-10 from ``<root>/cifar-10-batches-py/``. ``download=True``
+      fetches missing files. Missing files (after a failed download too) raise
+      :class:`FileNotFoundError` naming the folder and the files expected there.
+
+    Raises ``ValueError`` for an unknown ``name``, or when what was read does not match the
+    :class:`ImageSpec` (shape, dtype, value or label range).
+    """
+    if name not in IMAGE_DATASETS:
+        raise ValueError(f"unknown image data set {name!r}; choose one of {', '.join(IMAGE_DATASETS)}")
+    spec = IMAGE_DATASETS[name]
+    if name == "digits":
+        images, labels = _load_digits(train)
+    else:
+        directory = Path(DEFAULT_ROOT if root is None else root).expanduser()
+        images, labels = _load_torchvision(spec, directory, train, download)
+    _check(spec, images, labels)
+    return images, labels
+
+
+def _load_digits(train: bool) -> tuple[Tensor, Tensor]:
+    try:
+        import numpy as np
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from error
+    bunch = load_digits()
+    pixels, targets = np.asarray(bunch.images), np.asarray(bunch.target)
+    if not np.array_equal(pixels, np.round(pixels)):
+        raise ValueError("scikit-learn's digits: expected integer pixel values")
+    order = np.random.RandomState(DIGITS_SEED).permutation(len(pixels))
+    chosen = np.sort(order[:DIGITS_TRAIN_SIZE] if train else order[DIGITS_TRAIN_SIZE:])
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise ValueError(f"scikit-learn's digits: pixel values in [{pixels.min()}, {pixels.max()}] do not fit uint8")
+    images = torch.from_numpy(pixels[chosen].astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(targets[chosen].astype(np.int64))
+    return images, labels
+
+
+def _load_torchvision(spec: ImageSpec, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
+    try:
+        from torchvision import datasets
+    except ImportError as error:
+        raise ImportError(f"the {spec.name!r} data set needs torchvision: pip install torchvision") from error
+    subfolders, files, origin = _TORCHVISION_FILES[spec.name]
+    folder = root.joinpath(*subfolders)
+    dataset_class = datasets.MNIST if spec.name == "mnist" else datasets.CIFAR10
+    try:
+        dataset = dataset_class(str(root), train=train, download=download)
+    except (RuntimeError, OSError) as error:
+        # torchvision raises RuntimeError when files are missing or fail their checksum, and
+        # RuntimeError or URLError (an OSError) when a download fails.
+        missing = [file for file in files if not (folder / file).is_file()]
+        if not missing:
+            raise RuntimeError(
+                f"torchvision could not load {spec.name} from {folder} although {', '.join(files)} are all there "
+                f"(a partial or corrupted copy? CIFAR-10's files must match their published MD5 sums): {error}"
+            ) from error
+        absent = "none of them is there" if len(missing) == len(files) else f"missing: {', '.join(missing)}"
+        message = (
+            f"{spec.name} not found: expected {origin} in {folder}{os.sep}: {', '.join(files)} "
+            f"(all of them, for either split); {absent}. "
+        )
+        if download:
+            message += f"The download failed ({type(error).__name__}: {error}); are you offline?"
+        else:
+            message += "Pass download=True when online to fetch them."
+        raise FileNotFoundError(message) from error
+    if spec.name == "mnist":
+        images = torch.as_tensor(dataset.data).unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
+    else:
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> NCHW
+    labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
+    return images, labels
+
+
+def _check(spec: ImageSpec, images: Tensor, labels: Tensor) -> None:
+    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != spec.shape:
+        raise ValueError(
+            f"{spec.name}: expected uint8 images of shape (N, {', '.join(map(str, spec.shape))}), "
+            f"got {images.dtype} of shape {tuple(images.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"{spec.name}: no images were loaded")
+    if labels.dtype != torch.int64 or tuple(labels.shape) != (images.shape[0],):
+        raise ValueError(
+            f"{spec.name}: expected int64 labels of shape ({images.shape[0]},), "
+            f"got {labels.dtype} of shape {tuple(labels.shape)}"
+        )
+    if images.max() > spec.levels - 1:
+        raise ValueError(f"{spec.name}: expected values in [0, {spec.levels - 1}], got up to {images.max().item()}")
+    if labels.min() < 0 or labels.max() > spec.classes - 1:
+        raise ValueError(
+            f"{spec.name}: expected labels in [0, {spec.classes - 1}], "
+            f"got [{labels.min().item()}, {labels.max().item()}]"
+        )

@@ -1,0 +1,231 @@
+r"""Two baseline density models for integer images, to show how much a trained flow gains.
+
+Both score an image the way a flow that begins with
+:class:`~iresnet.data.UniformDequantize` does (see :mod:`iresnet.data.preprocess`): the
+log-density in nats of the dequantised image :math:`x + u`, :math:`u \sim U[0, 1)^D`, on the
+integer scale :math:`[0, L)^D`. So :func:`iresnet.data.bits_per_dim` turns either's
+``log_prob`` into bits/dim comparable with the flow's, and the uniform density on
+:math:`[0, L)^D`, :math:`\log p = -D \log L`, i.e. :math:`\log_2 L` bits/dim, is the score to
+beat.
+
+- :class:`IndependentPixels`: a categorical distribution per pixel (Laplace smoothing).
+- :class:`FullCovarianceGaussian`: one Gaussian with full covariance fitted to :math:`x + u`.
+
+Input images are tensors ``(N, *event_shape)`` (``(N, C, H, W)`` for images) of integers,
+any dtype, as :func:`iresnet.data.load_images` returns them. Every result is float64.
+
+>>> import torch
+>>> images = torch.tensor([[[[0, 2]]], [[[0, 1]]]])  # two 1 x 1 x 2 images, levels 0..2
+>>> pixels = IndependentPixels(levels=3).fit(images)
+>>> pixels.probs[0, 0, 0]  # pixel (0, 0, 0): counts (2, 0, 0), plus one each, over 2 + 3
+tensor([0.6000, 0.2000, 0.2000], dtype=torch.float64)
+>>> pixels.log_prob(images).exp()  # 3/5 * 2/5 for both
+tensor([0.2400, 0.2400], dtype=torch.float64)
+>>> generator = torch.Generator().manual_seed(0)
+>>> gaussian = FullCovarianceGaussian().fit(images, generator=generator)
+>>> gaussian.mean.shape, gaussian.covariance.shape
+(torch.Size([2]), torch.Size([2, 2]))
+>>> gaussian.log_prob(images, generator=generator).shape
+torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import MultivariateNormal
+
+__all__ = ["FullCovarianceGaussian", "IndependentPixels"]
+
+
+def _check_images(
+    images: Tensor, who: str, *, levels: int | None = None, event_shape: tuple[int, ...] | None = None
+) -> None:
+    """Raise ``ValueError`` unless ``images`` is ``(N, *event_shape)``, ``N >= 1``, of integers
+    in ``[0, levels - 1]`` (or ``>= 0`` where ``levels`` is ``None``)."""
+    if not isinstance(images, Tensor):
+        raise ValueError(f"{who}: expected a tensor of images, got {type(images).__name__}")
+    if images.dim() < 2 or images.shape[0] == 0:
+        raise ValueError(f"{who}: expected a non-empty batch (N, C, H, W), got shape {tuple(images.shape)}")
+    if event_shape is not None and tuple(images.shape[1:]) != event_shape:
+        raise ValueError(
+            f"{who}: expected images of shape (N, {', '.join(map(str, event_shape))}) as in fit, "
+            f"got {tuple(images.shape)}"
+        )
+    if images.dtype == torch.bool or images.is_complex():
+        raise ValueError(f"{who}: expected integer pixel values, got dtype {images.dtype}")
+    if images.is_floating_point() and not (torch.isfinite(images).all() and (images == images.round()).all()):
+        raise ValueError(f"{who}: expected integer pixel values, got non-integers (dtype {images.dtype})")
+    low, high = images.min().item(), images.max().item()
+    top = "" if levels is None else f", {levels - 1}"
+    if low < 0 or (levels is not None and high > levels - 1):
+        raise ValueError(f"{who}: expected integers in [0{top}], got values in [{low:g}, {high:g}]")
+
+
+class IndependentPixels:
+    r"""Independent categorical pixels: pixel :math:`d` takes level :math:`k` with probability
+
+    .. math:: P_d(k) = \frac{n_{d,k} + \alpha}{N + \alpha L},
+
+    :math:`n_{d,k}` the number of training images whose pixel :math:`d` equals :math:`k`,
+    :math:`\alpha` the pseudo-count (1: Laplace's add-one smoothing, so that no level has
+    probability 0). As a density of the dequantised image, a categorical on the integers is
+    piecewise constant, :math:`P_d(k)` on :math:`[k, k + 1)`, so
+    :math:`\log p(x + u) = \sum_d \log P_d(x_d)` for every :math:`u \in [0, 1)^D`: the
+    dequantised log-density equals the discrete log-likelihood, with no noise and no gap.
+
+    Arguments:
+        levels: the number of intensity levels :math:`L` (values ``0 .. levels - 1``).
+        pseudocount: :math:`\alpha > 0`.
+        batch_size: images processed at a time (bounds the memory, not the result).
+    """
+
+    def __init__(self, levels: int, *, pseudocount: float = 1.0, batch_size: int = 4096) -> None:
+        if levels < 2:
+            raise ValueError(f"levels must be at least 2, got {levels}")
+        if not pseudocount > 0:
+            raise ValueError(f"pseudocount must be positive, got {pseudocount}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.levels, self.pseudocount, self.batch_size = levels, pseudocount, batch_size
+        self.event_shape: tuple[int, ...] | None = None
+        self.log_probs: Tensor | None = None  # (D, L), float64
+
+    def fit(self, images: Tensor) -> IndependentPixels:
+        """Count the levels of every pixel over ``images`` ``(N, *event_shape)``; returns ``self``."""
+        _check_images(images, "IndependentPixels.fit", levels=self.levels)
+        size = math.prod(images.shape[1:])
+        offsets = torch.arange(size, device=images.device) * self.levels
+        counts = torch.zeros(size * self.levels, dtype=torch.float64, device=images.device)
+        for chunk in images.split(self.batch_size):
+            cells = offsets + chunk.reshape(len(chunk), size).long()  # index d * L + x_d
+            counts += torch.bincount(cells.flatten(), minlength=size * self.levels).double()
+        smoothed = counts.view(size, self.levels) + self.pseudocount
+        self.log_probs = smoothed.log() - math.log(len(images) + self.pseudocount * self.levels)
+        self.event_shape = tuple(images.shape[1:])
+        return self
+
+    def _fitted(self) -> Tensor:
+        if self.log_probs is None:
+            raise RuntimeError("IndependentPixels is not fitted: call fit(images) first")
+        return self.log_probs
+
+    @property
+    def probs(self) -> Tensor:
+        """:math:`P_d(k)`, shape ``(*event_shape, levels)``; sums to 1 over the last axis."""
+        return self._fitted().exp().view(*self.event_shape, self.levels)
+
+    def log_prob(self, images: Tensor) -> Tensor:
+        r""":math:`\sum_d \log P_d(x_d)` in nats, shape ``(N,)``: both the discrete
+        log-likelihood and the log-density of :math:`x + u` for any :math:`u \in [0, 1)^D`."""
+        table = self._fitted()
+        _check_images(images, "IndependentPixels.log_prob", levels=self.levels, event_shape=self.event_shape)
+        table = table.to(images.device).flatten()
+        size = math.prod(self.event_shape)
+        offsets = torch.arange(size, device=images.device) * self.levels
+        pieces = [
+            table[offsets + chunk.reshape(len(chunk), size).long()].sum(1) for chunk in images.split(self.batch_size)
+        ]
+        return torch.cat(pieces)
+
+
+class FullCovarianceGaussian:
+    r"""A Gaussian :math:`N(\mu, \Sigma)` on :math:`\mathbb{R}^D` fitted by maximum likelihood
+    to the dequantised training images :math:`y_n = x_n + u_n`, :math:`u_n \sim U[0, 1)^D`:
+
+    .. math:: \mu = \frac1N \sum_n y_n, \qquad
+              \Sigma = \frac1N \sum_n (y_n - \mu)(y_n - \mu)^\top + \lambda I,
+
+    with the ridge :math:`\lambda` (default ``1e-3``, on the integer scale where a pixel's
+    variance is at least that of :math:`u`, 1/12) keeping :math:`\Sigma` positive definite
+    when :math:`N \le D`. The score of an image is the log-density of a fresh :math:`x + u`,
+
+    .. math:: \log p(x + u) = -\tfrac12 \left[(x + u - \mu)^\top \Sigma^{-1} (x + u - \mu)
+              + \log \det (2 \pi \Sigma)\right],
+
+    whose mean over :math:`u` lower-bounds the log-probability of :math:`x` under the Gaussian
+    discretised to unit cells, as for a flow. The Gaussian puts some mass outside
+    :math:`[0, L)^D`, which only lowers its score. Computed in float64.
+
+    ``u`` is drawn as ``torch.rand(chunk.shape, generator=generator, dtype=torch.float64)`` for
+    each chunk of ``batch_size`` consecutive images, in order (one draw when
+    ``N <= batch_size``).
+
+    Arguments:
+        ridge: :math:`\lambda \ge 0`.
+        batch_size: images processed at a time.
+    """
+
+    def __init__(self, *, ridge: float = 1e-3, batch_size: int = 4096) -> None:
+        if not ridge >= 0:
+            raise ValueError(f"ridge must be non-negative, got {ridge}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.ridge, self.batch_size = ridge, batch_size
+        self.event_shape: tuple[int, ...] | None = None
+        self.mean: Tensor | None = None  # (D,)
+        self.covariance: Tensor | None = None  # (D, D)
+        self.scale_tril: Tensor | None = None  # Cholesky factor of the covariance
+
+    def _dequantised(self, chunk: Tensor, generator: torch.Generator | None) -> Tensor:
+        noise = torch.rand(chunk.shape, generator=generator, dtype=torch.float64, device=chunk.device)
+        return (chunk.double() + noise).flatten(1)
+
+    def fit(self, images: Tensor, generator: torch.Generator | None = None) -> FullCovarianceGaussian:
+        """Fit :math:`\\mu` and :math:`\\Sigma` to ``images`` ``(N, *event_shape)`` plus uniform
+        noise drawn with ``generator``; returns ``self``."""
+        _check_images(images, "FullCovarianceGaussian.fit")
+        size = math.prod(images.shape[1:])
+        total = torch.zeros(size, dtype=torch.float64, device=images.device)
+        scatter = torch.zeros(size, size, dtype=torch.float64, device=images.device)
+        shift = None
+        for chunk in images.split(self.batch_size):
+            points = self._dequantised(chunk, generator)
+            if shift is None:  # sums around a first estimate of the mean, for accuracy
+                shift = points.mean(0)
+            centred = points - shift
+            total += centred.sum(0)
+            scatter += centred.T @ centred
+        offset = total / len(images)
+        covariance = scatter / len(images) - torch.outer(offset, offset)
+        ridge = self.ridge * torch.eye(size, dtype=torch.float64, device=images.device)
+        covariance = (covariance + covariance.T) / 2 + ridge
+        try:
+            scale_tril = torch.linalg.cholesky(covariance)
+        except torch.linalg.LinAlgError as error:
+            raise ValueError(
+                f"FullCovarianceGaussian.fit: the covariance is not positive definite with ridge {self.ridge}; "
+                "use a larger ridge"
+            ) from error
+        self.mean, self.covariance, self.scale_tril = shift + offset, covariance, scale_tril
+        self.event_shape = tuple(images.shape[1:])
+        return self
+
+    def _distribution(self, device: torch.device) -> MultivariateNormal:
+        if self.mean is None or self.scale_tril is None:
+            raise RuntimeError("FullCovarianceGaussian is not fitted: call fit(images) first")
+        return MultivariateNormal(self.mean.to(device), scale_tril=self.scale_tril.to(device))
+
+    def log_density(self, points: Tensor) -> Tensor:
+        """The Gaussian log-density in nats of real-valued ``points`` ``(N, *event_shape)``
+        (already dequantised, on the integer scale), shape ``(N,)``."""
+        distribution = self._distribution(points.device)
+        if points.dim() < 2 or tuple(points.shape[1:]) != self.event_shape:
+            raise ValueError(
+                f"FullCovarianceGaussian.log_density: expected shape (N, {', '.join(map(str, self.event_shape))}), "
+                f"got {tuple(points.shape)}"
+            )
+        if not torch.isfinite(points).all():
+            raise ValueError("FullCovarianceGaussian.log_density: points hold NaN or inf")
+        return torch.cat([distribution.log_prob(chunk.double().flatten(1)) for chunk in points.split(self.batch_size)])
+
+    def log_prob(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """:math:`\\log p(x + u)` in nats for integer ``images`` ``(N, *event_shape)`` and fresh
+        uniform noise :math:`u` drawn with ``generator``, shape ``(N,)``."""
+        distribution = self._distribution(images.device)
+        _check_images(images, "FullCovarianceGaussian.log_prob", event_shape=self.event_shape)
+        return torch.cat(
+            [distribution.log_prob(self._dequantised(chunk, generator)) for chunk in images.split(self.batch_size)]
+        )

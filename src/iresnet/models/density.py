@@ -1,0 +1,64 @@
+r"""A density model: an invertible map from data to latent and a Gaussian prior, handed out as
+an :class:`iresnet.Flow` (a ``torch.distributions.Distribution``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Independent, Normal
+
+from ..distributions import Flow, as_transform
+
+__all__ = ["DensityModel"]
+
+
+class DensityModel(nn.Module):
+    r"""A normalizing flow as a module: ``transform`` maps data to latent
+    (``z, logdet = transform(x)``) and the prior is :math:`N(\mu, \mathrm{diag}(\sigma^2))` on the
+    latent, standard or learned (the i-ResNet paper learns it).
+
+    ``model()`` returns the :class:`~iresnet.Flow`; ``model(x)`` is ``model().log_prob(x)``, the
+    log-likelihood per example in nats, so that ``DistributedDataParallel(model)`` wraps the
+    whole computation.
+
+    Arguments:
+        transform: an invertible module from data to latent (``forward_shape`` where the shape
+            changes).
+        event_shape: the shape of one data point.
+        learned_prior: learn the prior's mean and log standard deviation.
+    """
+
+    def __init__(self, transform: nn.Module, event_shape: tuple[int, ...], *, learned_prior: bool = False) -> None:
+        super().__init__()
+        self.transform = transform
+        self.event_shape = tuple(event_shape)
+        latent_shape = transform.forward_shape(self.event_shape) if hasattr(transform, "forward_shape") else event_shape
+        self.latent_shape = tuple(latent_shape)
+        loc, log_scale = torch.zeros(self.latent_shape), torch.zeros(self.latent_shape)
+        if learned_prior:
+            self.prior_loc, self.prior_log_scale = nn.Parameter(loc), nn.Parameter(log_scale)
+        else:
+            self.register_buffer("prior_loc", loc)
+            self.register_buffer("prior_log_scale", log_scale)
+
+    @property
+    def event_size(self) -> int:
+        """:math:`D`, the number of dimensions of one data point."""
+        return math.prod(self.event_shape)
+
+    def prior(self) -> Independent:
+        return Independent(Normal(self.prior_loc, self.prior_log_scale.exp()), len(self.latent_shape))
+
+    def flow(self) -> Flow:
+        return Flow(as_transform(self.transform, len(self.event_shape)), self.prior())
+
+    def forward(self, x: Tensor | None = None) -> Flow | Tensor:
+        """The :class:`~iresnet.Flow` without argument; :math:`\\log p(x)` per example with one."""
+        return self.flow() if x is None else self.flow().log_prob(x)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """``n`` draws by inverting the transform (call in eval mode, spectral norms converged)."""
+        return self.flow().sample((n,))

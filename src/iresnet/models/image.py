@@ -1,0 +1,150 @@
+r"""The multi-scale image flow: residual blocks at each scale, then a squeeze and half the
+channels factored out to the prior (Dinh et al., Real NVP, 2017), as the density models of the
+i-ResNet and Residual Flows papers are built; pre-processing (dequantisation, logit) comes first
+so that the likelihood, and bits/dim, account for it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..blocks import ActNorm, ResidualBlock, Sequential, Squeeze
+from ..data.preprocess import Logit, UniformDequantize
+from ..logdet import LogDetEstimator
+from .branches import conv_branch, flat_branch
+from .density import DensityModel
+
+__all__ = ["MultiScale", "Shift", "image_flow"]
+
+
+class Shift(nn.Module):
+    """``x -> x - 0.5`` (log-det 0): centres dequantised data on ``[-0.5, 0.5)``, the i-ResNet
+    pre-processing where no logit transform is used."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x - 0.5, x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y + 0.5
+
+
+class MultiScale(nn.Module):
+    r"""``stages[0]``, squeeze, factor out half, ``stages[1]``, ..., ``stages[-1]``; returns the
+    factored-out parts and the last output flattened and concatenated, ``(batch, D)``, with the
+    summed log-det (squeezes and splits have log-det 0).
+
+    Arguments:
+        stages: invertible modules, one per scale, each keeping its input's shape.
+        event_shape: the ``(C, H, W)`` of one input.
+        squeeze_first: squeeze before the first stage (a 1-channel image gets 4 channels).
+    """
+
+    def __init__(self, stages: list[nn.Module], event_shape: tuple[int, int, int], *, squeeze_first: bool) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.squeeze = Squeeze()
+        self.squeeze_first = squeeze_first
+        self.event_shape = tuple(event_shape)
+        self.stage_shapes = _stage_shapes(self.event_shape, len(stages), squeeze_first)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.squeeze_first:
+            x, _ = self.squeeze(x)
+        parts, total = [], None
+        for i, stage in enumerate(self.stages):
+            x, logdet = stage(x)
+            total = logdet if total is None or logdet is None else total + logdet
+            if i < len(self.stages) - 1:
+                x, _ = self.squeeze(x)
+                keep = x.shape[1] // 2
+                parts.append(x[:, keep:].flatten(1))
+                x = x[:, :keep]
+        parts.append(x.flatten(1))
+        return torch.cat(parts, 1), total
+
+    def inverse(self, z: Tensor) -> Tensor:
+        sizes = [math.prod(s) for s in self.stage_shapes[1:]] + [math.prod(self.stage_shapes[-1])]
+        parts = list(z.split(sizes, 1))
+        x = parts.pop().reshape(-1, *self.stage_shapes[-1])
+        for i in reversed(range(len(self.stages))):
+            if i < len(self.stages) - 1:
+                factored = parts.pop().reshape(-1, *self.stage_shapes[i + 1])
+                x = self.squeeze.inverse(torch.cat([x, factored], 1))
+            x = self.stages[i].inverse(x)
+        return self.squeeze.inverse(x) if self.squeeze_first else x
+
+    def forward_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (math.prod(shape),)
+
+    def inverse_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return self.event_shape
+
+
+def _stage_shapes(shape: tuple[int, int, int], n_stages: int, squeeze_first: bool) -> list[tuple[int, int, int]]:
+    """The shape each stage works on; between stages a squeeze and a split in half."""
+    c, h, w = shape
+    squeezes = n_stages - 1 + int(squeeze_first)
+    if h % 2**squeezes or w % 2**squeezes:
+        raise ValueError(f"an image of {h}x{w} cannot be squeezed {squeezes} times (squeeze_first={squeeze_first})")
+    if squeeze_first:
+        c, h, w = 4 * c, h // 2, w // 2
+    shapes = [(c, h, w)]
+    for _ in range(n_stages - 1):
+        c, h, w = 2 * c, h // 2, w // 2
+        shapes.append((c, h, w))
+    return shapes
+
+
+def image_flow(
+    shape: tuple[int, int, int],
+    levels: int = 256,
+    *,
+    scales: int = 3,
+    blocks: int = 4,
+    hidden: int = 64,
+    coeff: float = 0.9,
+    activation: str = "lipswish",
+    logdet: str | LogDetEstimator = "roulette",
+    power_iterations: int = 1,
+    logit_alpha: float | None = 0.05,
+    squeeze_first: bool = False,
+    fc_blocks: int = 0,
+    fc_hidden: int = 128,
+    learned_prior: bool = False,
+) -> DensityModel:
+    """A multi-scale residual flow for images of ``shape`` ``(C, H, W)`` with ``levels``
+    intensity levels, taking integer images.
+
+    Pre-processing: uniform dequantisation to ``[0, 1)`` (log-det :math:`-D \\log L`), then the
+    logit transform with ``logit_alpha`` (Residual Flows) or, for ``None``, a shift to
+    ``[-0.5, 0.5)`` (i-ResNet). Each of ``scales`` stages holds ``blocks`` times
+    ``[ActNorm, residual block]`` with the branch ``act, 3x3, act, 1x1, act, 3x3`` (``hidden``
+    channels); the last stage adds ``fc_blocks`` fully-connected blocks (``fc_hidden`` units).
+
+    References:
+        Behrmann et al., "Invertible Residual Networks", ICML 2019, https://arxiv.org/abs/1811.00995
+
+        Chen et al., "Residual Flows for Invertible Generative Modeling", NeurIPS 2019,
+        https://arxiv.org/abs/1906.02735
+
+    Example:
+        >>> model = image_flow((1, 8, 8), 17, scales=2, blocks=1, hidden=8)
+        >>> model(torch.randint(0, 17, (3, 1, 8, 8))).shape
+        torch.Size([3])
+    """
+    stage_shapes = _stage_shapes(tuple(shape), scales, squeeze_first)
+    options = {"activation": activation, "power_iterations": power_iterations}
+    stages = []
+    for i, (c, h, w) in enumerate(stage_shapes):
+        layers: list[nn.Module] = []
+        for _ in range(blocks):
+            layers += [ActNorm(c), ResidualBlock(conv_branch(c, hidden, coeff, **options), logdet)]
+        if i == scales - 1:
+            for _ in range(fc_blocks):
+                layers += [ActNorm(c), ResidualBlock(flat_branch((c, h, w), fc_hidden, coeff, **options), logdet)]
+        stages.append(Sequential(*layers))
+    preprocess: list[nn.Module] = [UniformDequantize(levels), Shift() if logit_alpha is None else Logit(logit_alpha)]
+    transform = Sequential(*preprocess, MultiScale(stages, tuple(shape), squeeze_first=squeeze_first))
+    return DensityModel(transform, tuple(shape), learned_prior=learned_prior)

@@ -1,0 +1,41 @@
+"""The toy flow for low-dimensional data: ``blocks x [ActNorm, residual MLP block]``."""
+
+from __future__ import annotations
+
+from ..blocks import ActNorm, ResidualBlock, Sequential
+from ..logdet import LogDetEstimator
+from .branches import mlp_branch
+from .density import DensityModel
+
+__all__ = ["toy_flow"]
+
+
+def toy_flow(
+    dim: int = 2,
+    *,
+    blocks: int = 8,
+    hidden: int = 128,
+    depth: int = 3,
+    coeff: float = 0.9,
+    activation: str = "lipswish",
+    logdet: str | LogDetEstimator = "exact",
+    power_iterations: int = 1,
+    actnorm: bool = True,
+    learned_prior: bool = False,
+) -> DensityModel:
+    """A residual flow on :math:`\\mathbb{R}^{dim}`: ``blocks`` residual blocks whose branches are
+    MLPs ``dim -> hidden -> ... -> dim`` (``depth`` linear layers, coefficient ``coeff``), each
+    after an ActNorm. The exact log-det is cheap for small ``dim``.
+
+    Example:
+        >>> model = toy_flow(2, blocks=2, hidden=16)
+        >>> model(torch.randn(5, 2)).shape
+        torch.Size([5])
+    """
+    layers = []
+    for _ in range(blocks):
+        if actnorm:
+            layers.append(ActNorm(dim))
+        g = mlp_branch(dim, hidden, coeff, depth=depth, activation=activation, power_iterations=power_iterations)
+        layers.append(ResidualBlock(g, logdet))
+    return DensityModel(Sequential(*layers), (dim,), learned_prior=learned_prior)

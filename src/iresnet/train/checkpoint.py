@@ -1,0 +1,79 @@
+"""Run directories: the resolved config (``config.json``), the full training state
+(``checkpoint.pt``, written atomically), the evaluation weights alone (``model.safetensors``)
+and ``metrics.jsonl``. A checkpoint holds state dicts and plain values, never a pickled model:
+the model is rebuilt from the config."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.build import build_density_model
+from ..models.density import DensityModel
+from .config import TrainConfig
+
+__all__ = ["RunFiles", "atomic_save", "save_weights", "load_run"]
+
+
+class RunFiles:
+    """The paths of one run directory."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.config = self.root / "config.json"
+        self.checkpoint = self.root / "checkpoint.pt"
+        self.weights = self.root / "model.safetensors"
+        self.metrics = self.root / "metrics.jsonl"
+
+
+def _replace_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash leaves the old file intact."""
+    _replace_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """The model's state dict (parameters and buffers) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
+    _replace_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp)))
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
+
+
+def load_config(run: str | os.PathLike) -> TrainConfig:
+    files = RunFiles(run)
+    if not files.config.exists():
+        raise FileNotFoundError(f"{files.root} is not a run directory: {files.config.name} is missing")
+    return TrainConfig(**json.loads(files.config.read_text()))
+
+
+def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[DensityModel, TrainConfig]:
+    """The trained model of a run directory (its evaluation weights, from ``model.safetensors``,
+    or else from the last checkpoint), in eval mode, with its config."""
+    from safetensors.torch import load_file
+
+    files, config = RunFiles(run), load_config(run)
+    model = build_density_model(config.data, config.model)
+    if files.weights.exists():
+        state = load_file(str(files.weights))
+    elif files.checkpoint.exists():
+        checkpoint = torch.load(files.checkpoint, map_location="cpu", weights_only=True)
+        state = {**checkpoint["model"], **(checkpoint["ema"] or {}).get("shadow", {})}
+    else:
+        raise FileNotFoundError(f"{files.root} holds neither {files.weights.name} nor {files.checkpoint.name}")
+    model.load_state_dict(state)
+    return model.to(device).eval(), config

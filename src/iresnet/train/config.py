@@ -1,0 +1,117 @@
+"""The one configuration object of a run: built once from a preset, then a JSON config file,
+then command-line overrides, saved with the run and handed down."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..models.presets import PRESETS
+
+__all__ = ["TrainConfig", "resolve_config", "parse_override"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on.
+
+    ``model`` holds the model builder's keyword arguments; the data set decides the builder
+    (:func:`~iresnet.models.toy_flow` for 2-D data, :func:`~iresnet.models.image_flow` for images).
+    """
+
+    preset: str = "toy"
+    data: str = "8gaussians"
+    data_dir: str | None = None
+    download: bool = False
+    model: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    ema_decay: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    out: str | None = None
+    checkpoint_every: int = 500
+    eval_every: int = 500
+    log_every: int = 10
+    eval_size: int = 20000
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "eval_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.optimizer not in ("adam", "adamax"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamax', got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
+        if self.out is None:
+            self.out = os.path.join("runs", self.preset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in known:
+            raise ValueError(f"{source}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+        if key == "model":
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: 'model' must be a mapping of model options, got {value!r}")
+            merged["model"] = {**merged.get("model", {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"key=value"`` (``"model.key=value"`` for a model option) as a nested mapping; the value
+    is read as JSON where it parses (numbers, true/false/null, lists), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"an override must look like key=value or model.key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if key.startswith("model."):
+        return {"model": {key[len("model.") :]: value}}
+    return {key: value}
+
+
+def resolve_config(
+    preset: str | None = None, config_file: str | os.PathLike | None = None, overrides: list[dict[str, Any]] = ()
+) -> TrainConfig:
+    """The preset's settings, updated by the JSON ``config_file``, updated by ``overrides`` in
+    order (later wins). ``preset=None`` takes the config file's preset, else ``"toy"``."""
+    from_file: dict[str, Any] = {}
+    if config_file is not None:
+        with open(config_file) as f:
+            from_file = json.load(f)
+        if not isinstance(from_file, dict):
+            raise ValueError(f"{config_file}: expected a JSON object of settings")
+    name = preset or from_file.get("preset") or "toy"
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    settings = _merge({"preset": name}, PRESETS[name], f"preset {name!r}")
+    settings = _merge(settings, from_file, str(config_file))
+    settings["preset"] = name
+    for override in overrides:
+        settings = _merge(settings, override, "command line")
+    return TrainConfig(**settings)

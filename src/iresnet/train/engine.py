@@ -1,0 +1,316 @@
+"""The training loop: a run directory with its config, metrics, atomic checkpoints, exact
+resumption, a clean stop on Ctrl-C, a loud stop on a non-finite loss, warm-up, clipping, an
+EMA for evaluation, and ``torchrun`` data parallelism."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.build import build_density_model
+from ..models.density import DensityModel
+from .checkpoint import RunFiles, atomic_save, save_config, save_weights
+from .config import TrainConfig
+from .distributed import Processes, start_processes
+from .ema import ExponentialMovingAverage
+from .evaluate import Evaluation, accurate_estimator, evaluate
+from .sources import DataSource, make_source
+
+__all__ = ["TrainingError", "TrainResult", "train"]
+
+_EVAL_SEED = 7  # the same dequantisation noise and probes at every evaluation
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the last checkpoint is intact."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    interrupted: bool
+    evaluation: Evaluation | None
+
+
+class _StopRequests:
+    """The first SIGINT / SIGTERM asks the loop to stop after the current step (it then writes a
+    checkpoint); a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def installed(self):
+        try:
+            previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: no handlers
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    kind = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[config.optimizer]
+    return kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _warmup(config: TrainConfig):
+    return lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+
+
+class _Trainer:
+    def __init__(self, config: TrainConfig, procs: Processes, progress: bool) -> None:
+        self.config, self.procs, self.progress = config, procs, progress
+        self.files = RunFiles(config.out)
+        torch.manual_seed(config.seed + procs.rank)
+        self.source: DataSource = make_source(
+            config.data, config.seed, config.eval_size, config.data_dir, config.download
+        )
+        self.model: DensityModel = build_density_model(config.data, config.model).to(procs.device)
+        self.optimizer = _optimizer(config, self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup(config))
+        self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
+        self.step = 0
+        self.evaluation: Evaluation | None = None
+        self.writer = None
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.procs.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.procs.device)
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "rng": self.procs.gather(rng),
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self) -> None:
+        state = self.state()  # collective under torch.distributed: every process takes part
+        if self.procs.main:
+            atomic_save(state, self.files.checkpoint)
+
+    def restore(self, resume: bool) -> None:
+        if not self.files.checkpoint.exists():
+            if resume:
+                raise FileNotFoundError(f"nothing to resume: {self.files.checkpoint} does not exist")
+            return
+        state = torch.load(self.files.checkpoint, map_location=self.procs.device, weights_only=True)
+        if not resume:
+            raise FileExistsError(
+                f"{self.files.root} already holds a run (checkpoint at step {state['step']}): pass --resume to "
+                "continue it, or --out for a new run directory"
+            )
+        _check_compatible(state["config"], self.config)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        rng = state["rng"][self.procs.rank] if len(state["rng"]) == self.procs.world else None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"].cpu())
+            if "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), self.procs.device)
+        self.step = state["step"]
+        if self.procs.main:
+            _truncate_metrics(self.files.metrics, self.step)
+
+    # -- records -----------------------------------------------------------------------------
+    def record(self, entry: dict[str, Any]) -> None:
+        if not self.procs.main:
+            return
+        with open(self.files.metrics, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.writer is not None:
+            for key, value in entry.items():
+                if isinstance(value, float) and key not in ("time",):
+                    self.writer.add_scalar(f"{entry['split']}/{key}", value, entry["step"])
+
+    def eval_model(self) -> DensityModel:
+        """A copy of the model with the EMA weights (if any) for evaluation."""
+        model = copy.deepcopy(self.model)
+        if self.ema is not None:
+            self.ema.copy_to(model)
+        return model.eval()
+
+    def run_evaluation(self) -> Evaluation:
+        devices = [self.procs.device] if self.procs.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_EVAL_SEED)
+            discrete = self.source.levels is not None
+            return evaluate(
+                self.eval_model(),
+                self.source.test[: self.config.eval_size],
+                discrete=discrete,
+                estimator=accurate_estimator() if discrete else None,
+            )
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train_step(self, model: nn.Module) -> tuple[float, float]:
+        config = self.config
+        x = self.source.batch(self.step, config.batch_size, self.procs.rank, self.procs.world)
+        loss = -model(x.to(self.procs.device)).mean()
+        reported = self.procs.mean(loss.detach()).item()
+        if not math.isfinite(reported):
+            raise TrainingError(self._failure(f"the loss is {reported}"))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = config.grad_clip if config.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        if not math.isfinite(grad_norm):
+            raise TrainingError(self._failure(f"the gradient norm is {grad_norm}"))
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return reported, grad_norm
+
+    def _failure(self, what: str) -> str:
+        kept = f"the last checkpoint, {self.files.checkpoint}, is intact"
+        if not self.files.checkpoint.exists():
+            kept = "no checkpoint had been written yet"
+        return (
+            f"training stopped at step {self.step + 1}: {what}. Nothing was saved from this step; {kept}. "
+            "Lower the learning rate or set grad_clip, then run again (with --resume to continue)."
+        )
+
+    def train_metrics(self, losses: list[float], norms: list[float], seconds: float) -> dict[str, Any]:
+        nll = sum(losses) / len(losses)
+        entry = {"step": self.step, "split": "train", "nll": nll}
+        if self.source.levels is not None:
+            entry["bits_per_dim"] = nll / (self.source.event_size * math.log(2))
+        entry.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=max(norms), steps_per_s=len(losses) / seconds)
+        return entry
+
+    def test_metrics(self, evaluation: Evaluation) -> dict[str, Any]:
+        entry = {"step": self.step, "split": "test", "nll": evaluation.nll, "nll_se": evaluation.nll_se}
+        if evaluation.bits_per_dim is not None:
+            entry.update(bits_per_dim=evaluation.bits_per_dim, bits_per_dim_se=evaluation.bits_per_dim_se)
+        return entry
+
+    def loop(self, stop: _StopRequests) -> bool:
+        """Train to ``config.steps``; returns whether a stop was requested first."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        model = self.model
+        if self.procs.world > 1:
+            model = nn.parallel.DistributedDataParallel(self.model)
+        bar = tqdm(total=config.steps, initial=self.step, disable=not (self.progress and self.procs.main), unit="step")
+        losses: list[float] = []
+        norms: list[float] = []
+        started = time.perf_counter()
+        try:
+            while self.step < config.steps:
+                loss, norm = self.train_step(model)
+                losses.append(loss)
+                norms.append(norm)
+                bar.update(1)
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    entry = self.train_metrics(losses, norms, time.perf_counter() - started)
+                    self.record(entry)
+                    bar.set_postfix({k: f"{entry[k]:.4f}" for k in ("nll", "bits_per_dim") if k in entry})
+                    losses, norms, started = [], [], time.perf_counter()
+                if self.step % config.eval_every == 0 or self.step == config.steps:
+                    if self.procs.main:
+                        self.evaluation = self.run_evaluation()
+                        self.record(self.test_metrics(self.evaluation))
+                        bar.write(f"step {self.step}: {self.evaluation}")
+                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                    self.save_checkpoint()
+                if self.procs.any(stop.requested):
+                    self.save_checkpoint()
+                    bar.write(f"stopped at step {self.step}; checkpoint written to {self.files.checkpoint}")
+                    return True
+        finally:
+            bar.close()
+        return False
+
+    def finish(self) -> None:
+        """The evaluation weights alone, and the pictures."""
+        if not self.procs.main:
+            return
+        model = self.eval_model()
+        from ..lipschitz import converge_spectral_norms
+
+        converge_spectral_norms(model)
+        save_weights(model, self.files.weights)
+        from .pictures import draw_run
+
+        draw_run(model, self.source, self.files)
+
+
+def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> None:
+    """A resumed run may change how long it trains and how it logs, not what it trains."""
+    free = {"steps", "out", "checkpoint_every", "eval_every", "log_every", "tensorboard", "device", "download"}
+    changed = [k for k, v in config.to_dict().items() if k not in free and saved.get(k) != v]
+    if changed:
+        raise ValueError(
+            "cannot resume with different settings for "
+            + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})" for k in changed)
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records of steps after the checkpoint (written before a crash), so a resumed run
+    does not log them twice."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train the model ``config`` describes into ``config.out``; under ``torchrun``, with
+    ``DistributedDataParallel`` over the processes (each takes a share of every batch)."""
+    procs = start_processes(config.device)
+    try:
+        trainer = _Trainer(config, procs, progress)
+        trainer.restore(resume)
+        if procs.main:
+            trainer.files.root.mkdir(parents=True, exist_ok=True)
+            save_config(config, trainer.files.config)
+            if config.tensorboard:
+                trainer.writer = _tensorboard(trainer.files.root / "tensorboard")
+        with _StopRequests().installed() as stop:
+            interrupted = trainer.loop(stop)
+        if not interrupted:
+            trainer.finish()
+        return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation)
+    finally:
+        procs.close()
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError("tensorboard=true needs the tensorboard package: pip install tensorboard") from error
+    return SummaryWriter(str(path))

@@ -1,0 +1,37 @@
+"""The pictures written at the end of a run: training curves for every run; the learned
+density beside the data and samples beside data for 2-D runs; a grid of samples for images."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import plots
+from ..models.density import DensityModel
+from .checkpoint import RunFiles
+from .sources import DataSource
+
+__all__ = ["draw_run", "draw_samples"]
+
+_SAMPLE_SEED = 11
+
+
+def draw_samples(model: DensityModel, source: DataSource, path, n: int, seed: int = _SAMPLE_SEED) -> torch.Tensor:
+    """``n`` samples of ``model`` (eval mode, spectral norms converged) drawn with ``seed``,
+    written to ``path``: a scatter beside the data for 2-D data, an image grid for images."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        samples = model.sample(n).cpu()
+    if source.levels is None:
+        plots.scatter_samples(samples, source.test[: max(n, 2000)].cpu(), path)
+    else:
+        plots.image_grid(samples.round().clamp(0, source.levels - 1).to(torch.uint8), path, levels=source.levels)
+    return samples
+
+
+def draw_run(model: DensityModel, source: DataSource, files: RunFiles) -> None:
+    plots.training_curves(files.metrics, files.root / "curves.png")
+    if source.levels is None:
+        plots.density_map(model, source.test.to(next(model.parameters()).device), files.root / "density.png")
+        draw_samples(model, source, files.root / "samples.png", 2000)
+    else:
+        draw_samples(model, source, files.root / "samples.png", 64)

@@ -1,0 +1,220 @@
+"""The baseline density models: independent categorical pixels and a full-covariance Gaussian,
+scored as log-densities of dequantised images on the integer scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+
+from iresnet.data import bits_per_dim
+from iresnet.models.baselines import FullCovarianceGaussian, IndependentPixels
+
+
+def random_images(n: int, levels: int, shape=(1, 3, 3), seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(levels, (n, *shape), generator=generator, dtype=torch.uint8)
+
+
+def dequantise_in_chunks(images: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+    """x + u with u drawn as FullCovarianceGaussian documents: one torch.rand per chunk."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat(
+        [
+            chunk.double() + torch.rand(chunk.shape, generator=generator, dtype=torch.float64)
+            for chunk in images.split(batch_size)
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# IndependentPixels
+
+
+@pytest.mark.parametrize("levels, pseudocount", [(17, 1.0), (256, 1.0), (5, 0.5)])
+def test_pixel_probabilities_sum_to_one(levels, pseudocount):
+    model = IndependentPixels(levels, pseudocount=pseudocount).fit(random_images(40, min(levels, 7)))
+    probs = model.probs
+    assert probs.shape == (1, 3, 3, levels) and probs.dtype == torch.float64
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 3, 3, dtype=torch.float64))
+    assert (probs > 0).all()  # smoothing leaves no level impossible, unseen ones included
+
+
+def test_pixel_log_prob_matches_hand_computation():
+    # Three images of 1 x 1 x 2 pixels, 4 levels; N + L = 7 after add-one smoothing.
+    train = torch.tensor([[0, 3], [0, 1], [2, 1]], dtype=torch.uint8).view(3, 1, 1, 2)
+    model = IndependentPixels(levels=4).fit(train)
+    # pixel 0 counts (2, 0, 1, 0) -> (3, 1, 2, 1) / 7; pixel 1 counts (0, 2, 0, 1) -> (1, 3, 1, 2) / 7
+    expected_probs = torch.tensor([[3, 1, 2, 1], [1, 3, 1, 2]], dtype=torch.float64) / 7
+    torch.testing.assert_close(model.probs.view(2, 4), expected_probs)
+    test = torch.tensor([[0, 1], [3, 0], [2, 3]]).view(3, 1, 1, 2)  # int64 input is fine too
+    expected = torch.tensor([math.log(3 / 7 * 3 / 7), math.log(1 / 7 * 1 / 7), math.log(2 / 7 * 2 / 7)])
+    torch.testing.assert_close(model.log_prob(test), expected.double())
+
+
+def test_pixel_batching_does_not_change_the_result():
+    images = random_images(50, 17)
+    whole = IndependentPixels(17).fit(images)
+    batched = IndependentPixels(17, batch_size=7).fit(images)
+    torch.testing.assert_close(batched.log_probs, whole.log_probs)
+    torch.testing.assert_close(batched.log_prob(images), whole.log_prob(images))
+
+
+def test_pixel_log_prob_is_a_normalised_density_of_the_dequantised_image():
+    # Summing P(x) over all L^D images of a 2-pixel model gives 1: the density of x + u, equal
+    # to P(x) on each unit cell, integrates to 1 over [0, L)^2.
+    model = IndependentPixels(5).fit(random_images(30, 5, shape=(1, 1, 2)))
+    grid = torch.cartesian_prod(torch.arange(5), torch.arange(5)).view(25, 1, 1, 2)
+    torch.testing.assert_close(model.log_prob(grid).exp().sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------
+# FullCovarianceGaussian
+
+
+def test_gaussian_log_prob_equals_multivariate_normal_on_the_same_points():
+    train, test = random_images(300, 256, seed=1), random_images(20, 256, seed=2)
+    model = FullCovarianceGaussian().fit(train, generator=torch.Generator().manual_seed(3))
+    reference = MultivariateNormal(model.mean, covariance_matrix=model.covariance)
+    # The documented draw: one torch.rand of the images' shape, float64, when N <= batch_size.
+    noise = torch.rand(test.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    points = test.double() + noise
+    expected = reference.log_prob(points.flatten(1))
+    torch.testing.assert_close(model.log_prob(test, generator=torch.Generator().manual_seed(4)), expected)
+    torch.testing.assert_close(model.log_density(points), expected)
+    # and the fit itself saw the documented dequantised points
+    fit_points = dequantise_in_chunks(train, len(train), seed=3).flatten(1)
+    torch.testing.assert_close(model.mean, fit_points.mean(0))
+    empirical = torch.cov(fit_points.T, correction=0) + 1e-3 * torch.eye(9, dtype=torch.float64)
+    torch.testing.assert_close(model.covariance, empirical)
+
+
+def test_gaussian_fit_recovers_a_known_mean_and_covariance():
+    # x = M b + c with b ~ Bernoulli(p)^4 i.i.d. is integer-valued, with E[x] = c + p M 1 and
+    # Cov[x] = p (1 - p) M M^T; adding independent u ~ U[0, 1)^3 adds 1/2 to the mean and
+    # I / 12 to the covariance.
+    n, p, ridge = 200_000, 0.3, 1e-3
+    mixing = torch.tensor([[1, 0, 2, 0], [0, 1, 1, 0], [3, 0, 0, 1]], dtype=torch.float64)
+    offset = torch.tensor([5.0, 0.0, 2.0], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(5)
+    bits = (torch.rand(n, 4, generator=generator, dtype=torch.float64) < p).double()
+    images = (bits @ mixing.T + offset).to(torch.uint8).view(n, 3, 1, 1)
+    model = FullCovarianceGaussian(ridge=ridge, batch_size=50_000).fit(images, generator=generator)
+
+    true_mean = offset + p * mixing.sum(1) + 0.5
+    true_cov = p * (1 - p) * mixing @ mixing.T + torch.eye(3, dtype=torch.float64) / 12
+    # Tolerances from the sample size: 6 standard errors. The standard error of a covariance
+    # entry is std[(y_i - mu_i)(y_j - mu_j)] / sqrt(n), estimated on an independent sample.
+    check = torch.rand(n, 4, generator=generator, dtype=torch.float64) < p
+    y = check.double() @ mixing.T + offset + torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    products = (y - true_mean)[:, :, None] * (y - true_mean)[:, None, :]
+    mean_tolerance = 6 * true_cov.diagonal().sqrt() / math.sqrt(n)
+    cov_tolerance = 6 * products.std(0) / math.sqrt(n)
+    assert ((model.mean - true_mean).abs() <= mean_tolerance).all()
+    fitted_cov = model.covariance - ridge * torch.eye(3, dtype=torch.float64)
+    assert ((fitted_cov - true_cov).abs() <= cov_tolerance).all()
+    assert cov_tolerance.max() < 0.05  # the test has teeth: the entries range up to 2.2
+
+
+def test_gaussian_in_chunks_matches_the_documented_draws():
+    # batch_size=13 on 100 images: 8 chunks, each dequantised by its own torch.rand draw. The
+    # chunked, shifted accumulation of the moments must give exactly the moments of those points.
+    images = random_images(100, 256)
+    model = FullCovarianceGaussian(batch_size=13).fit(images, generator=torch.Generator().manual_seed(6))
+    points = dequantise_in_chunks(images, 13, seed=6).flatten(1)
+    torch.testing.assert_close(model.mean, points.mean(0))
+    torch.testing.assert_close(model.covariance, torch.cov(points.T, correction=0) + 1e-3 * torch.eye(9).double())
+    points = dequantise_in_chunks(images, 13, seed=7)
+    expected = MultivariateNormal(model.mean, covariance_matrix=model.covariance).log_prob(points.flatten(1))
+    torch.testing.assert_close(model.log_prob(images, generator=torch.Generator().manual_seed(7)), expected)
+
+
+def test_gaussian_ridge_keeps_a_degenerate_fit_finite():
+    # Two images in 9 dimensions: the scatter matrix has rank 1, plus the noise; with the
+    # ridge the covariance is positive definite.
+    images = random_images(2, 256)
+    model = FullCovarianceGaussian().fit(images)
+    assert torch.linalg.eigvalsh(model.covariance).min() > 0.999e-3
+    assert torch.isfinite(model.log_prob(images)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# both against the uniform density on [0, L)^D, on the digits
+
+
+def test_both_beat_the_uniform_density_on_digits():
+    pytest.importorskip("sklearn")
+    from iresnet.data import load_images
+
+    train, _ = load_images("digits", train=True)
+    test, _ = load_images("digits", train=False)
+    levels, size = 17, 64
+    uniform_bpd = math.log2(levels)  # -(-D log L) / (D ln 2)
+    generator = torch.Generator().manual_seed(0)
+    pixels = IndependentPixels(levels).fit(train)
+    gaussian = FullCovarianceGaussian().fit(train, generator=generator)
+    pixels_bpd = bits_per_dim(pixels.log_prob(test), size).mean().item()
+    gaussian_bpd = bits_per_dim(gaussian.log_prob(test, generator=generator), size).mean().item()
+    assert pixels.log_prob(test).mean() > -size * math.log(levels)
+    assert gaussian.log_prob(test, generator=generator).mean() > -size * math.log(levels)
+    assert pixels_bpd < uniform_bpd - 1 and gaussian_bpd < uniform_bpd - 1, (pixels_bpd, gaussian_bpd)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_not_fitted_raises():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        IndependentPixels(17).log_prob(random_images(2, 17))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        IndependentPixels(17).probs
+    with pytest.raises(RuntimeError, match="not fitted"):
+        FullCovarianceGaussian().log_prob(random_images(2, 17))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        FullCovarianceGaussian().log_density(torch.zeros(2, 1, 3, 3))
+
+
+@pytest.mark.parametrize(
+    "bad, message, gaussian_message",
+    [
+        (torch.full((2, 1, 3, 3), 17), r"integers in \[0, 16\]", None),  # the Gaussian knows no top level
+        (torch.full((2, 1, 3, 3), -1), r"integers in \[0, 16\]", r"integers in \[0\]"),
+        (torch.full((2, 1, 3, 3), 0.5), "non-integers", "non-integers"),
+        (torch.full((2, 1, 3, 3), float("nan")), "non-integers", "non-integers"),
+        (torch.zeros(2, 1, 3, 3, dtype=torch.bool), "integer pixel values", "integer pixel values"),
+        (torch.zeros(9, dtype=torch.uint8), "non-empty batch", "non-empty batch"),
+        (torch.zeros(0, 1, 3, 3, dtype=torch.uint8), "non-empty batch", "non-empty batch"),
+        (torch.zeros(2, 1, 4, 4, dtype=torch.uint8), r"shape \(N, 1, 3, 3\) as in fit", r"shape \(N, 1, 3, 3\)"),
+    ],
+)
+def test_bad_images_raise(bad, message, gaussian_message):
+    pixels = IndependentPixels(17).fit(random_images(5, 17))
+    gaussian = FullCovarianceGaussian().fit(random_images(5, 17))
+    with pytest.raises(ValueError, match=message):
+        pixels.log_prob(bad)
+    if gaussian_message is None:
+        assert gaussian.log_prob(bad).shape == (2,)
+    else:
+        with pytest.raises(ValueError, match=gaussian_message):
+            gaussian.log_prob(bad)
+
+
+def test_bad_training_data_and_arguments_raise():
+    with pytest.raises(ValueError, match=r"integers in \[0, 3\]"):
+        IndependentPixels(4).fit(torch.full((3, 1, 2, 2), 4))
+    with pytest.raises(ValueError, match="non-integers"):
+        FullCovarianceGaussian().fit(torch.full((3, 1, 2, 2), 1.5))
+    with pytest.raises(ValueError, match="levels"):
+        IndependentPixels(1)
+    with pytest.raises(ValueError, match="pseudocount"):
+        IndependentPixels(4, pseudocount=0)
+    with pytest.raises(ValueError, match="ridge"):
+        FullCovarianceGaussian(ridge=-1.0)
+    gaussian = FullCovarianceGaussian().fit(random_images(5, 17))
+    with pytest.raises(ValueError, match=r"shape \(N, 1, 3, 3\)"):
+        gaussian.log_density(torch.zeros(5, 9))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        gaussian.log_density(torch.full((5, 1, 3, 3), float("inf")))

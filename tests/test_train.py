@@ -1,0 +1,153 @@
+"""The training engine: configuration precedence, exact resumption, atomic checkpoints, the stop
+on a non-finite loss, warm-up, EMA weights, and the run directory's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from iresnet.models.density import DensityModel
+from iresnet.train import TrainingError, evaluate, load_run, make_source, parse_override, resolve_config, train
+
+TINY = {"model": {"blocks": 2, "hidden": 16}, "batch_size": 64, "eval_size": 500, "log_every": 1}
+
+
+def config(out: Path, **settings):
+    return resolve_config("toy", None, [TINY, {"out": str(out)}, settings])
+
+
+def records(run: Path, split: str = "train") -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_precedence_preset_then_file_then_flags(tmp_path: Path) -> None:
+    file = tmp_path / "settings.json"
+    file.write_text(json.dumps({"lr": 0.5, "steps": 7, "model": {"hidden": 5}}))
+    resolved = resolve_config("toy", file, [{"steps": 9}, parse_override("model.blocks=3")])
+    assert resolved.lr == 0.5  # the file over the preset
+    assert resolved.steps == 9  # the flag over the file
+    assert resolved.model["hidden"] == 5 and resolved.model["blocks"] == 3
+    assert resolved.model["coeff"] == 0.9  # the preset's model options not overridden stay
+
+
+def test_parse_override_types() -> None:
+    assert parse_override("lr=0.01") == {"lr": 0.01}
+    assert parse_override("grad_clip=null") == {"grad_clip": None}
+    assert parse_override("data=moons") == {"data": "moons"}
+    assert parse_override("model.activation=elu") == {"model": {"activation": "elu"}}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_override("lr")
+
+
+def test_unknown_settings_and_presets_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown setting 'lrate'"):
+        resolve_config("toy", None, [{"lrate": 1}])
+    with pytest.raises(ValueError, match="unknown preset"):
+        resolve_config("nope")
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        resolve_config("toy", None, [{"steps": 0}])
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def test_run_directory_and_saved_config(tmp_path: Path) -> None:
+    cfg = config(tmp_path / "run", steps=4, eval_every=2)
+    result = train(cfg, progress=False)
+    run = tmp_path / "run"
+    for name in ("config.json", "checkpoint.pt", "model.safetensors", "metrics.jsonl", "curves.png"):
+        assert (run / name).exists(), name
+    for name in ("density.png", "samples.png"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4]
+    assert [r["step"] for r in records(run, "test")] == [2, 4]
+    assert result.step == 4 and not result.interrupted
+
+
+def test_resume_matches_an_uninterrupted_run_step_for_step(tmp_path: Path) -> None:
+    straight = config(tmp_path / "straight", steps=8, ema_decay=0.9, warmup_steps=3)
+    train(straight, progress=False)
+    split = config(tmp_path / "split", steps=4, ema_decay=0.9, warmup_steps=3)
+    train(split, progress=False)
+    train(config(tmp_path / "split", steps=8, ema_decay=0.9, warmup_steps=3), resume=True, progress=False)
+    a, b = records(tmp_path / "straight"), records(tmp_path / "split")
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["nll"] for r in a] == [r["nll"] for r in b]  # bit for bit
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
+    wa, wb = (
+        load_file(str(tmp_path / "straight/model.safetensors")),
+        load_file(str(tmp_path / "split/model.safetensors")),
+    )
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_of_a_randomised_image_model_is_exact(tmp_path: Path) -> None:
+    """Dequantisation noise and roulette draws come from the saved random state."""
+    pytest.importorskip("sklearn")
+    image = {"data": "digits", "model": {"scales": 2, "blocks": 1, "hidden": 8, "squeeze_first": True}}
+    settings = {**image, "batch_size": 32, "eval_size": 64, "log_every": 1, "eval_every": 100, "ema_decay": None}
+    run = lambda out, steps: resolve_config("digits", None, [settings, {"out": str(out), "steps": steps}])  # noqa: E731
+    train(run(tmp_path / "straight", 6), progress=False)
+    train(run(tmp_path / "split", 3), progress=False)
+    train(run(tmp_path / "split", 6), resume=True, progress=False)
+    a, b = records(tmp_path / "straight"), records(tmp_path / "split")
+    assert [r["nll"] for r in a] == [r["nll"] for r in b]
+    assert "bits_per_dim" in a[0]
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
+    train(config(tmp_path / "run", steps=2), progress=False)
+    before = (tmp_path / "run/checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config(tmp_path / "run", steps=2), progress=False)
+    assert (tmp_path / "run/checkpoint.pt").read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(config(tmp_path / "other", steps=2), resume=True, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train(config(tmp_path / "run", steps=4, lr=0.1), resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    train(config(tmp_path / "run", steps=3, checkpoint_every=3), progress=False)
+    before = (tmp_path / "run/checkpoint.pt").read_bytes()
+    calls = {"n": 0}
+    original = DensityModel.forward
+
+    def poisoned(self, x=None):
+        calls["n"] += 1
+        out = original(self, x)
+        return out * float("nan") if calls["n"] == 2 and self.training else out
+
+    monkeypatch.setattr(DensityModel, "forward", poisoned)
+    with pytest.raises(TrainingError, match=r"step 5: the loss is nan.*checkpoint.pt, is intact"):
+        train(config(tmp_path / "run", steps=6, checkpoint_every=3), resume=True, progress=False)
+    assert (tmp_path / "run/checkpoint.pt").read_bytes() == before
+    assert max(r["step"] for r in records(tmp_path / "run")) == 4
+
+
+def test_warmup_schedule(tmp_path: Path) -> None:
+    train(config(tmp_path / "run", steps=6, lr=0.01, warmup_steps=4), progress=False)
+    lrs = [r["lr"] for r in records(tmp_path / "run")]
+    # the lr logged after step k is the one the next step uses: min(1, (k + 1) / 4) * lr
+    assert lrs == pytest.approx([0.005, 0.0075, 0.01, 0.01, 0.01, 0.01])
+
+
+def test_saved_weights_are_the_ema_and_load_alone(tmp_path: Path) -> None:
+    result = train(config(tmp_path / "run", steps=5, ema_decay=0.5, eval_every=5), progress=False)
+    checkpoint = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    weights = load_file(str(tmp_path / "run/model.safetensors"))
+    for name, value in checkpoint["ema"]["shadow"].items():
+        assert torch.equal(weights[name], value), name
+        assert not torch.equal(checkpoint["model"][name], value) or "prior" in name
+    model, _ = load_run(tmp_path / "run")
+    again = evaluate(model, make_source("8gaussians", 0, 500).test, discrete=False)
+    assert again.nll == pytest.approx(result.evaluation.nll, abs=1e-6)
