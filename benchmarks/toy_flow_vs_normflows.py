@@ -14,7 +14,6 @@ for 400 untimed steps, in eval mode with converged spectral norms.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -22,44 +21,36 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 
 import normflows as nf
 import numpy as np
 import torch
+from common import (
+    LIBRARIES,
+    MIB,
+    FlowPair,
+    NumpyRoulette,
+    benchmark_parser,
+    copy_layer,
+    paired_ratio,
+    parse_args,
+    print_notes,
+    retain_freed_memory,
+    row,
+    step_memory,
+    time_training,
+    timed,
+    versions,
+)
 from torch import Tensor, nn
 
 import iresnet
-from iresnet.memory import SavedTensorMeter
 
 BLOCKS, DIM, HIDDEN, COEFF, N_EXACT, GEOM_P, POWER_ITERATIONS = 16, 2, 128, 0.9, 2, 0.5, 5
 BATCH, WARMUP, LR, SEED, PRETRAIN_STEPS, PRETRAIN_LR = 512, 3, 1e-3, 0, 400, 3e-3
 N_INVERT, TOL, MAX_ITER, ROUNDS = 10_000, 1e-5, 1000, 5  # normflows caps its loop at 1000 iterations
 CONVERGE_ITERATIONS = 2000  # normflows' own 200 left a sigma 0.6 % low, a different function from iresnet's
-MIB, LIBRARIES = 2**20, ("iresnet", "normflows")
-
-
-def retain_freed_memory() -> None:
-    """Let glibc keep freed memory: otherwise every 5 MB temporary is page-faulted in afresh, and that
-    kernel time moved the ratios by up to 0.25 between runs."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-3, 32 * MIB)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-
-
-class NumpyRoulette(iresnet.Roulette):
-    """Roulette drawing its tail length as normflows does (numpy's legacy generator); logs the draws."""
-
-    def __init__(self, rng: np.random.RandomState, draws: list[int]) -> None:
-        super().__init__(n_exact_terms=N_EXACT, p=GEOM_P, n_samples=1, memory_efficient=True)
-        self.rng, self.draws = rng, draws
-
-    def draw_tail_length(self) -> int:
-        self.draws.append(int(self.rng.geometric(self.p, 1)[0]))
-        return self.draws[-1]
 
 
 def build_normflows() -> nf.NormalizingFlow:
@@ -77,29 +68,21 @@ def build_iresnet(rng: np.random.RandomState, draws: list[int]) -> iresnet.Seque
         g = nn.Sequential()
         for fan_in, fan_out in [(DIM, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, DIM)]:
             g.extend([iresnet.LipSwish(), iresnet.spectral_norm(nn.Linear(fan_in, fan_out), COEFF, POWER_ITERATIONS)])
-        block = iresnet.ResidualBlock(g, NumpyRoulette(rng, draws), atol=TOL, rtol=TOL, max_iter=MAX_ITER)
-        layers += [iresnet.ActNorm(DIM), block]
+        logdet = NumpyRoulette(rng, draws, N_EXACT, GEOM_P)
+        layers += [iresnet.ActNorm(DIM), iresnet.ResidualBlock(g, logdet, atol=TOL, rtol=TOL, max_iter=MAX_ITER)]
     return iresnet.Sequential(*layers)
 
 
-@torch.no_grad()
+def copy_vectors(nf_mod: nn.Module, ir_mod: nn.Module) -> None:
+    """normflows keeps the power-iteration vector ``u`` in the output space, iresnet ``v``."""
+    ir_mod.parametrizations.weight[0].u.copy_(nf_mod.v)
+    ir_mod.parametrizations.weight[0].v.copy_(nf_mod.u)
+
+
 def copy_weights(nf_model: nf.NormalizingFlow, ir_model: iresnet.Sequential) -> None:
-    """normflows' ActNorm maps data by ``(x - t) e^-s``, iresnet's by ``(x + b) e^s``; normflows keeps
-    the power-iteration vector ``u`` in the output space, iresnet ``v``. Both Swish betas are softplus'd."""
-    for nf_layer, ir_layer in zip(nf_model.flows[::-1], ir_model, strict=True):  # data -> latent
-        if isinstance(ir_layer, iresnet.ActNorm):
-            ir_layer.log_scale.copy_(-nf_layer.s.view(-1))
-            ir_layer.bias.copy_(-nf_layer.t.view(-1))
-            ir_layer.initialized.fill_(True)
-            continue
-        for nf_mod, ir_mod in zip(nf_layer.iresblock.nnet.net, ir_layer.g, strict=True):
-            if isinstance(ir_mod, iresnet.LipSwish):
-                ir_mod.raw_beta.copy_(nf_mod.beta.view(()))
-                continue
-            ir_mod.parametrizations.weight.original.copy_(nf_mod.weight)
-            ir_mod.bias.copy_(nf_mod.bias)
-            ir_mod.parametrizations.weight[0].u.copy_(nf_mod.v)
-            ir_mod.parametrizations.weight[0].v.copy_(nf_mod.u)
+    """normflows' layers, in data -> latent order, into iresnet's (``common.copy_layer``)."""
+    for nf_layer, ir_layer in zip(nf_model.flows[::-1], ir_model, strict=True):
+        copy_layer(nf_layer, ir_layer, copy_vectors)
 
 
 @torch.no_grad()
@@ -118,8 +101,10 @@ def ir_map(ir_model: iresnet.Sequential, x: Tensor) -> Tensor:
     return x
 
 
-class Pair:
+class Pair(FlowPair):
     """Both models with identical functions, their optimisers and the training batch."""
+
+    power_iterations = POWER_ITERATIONS
 
     def __init__(self, device: str) -> None:
         torch.manual_seed(SEED)  # the batch: 8 Gaussians (std 0.2) on the circle of radius 2
@@ -131,68 +116,16 @@ class Pair:
         self.ir = build_iresnet(self.rng, self.draws).eval()
         copy_weights(self.nf, self.ir)
         self.differences = [self.difference()]
-        self.ir.train()
         np.random.seed(SEED)
-        self.x, self.nf, self.ir = self.x.to(device), self.nf.to(device), self.ir.to(device)
-        self.opt = {"iresnet": torch.optim.Adam(self.ir.parameters(), LR)}
-        self.opt["normflows"] = torch.optim.Adam(self.nf.parameters(), LR)
+        self.to_training(device, LR)
 
     def difference(self) -> float:
         """max abs(z_iresnet - z_normflows) on the batch."""
         return (ir_map(self.ir, self.x) - nf_map(self.nf, self.x)).abs().max().item()
 
-    def step(self, library: str, opt: torch.optim.Optimizer | None = None) -> float:
-        opt = opt or self.opt[library]
-        opt.zero_grad(set_to_none=True)
-        if library == "iresnet":
-            z, logdet = self.ir(self.x)
-            loss = (0.5 * z.pow(2).sum(1) + 0.5 * DIM * math.log(2 * math.pi) - logdet).mean()
-        else:
-            loss = self.nf.forward_kld(self.x)
-        loss.backward()
-        opt.step()
-        if library == "normflows":
-            nf.utils.update_lipschitz(self.nf, POWER_ITERATIONS)
-        return loss.item()
-
-
-def timed(fn, device: str) -> tuple[float, object]:
-    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - start, out
-
-
-def paired_ratio(a: list[float], b: list[float]) -> float:
-    """Median of ``a[i] / b[i]``: pairs run back to back share the machine's speed of the moment."""
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
-def time_training(pair: Pair, steps: int, device: str) -> tuple[dict, dict, bool]:
-    """Interleaved steps: the times, the last losses and whether the tail draws always matched."""
-    times, losses, draws_match = {k: [] for k in LIBRARIES}, {}, True
-    for i in range(WARMUP + steps):
-        before = len(pair.draws)
-        for library in LIBRARIES:
-            seconds, losses[library] = timed(lambda library=library: pair.step(library), device)
-            if i >= WARMUP:
-                times[library].append(seconds)
-        nf_draws = [int(f.iresblock.last_n_samples[0]) for f in pair.nf.flows[::-1] if hasattr(f, "iresblock")]
-        draws_match &= pair.draws[before:] == nf_draws
-    return times, losses, draws_match
-
-
-def step_memory(pair: Pair, library: str, device: str) -> tuple[int, int]:
-    """Peak bytes of the autograd graph in a step and, on CUDA, the allocator's peak increase."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() if device == "cuda" else 0
-    with SavedTensorMeter() as meter:
-        pair.step(library)
-    return meter.peak, torch.cuda.max_memory_allocated() - before if device == "cuda" else 0
+    def nf_draws(self) -> list[int]:
+        """normflows' tail lengths of its last step, in iresnet's block order."""
+        return [int(f.iresblock.last_n_samples[0]) for f in self.nf.flows[::-1] if hasattr(f, "iresblock")]
 
 
 def proc_status_kib(key: str) -> int:
@@ -299,15 +232,9 @@ def profile(pair: Pair, z: Tensor) -> None:
             pstats.Stats(python_profile).sort_stats("cumulative").print_stats(20)
 
 
-def row(label: str, ir: str, nf_: str, ratio: float | None = None, target: str = "") -> None:
-    print(f"| {label} | {ir} | {nf_} | {'' if ratio is None else f'{ratio:.2f}'} | {target} |")
-
-
 def report(pair: Pair, training: tuple, memory: dict[str, dict], inversion: tuple, bounds: list[float]) -> None:
     (times, losses, draws_match), (z, seconds, results) = training, inversion
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=sys.path[0])
-    print(f"torch {torch.__version__}, normflows {nf.__version__}, iresnet {commit.stdout.strip()}, ", end="")
-    print(f"device {pair.x.device}, {torch.get_num_threads()} threads\n")
+    print(versions(str(pair.x.device)) + "\n")
     print("| measurement | iresnet | normflows | ratio | target |\n|---|---|---|---|---|")
     ms = [f"{1e3 * statistics.median(v):.1f}" for v in times.values()]
     row(f"training step, median of {len(times['iresnet'])} (ms)", *ms, paired_ratio(*times.values()), "<= 0.5")
@@ -336,25 +263,21 @@ def report(pair: Pair, training: tuple, memory: dict[str, dict], inversion: tupl
         f"so it is called with atol = rtol = {TOL**2:g}: abs(dx) < {TOL:g} sqrt(1 + abs(y)); "
         f"max abs(x_anderson - x_normflows) {(a[0] - n[0]).abs().max().item():.1e}",
     ]
-    print("\n" + "\n".join(f"- {note}" for note in notes))
+    print_notes(notes)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p = benchmark_parser(__doc__, 20, "timed training steps (default 20)")
     p.add_argument("--profile", action="store_true", help="profile the inversions and training steps at the end")
     p.add_argument("--rss-worker", choices=LIBRARIES, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(p)
     if args.rss_worker:
         return rss_worker(args.rss_worker)
     retain_freed_memory()
     pair = Pair(args.device)
-    training = time_training(pair, args.steps, args.device)
-    peaks = {k: step_memory(pair, k, args.device) for k in LIBRARIES}
+    steps = {k: partial(pair.step, k) for k in LIBRARIES}
+    training = time_training(steps, args.steps, WARMUP, args.device, pair.draws, pair.nf_draws)
+    peaks = {k: step_memory(step, args.device) for k, step in steps.items()}
     memory = {"autograd saved tensors (parameters included), peak in a step": {k: v[0] for k, v in peaks.items()}}
     if args.device == "cpu":
         memory["peak RSS increase in a step, fresh process"] = {k: rss_peak(k, args.threads) for k in LIBRARIES}

@@ -236,3 +236,17 @@ def test_bad_estimator_options():
         iresnet.PowerSeries(probe="uniform")
     with pytest.raises(ValueError, match="p must lie"):
         iresnet.Roulette(p=1.0)
+
+
+def test_make_estimator_from_a_mapping() -> None:
+    """Configuration files name an estimator and its options as a mapping."""
+    from iresnet.logdet import make_estimator
+
+    series = make_estimator({"name": "series", "n_terms": 10, "probe": "rademacher"})
+    assert isinstance(series, iresnet.PowerSeries) and series.n_terms == 10 and series.probe == "rademacher"
+    roulette = make_estimator({"name": "roulette", "distribution": "poisson", "rate": 3.0})
+    assert roulette.distribution == "poisson" and roulette.rate == 3.0
+    with pytest.raises(ValueError, match="logdet must be one of"):
+        make_estimator({"n_terms": 3})
+    with pytest.raises(TypeError):
+        make_estimator({"name": "series", "terms": 3})

@@ -28,9 +28,9 @@ def test_toy_flow_log_prob_is_prior_plus_exact_logdet(device: torch.device) -> N
     torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("squeeze_first", [False, True])
+@pytest.mark.parametrize(("squeeze_first", "factor_out"), [(False, True), (True, True), (False, False)])
 @pytest.mark.parametrize("logit_alpha", [None, 0.05])
-def test_image_flow_continuous_part_log_prob(squeeze_first: bool, logit_alpha: float | None) -> None:
+def test_image_flow_continuous_part_log_prob(squeeze_first: bool, factor_out: bool, logit_alpha: float | None) -> None:
     """After dequantisation, log p = log N(z) + log|det J| of pre-processing and multi-scale map."""
     model = image_flow(
         (2, 4, 4),
@@ -41,6 +41,7 @@ def test_image_flow_continuous_part_log_prob(squeeze_first: bool, logit_alpha: f
         logdet="exact",
         logit_alpha=logit_alpha,
         squeeze_first=squeeze_first,
+        factor_out=factor_out,
         fc_blocks=1,
         fc_hidden=8,
     ).double()
@@ -62,9 +63,12 @@ def test_image_flow_continuous_part_log_prob(squeeze_first: bool, logit_alpha: f
     torch.testing.assert_close(full, model.prior().log_prob(z) + logdet - 32 * math.log(17))
 
 
+@pytest.mark.parametrize("factor_out", [True, False])
 @pytest.mark.parametrize("squeeze_first", [False, True])
-def test_multiscale_inverse(squeeze_first: bool, device: torch.device) -> None:
-    model = image_flow((1, 8, 8), 256, scales=3 - squeeze_first, blocks=2, hidden=8, squeeze_first=squeeze_first)
+def test_multiscale_inverse(squeeze_first: bool, factor_out: bool, device: torch.device) -> None:
+    model = image_flow(
+        (1, 8, 8), 256, scales=3 - squeeze_first, blocks=2, hidden=8, squeeze_first=squeeze_first, factor_out=factor_out
+    )
     model = model.double().to(device)
     multiscale = model.transform[-1]
     y = torch.randn(5, 1, 8, 8, dtype=torch.float64, device=device)

@@ -287,7 +287,7 @@ def test_repeated_calls_leave_no_figure_alive(tmp_path: Path) -> None:
             plots.image_grid(images, tmp_path / "g.png")
             plots.side_by_side(images, images, tmp_path / "p.png")
     assert pyplot.get_fignums() == []
-    assert live_figures() == before
+    assert live_figures() <= before  # none of the 150 figures is still alive (earlier tests may free theirs)
 
 
 def test_importing_iresnet_does_not_import_matplotlib() -> None:

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from iresnet.models.density import DensityModel
+from iresnet.models.presets import PRESETS
 from iresnet.train import TrainingError, evaluate, load_run, make_source, parse_override, resolve_config, train
 
 TINY = {"model": {"blocks": 2, "hidden": 16}, "batch_size": 64, "eval_size": 500, "log_every": 1}
@@ -35,7 +36,7 @@ def test_precedence_preset_then_file_then_flags(tmp_path: Path) -> None:
     assert resolved.lr == 0.5  # the file over the preset
     assert resolved.steps == 9  # the flag over the file
     assert resolved.model["hidden"] == 5 and resolved.model["blocks"] == 3
-    assert resolved.model["coeff"] == 0.9  # the preset's model options not overridden stay
+    assert resolved.model["coeff"] == PRESETS["toy"]["model"]["coeff"]  # the rest of the preset stays
 
 
 def test_parse_override_types() -> None:
@@ -151,3 +152,44 @@ def test_saved_weights_are_the_ema_and_load_alone(tmp_path: Path) -> None:
     model, _ = load_run(tmp_path / "run")
     again = evaluate(model, make_source("8gaussians", 0, 500).test, discrete=False)
     assert again.nll == pytest.approx(result.evaluation.nll, abs=1e-6)
+
+
+def test_default_run_directories_never_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = [TINY, {"steps": 2}]
+    first = train(resolve_config("toy", None, settings), progress=False)
+    second = train(resolve_config("toy", None, settings), progress=False)
+    assert (first.run_dir, second.run_dir) == (Path("runs/toy"), Path("runs/toy-2"))
+    resumed = train(resolve_config("toy", None, [TINY, {"steps": 3}]), resume=True, progress=False)
+    assert resumed.run_dir == Path("runs/toy-2") and resumed.step == 3
+    assert json.loads((tmp_path / "runs/toy-2/config.json").read_text())["out"] == "runs/toy-2"
+
+
+def test_tensorboard_writer(tmp_path: Path) -> None:
+    """With tensorboard installed the run writes event files; without it, a message says what to install."""
+    import importlib.util
+
+    cfg = config(tmp_path / "run", steps=2, tensorboard=True)
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ImportError, match="pip install tensorboard"):
+            train(cfg, progress=False)
+    else:
+        train(cfg, progress=False)
+        assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_gradient_clipping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimiser sees gradients clipped to grad_clip; the log keeps the norm before clipping."""
+    seen: list[float] = []
+    original = torch.optim.Adam.step
+
+    def spying_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spying_step)
+    train(config(tmp_path / "run", steps=3, grad_clip=1e-3), progress=False)
+    logged = [r["grad_norm"] for r in records(tmp_path / "run")]
+    assert len(seen) == 3 and max(seen) <= 1e-3 * (1 + 1e-5)
+    assert min(logged) > 1e-3  # the norms before clipping, well above the threshold

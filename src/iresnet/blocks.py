@@ -4,6 +4,8 @@ is not computed), and ``inverse(y) -> x``."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -46,8 +48,9 @@ class ResidualBlock(nn.Module):
     Arguments:
         g: the residual branch, Lipschitz below 1 (see :func:`~iresnet.spectral_norm`); it must
             act on each sample independently and keep the shape.
-        logdet: ``"exact"``, ``"series"``, ``"roulette"``, an estimator from
-            :mod:`iresnet.logdet`, or ``None`` (no log-det, for classifiers).
+        logdet: ``"exact"``, ``"series"``, ``"roulette"``, a mapping of a name and options
+            (``{"name": "series", "n_terms": 10}``), an estimator from :mod:`iresnet.logdet`, or
+            ``None`` (no log-det, for classifiers).
         inverse_method: ``"fixed_point"`` or ``"anderson"``.
         atol, rtol: the inversion's stopping tolerances (defaults by dtype: about 1e-5 in
             float32, 1e-10 in float64).
@@ -75,7 +78,7 @@ class ResidualBlock(nn.Module):
     def __init__(
         self,
         g: nn.Module,
-        logdet: str | LogDetEstimator | None = "roulette",
+        logdet: str | dict[str, Any] | LogDetEstimator | None = "roulette",
         *,
         inverse_method: str = "fixed_point",
         atol: float | None = None,

@@ -76,42 +76,71 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingError as error:
         print(f"iresnet: {error}", file=sys.stderr)
         return 1
+    if not result.main:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted at step {result.step}; continue with: iresnet train --out {result.run_dir} --resume")
         return 130
     print(f"run written to {result.run_dir}")
     if result.evaluation is not None:
         print(result.evaluation)
+        if result.evaluation.bits_per_dim is not None:
+            _print_baselines(_baselines(_source(config)))
     return 0
+
+
+def _source(config):
+    from .train import make_source
+
+    return make_source(config.data, config.seed, config.eval_size, config.data_dir, config.download)
+
+
+def _baselines(source) -> dict[str, Any]:
+    """The independent-pixel and Gaussian baselines' test bits/dim, for a run on images."""
+    from .train import evaluate_baselines
+
+    return evaluate_baselines(source.train, source.test, source.levels)
+
+
+def _print_baselines(baselines: dict[str, Any]) -> None:
+    for name, value in baselines.items():
+        print(f"  baseline, {name}: {value.bits_per_dim:.4f} +- {value.bits_per_dim_se:.4f} bits/dim")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .train import accurate_estimator, evaluate, load_run, make_source
+    from .train import accurate_estimator, evaluate, load_run
 
     model, config = load_run(args.run, args.device)
-    source = make_source(config.data, config.seed, config.eval_size, config.data_dir, config.download)
+    source = _source(config)
     discrete = source.levels is not None
     estimator = accurate_estimator() if discrete else None
     result = evaluate(
         model, source.test, discrete=discrete, batch_size=args.batch_size, estimator=estimator, progress=not args.json
     )
+    baselines = _baselines(source) if discrete else {}
     report = {"run": str(args.run), "data": config.data, **asdict(result)}
+    if baselines:
+        report["baselines"] = {name: asdict(value) for name, value in baselines.items()}
     with open(f"{args.run}/eval.json", "w") as f:
         json.dump(report, f, indent=2)
-    print(json.dumps(report) if args.json else result)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(result)
+        _print_baselines(baselines)
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
     from .lipschitz import converge_spectral_norms
-    from .train import load_run, make_source
+    from .train import load_run
     from .train.pictures import draw_samples
 
     model, config = load_run(args.run, args.device)
     converge_spectral_norms(model)
-    source = make_source(config.data, config.seed, config.eval_size, config.data_dir, config.download)
+    source = _source(config)
     path = args.out or f"{args.run}/samples.png"
     draw_samples(model, source, path, args.n, args.seed)
     print(f"{args.n} samples written to {path}")

@@ -29,7 +29,8 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -265,18 +266,23 @@ class Roulette(_Series):
         )
 
 
-_BY_NAME: dict[str, Callable[[], LogDetEstimator]] = {
+_BY_NAME: dict[str, Callable[..., LogDetEstimator]] = {
     "exact": Exact,
     "series": PowerSeries,
     "roulette": Roulette,
 }
 
 
-def make_estimator(spec: str | LogDetEstimator | None) -> LogDetEstimator | None:
+def make_estimator(spec: str | Mapping[str, Any] | LogDetEstimator | None) -> LogDetEstimator | None:
     """An estimator from its name (``"exact"``, ``"series"``, ``"roulette"``, with default
-    options), an estimator instance (returned as is) or ``None`` (no log-det)."""
+    options), from a mapping of the name and options (``{"name": "series", "n_terms": 10}``,
+    as configuration files give it), an estimator instance (returned as is) or ``None``."""
     if spec is None or isinstance(spec, LogDetEstimator):
         return spec
+    options: dict[str, Any] = {}
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        spec = options.pop("name", None)
     if spec not in _BY_NAME:
         raise ValueError(f"logdet must be one of {sorted(_BY_NAME)}, an estimator or None, got {spec!r}")
-    return _BY_NAME[spec]()
+    return _BY_NAME[spec](**options)

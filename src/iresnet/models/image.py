@@ -6,6 +6,7 @@ so that the likelihood, and bits/dim, account for it."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,15 +40,20 @@ class MultiScale(nn.Module):
         stages: invertible modules, one per scale, each keeping its input's shape.
         event_shape: the ``(C, H, W)`` of one input.
         squeeze_first: squeeze before the first stage (a 1-channel image gets 4 channels).
+        factor_out: factor half the channels out at each squeeze (else keep them all, as the
+            Residual Flows image models do).
     """
 
-    def __init__(self, stages: list[nn.Module], event_shape: tuple[int, int, int], *, squeeze_first: bool) -> None:
+    def __init__(
+        self, stages: list[nn.Module], event_shape: tuple[int, int, int], *, squeeze_first: bool, factor_out: bool
+    ) -> None:
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.squeeze = Squeeze()
         self.squeeze_first = squeeze_first
+        self.factor_out = factor_out
         self.event_shape = tuple(event_shape)
-        self.stage_shapes = _stage_shapes(self.event_shape, len(stages), squeeze_first)
+        self.stage_shapes = _stage_shapes(self.event_shape, len(stages), squeeze_first, factor_out)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.squeeze_first:
@@ -58,20 +64,23 @@ class MultiScale(nn.Module):
             total = logdet if total is None or logdet is None else total + logdet
             if i < len(self.stages) - 1:
                 x, _ = self.squeeze(x)
-                keep = x.shape[1] // 2
-                parts.append(x[:, keep:].flatten(1))
-                x = x[:, :keep]
+                if self.factor_out:
+                    keep = x.shape[1] // 2
+                    parts.append(x[:, keep:].flatten(1))
+                    x = x[:, :keep]
         parts.append(x.flatten(1))
         return torch.cat(parts, 1), total
 
     def inverse(self, z: Tensor) -> Tensor:
-        sizes = [math.prod(s) for s in self.stage_shapes[1:]] + [math.prod(self.stage_shapes[-1])]
+        factored_shapes = self.stage_shapes[1:] if self.factor_out else []
+        sizes = [math.prod(s) for s in factored_shapes] + [math.prod(self.stage_shapes[-1])]
         parts = list(z.split(sizes, 1))
         x = parts.pop().reshape(-1, *self.stage_shapes[-1])
         for i in reversed(range(len(self.stages))):
             if i < len(self.stages) - 1:
-                factored = parts.pop().reshape(-1, *self.stage_shapes[i + 1])
-                x = self.squeeze.inverse(torch.cat([x, factored], 1))
+                if self.factor_out:
+                    x = torch.cat([x, parts.pop().reshape(-1, *self.stage_shapes[i + 1])], 1)
+                x = self.squeeze.inverse(x)
             x = self.stages[i].inverse(x)
         return self.squeeze.inverse(x) if self.squeeze_first else x
 
@@ -82,8 +91,10 @@ class MultiScale(nn.Module):
         return self.event_shape
 
 
-def _stage_shapes(shape: tuple[int, int, int], n_stages: int, squeeze_first: bool) -> list[tuple[int, int, int]]:
-    """The shape each stage works on; between stages a squeeze and a split in half."""
+def _stage_shapes(
+    shape: tuple[int, int, int], n_stages: int, squeeze_first: bool, factor_out: bool = True
+) -> list[tuple[int, int, int]]:
+    """The shape each stage works on; between stages a squeeze and (``factor_out``) a split in half."""
     c, h, w = shape
     squeezes = n_stages - 1 + int(squeeze_first)
     if h % 2**squeezes or w % 2**squeezes:
@@ -92,7 +103,7 @@ def _stage_shapes(shape: tuple[int, int, int], n_stages: int, squeeze_first: boo
         c, h, w = 4 * c, h // 2, w // 2
     shapes = [(c, h, w)]
     for _ in range(n_stages - 1):
-        c, h, w = 2 * c, h // 2, w // 2
+        c, h, w = (2 if factor_out else 4) * c, h // 2, w // 2
         shapes.append((c, h, w))
     return shapes
 
@@ -106,10 +117,11 @@ def image_flow(
     hidden: int = 64,
     coeff: float = 0.9,
     activation: str = "lipswish",
-    logdet: str | LogDetEstimator = "roulette",
+    logdet: str | dict[str, Any] | LogDetEstimator = "roulette",
     power_iterations: int = 1,
     logit_alpha: float | None = 0.05,
     squeeze_first: bool = False,
+    factor_out: bool = True,
     fc_blocks: int = 0,
     fc_hidden: int = 128,
     learned_prior: bool = False,
@@ -121,7 +133,8 @@ def image_flow(
     logit transform with ``logit_alpha`` (Residual Flows) or, for ``None``, a shift to
     ``[-0.5, 0.5)`` (i-ResNet). Each of ``scales`` stages holds ``blocks`` times
     ``[ActNorm, residual block]`` with the branch ``act, 3x3, act, 1x1, act, 3x3`` (``hidden``
-    channels); the last stage adds ``fc_blocks`` fully-connected blocks (``fc_hidden`` units).
+    channels); between stages a squeeze, and half the channels factored out to the prior if
+    ``factor_out``; the last stage adds ``fc_blocks`` fully-connected blocks (``fc_hidden`` units).
 
     References:
         Behrmann et al., "Invertible Residual Networks", ICML 2019, https://arxiv.org/abs/1811.00995
@@ -134,7 +147,7 @@ def image_flow(
         >>> model(torch.randint(0, 17, (3, 1, 8, 8))).shape
         torch.Size([3])
     """
-    stage_shapes = _stage_shapes(tuple(shape), scales, squeeze_first)
+    stage_shapes = _stage_shapes(tuple(shape), scales, squeeze_first, factor_out)
     options = {"activation": activation, "power_iterations": power_iterations}
     stages = []
     for i, (c, h, w) in enumerate(stage_shapes):
@@ -146,5 +159,7 @@ def image_flow(
                 layers += [ActNorm(c), ResidualBlock(flat_branch((c, h, w), fc_hidden, coeff, **options), logdet)]
         stages.append(Sequential(*layers))
     preprocess: list[nn.Module] = [UniformDequantize(levels), Shift() if logit_alpha is None else Logit(logit_alpha)]
-    transform = Sequential(*preprocess, MultiScale(stages, tuple(shape), squeeze_first=squeeze_first))
+    transform = Sequential(
+        *preprocess, MultiScale(stages, tuple(shape), squeeze_first=squeeze_first, factor_out=factor_out)
+    )
     return DensityModel(transform, tuple(shape), learned_prior=learned_prior)

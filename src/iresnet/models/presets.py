@@ -12,29 +12,110 @@ from typing import Any
 
 __all__ = ["PRESETS"]
 
+
+def _residual_flows(data: str, logit_alpha: float, steps_per_epoch: int) -> dict[str, Any]:
+    """The Residual Flows image density model and its training settings, for 350 epochs."""
+    model = {
+        "scales": 3,
+        "blocks": 16,
+        "hidden": 512,
+        "coeff": 0.98,
+        "activation": "lipswish",
+        "logdet": {"name": "roulette", "distribution": "poisson", "rate": 2.0, "memory_efficient": True},
+        "logit_alpha": logit_alpha,
+        "factor_out": False,
+        "fc_blocks": 4,
+        "fc_hidden": 128,
+    }
+    training = {"batch_size": 64, "lr": 1e-3, "warmup_steps": 1000, "grad_clip": 1.0, "ema_decay": 0.999}
+    schedule = {"steps": 350 * steps_per_epoch, "eval_every": 10 * steps_per_epoch, "checkpoint_every": steps_per_epoch}
+    return {"data": data, "model": model, **training, **schedule, "eval_size": 10_000}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # the main job: minutes on a CPU, within 0.1 nats of the true entropy
     "toy": {
         "data": "8gaussians",
-        "model": {"blocks": 8, "hidden": 64, "depth": 3, "coeff": 0.9, "logdet": "exact"},
-        "steps": 1500,
+        "model": {"blocks": 8, "hidden": 64, "depth": 3, "coeff": 0.97, "logdet": "exact"},
+        "steps": 3000,
         "batch_size": 256,
-        "lr": 3e-3,
+        "lr": 5e-3,
         "warmup_steps": 50,
         "ema_decay": 0.99,
-        "eval_every": 250,
-        "checkpoint_every": 250,
+        "eval_every": 500,
+        "checkpoint_every": 500,
     },
+    # minutes on a CPU, beating an independent-pixel and a full-covariance Gaussian baseline
     "digits": {
         "data": "digits",
-        "model": {"scales": 2, "blocks": 4, "hidden": 64, "coeff": 0.9, "squeeze_first": True, "logit_alpha": 0.05},
-        "steps": 3000,
+        "model": {
+            "scales": 2,
+            "blocks": 4,
+            "hidden": 64,
+            "coeff": 0.9,
+            "squeeze_first": True,
+            "logit_alpha": 0.05,
+            "fc_blocks": 2,
+            "fc_hidden": 256,
+        },
+        "steps": 5000,
         "batch_size": 64,
         "lr": 2e-3,
         "warmup_steps": 100,
         "grad_clip": 1.0,
         "ema_decay": 0.999,
-        "eval_every": 500,
-        "checkpoint_every": 500,
+        "eval_every": 1000,
+        "checkpoint_every": 1000,
+    },
+    # Residual Flows (Chen et al., 2019): README commands of rtqichen/residual-flows, train_img.py defaults;
+    # 350 epochs at batch 64 (782 steps per CIFAR-10 epoch, 938 per MNIST epoch)
+    "cifar10-paper": _residual_flows("cifar10", logit_alpha=0.05, steps_per_epoch=782),
+    "mnist-paper": _residual_flows("mnist", logit_alpha=1e-6, steps_per_epoch=938),
+    # i-ResNet (Behrmann et al., 2019), appendix C: 3 scales of 32 blocks, ELU, c = 0.9, power series,
+    # learned prior, Adamax 0.003, 200 epochs (batch 128: 391 steps per CIFAR-10 epoch, 469 per MNIST epoch)
+    "cifar10-iresnet-paper": {
+        "data": "cifar10",
+        "model": {
+            "scales": 3,
+            "blocks": 32,
+            "hidden": 512,
+            "coeff": 0.9,
+            "activation": "elu",
+            "logdet": {"name": "series", "n_terms": 5},
+            "power_iterations": 5,
+            "logit_alpha": None,
+            "squeeze_first": True,
+            "learned_prior": True,
+        },
+        "steps": 78_200,
+        "batch_size": 128,
+        "lr": 3e-3,
+        "optimizer": "adamax",
+        "warmup_steps": 391,
+        "eval_every": 3910,
+        "checkpoint_every": 391,
+        "eval_size": 10_000,
+    },
+    "mnist-iresnet-paper": {
+        "data": "mnist",
+        "model": {
+            "scales": 3,
+            "blocks": 32,
+            "hidden": 32,
+            "coeff": 0.9,
+            "activation": "elu",
+            "logdet": {"name": "series", "n_terms": 10},
+            "power_iterations": 5,
+            "logit_alpha": None,
+            "learned_prior": True,
+        },
+        "steps": 93_800,
+        "batch_size": 128,
+        "lr": 3e-3,
+        "optimizer": "adamax",
+        "warmup_steps": 469,
+        "eval_every": 4690,
+        "checkpoint_every": 469,
+        "eval_size": 10_000,
     },
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..blocks import ActNorm, ResidualBlock, Sequential
 from ..logdet import LogDetEstimator
 from .branches import mlp_branch
@@ -18,7 +20,7 @@ def toy_flow(
     depth: int = 3,
     coeff: float = 0.9,
     activation: str = "lipswish",
-    logdet: str | LogDetEstimator = "exact",
+    logdet: str | dict[str, Any] | LogDetEstimator = "exact",
     power_iterations: int = 1,
     actnorm: bool = True,
     learned_prior: bool = False,

@@ -17,7 +17,7 @@ from ..models.build import build_density_model
 from ..models.density import DensityModel
 from .config import TrainConfig
 
-__all__ = ["RunFiles", "atomic_save", "save_weights", "load_run"]
+__all__ = ["RunFiles", "atomic_save", "save_weights", "load_run", "default_run_directory"]
 
 
 class RunFiles:
@@ -29,6 +29,17 @@ class RunFiles:
         self.checkpoint = self.root / "checkpoint.pt"
         self.weights = self.root / "model.safetensors"
         self.metrics = self.root / "metrics.jsonl"
+
+
+def default_run_directory(preset: str, resume: bool, root: str | os.PathLike = "runs") -> Path:
+    """``runs/PRESET``, ``runs/PRESET-2``, ``-3``, ...: the first that does not exist for a new run,
+    the one before it to ``resume``, so that no run overwrites another."""
+    previous, index = None, 1
+    while True:
+        path = Path(root) / (preset if index == 1 else f"{preset}-{index}")
+        if not path.exists():
+            return previous if resume and previous is not None else path
+        previous, index = path, index + 1
 
 
 def _replace_atomically(path: Path, write) -> None:

@@ -38,7 +38,7 @@ class TrainConfig:
     ema_decay: float | None = None
     seed: int = 0
     device: str = "cpu"
-    out: str | None = None
+    out: str | None = None  # None: runs/PRESET, runs/PRESET-2, ... (a new one, or the latest to resume)
     checkpoint_every: int = 500
     eval_every: int = 500
     log_every: int = 10
@@ -58,8 +58,6 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
-        if self.out is None:
-            self.out = os.path.join("runs", self.preset)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ EMA for evaluation, and ``torchrun`` data parallelism."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import signal
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..models.build import build_density_model
 from ..models.density import DensityModel
-from .checkpoint import RunFiles, atomic_save, save_config, save_weights
+from .checkpoint import RunFiles, atomic_save, default_run_directory, save_config, save_weights
 from .config import TrainConfig
 from .distributed import Processes, start_processes
 from .ema import ExponentialMovingAverage
@@ -41,6 +42,7 @@ class TrainResult:
     step: int
     interrupted: bool
     evaluation: Evaluation | None
+    main: bool = True  # whether this is the process that writes (rank 0)
 
 
 class _StopRequests:
@@ -148,7 +150,7 @@ class _Trainer:
             f.write(json.dumps(entry) + "\n")
         if self.writer is not None:
             for key, value in entry.items():
-                if isinstance(value, float) and key not in ("time",):
+                if isinstance(value, float):
                     self.writer.add_scalar(f"{entry['split']}/{key}", value, entry["step"])
 
     def eval_model(self) -> DensityModel:
@@ -292,6 +294,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     ``DistributedDataParallel`` over the processes (each takes a share of every batch)."""
     procs = start_processes(config.device)
     try:
+        if config.out is None:  # every process takes the main process's choice
+            chosen = default_run_directory(config.preset, resume) if procs.main else None
+            config = dataclasses.replace(config, out=str(procs.gather(chosen)[0]))
         trainer = _Trainer(config, procs, progress)
         trainer.restore(resume)
         if procs.main:
@@ -303,7 +308,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             interrupted = trainer.loop(stop)
         if not interrupted:
             trainer.finish()
-        return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation)
+        return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation, procs.main)
     finally:
         procs.close()
 

@@ -24,7 +24,8 @@ def draw_samples(model: DensityModel, source: DataSource, path, n: int, seed: in
     if source.levels is None:
         plots.scatter_samples(samples, source.test[: max(n, 2000)].cpu(), path)
     else:
-        plots.image_grid(samples.round().clamp(0, source.levels - 1).to(torch.uint8), path, levels=source.levels)
+        images = samples.round().clamp(0, source.levels - 1).to(torch.uint8)
+        plots.image_grid(images, path, levels=source.levels, scale=max(1, 64 // images.shape[-1]))  # tiles >= 64 px
     return samples
 
 

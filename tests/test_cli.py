@@ -1,0 +1,116 @@
+"""The ``iresnet`` command: train, eval (text and --json), sample, help, clean errors, and a
+Ctrl-C that writes a checkpoint from which --resume continues."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from iresnet.cli import main
+
+TINY = ["--steps", "4", "--batch-size", "64", "--no-progress", "model.blocks=2", "model.hidden=16", "eval_size=500"]
+
+
+def run_cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert run_cli("train", "--out", str(out), *TINY) == 0
+    return out
+
+
+def test_eval_json_prints_one_object(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("eval", str(trained), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 500 and report["nll_se"] > 0 and report["bits_per_dim"] is None
+    metrics = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    last_test = [r for r in metrics if r["split"] == "test"][-1]
+    assert report["nll"] == pytest.approx(last_test["nll"], abs=1e-6)  # same weights, same test set
+    assert json.loads((trained / "eval.json").read_text()) == report
+
+
+def test_eval_text(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("eval", str(trained)) == 0
+    assert "test NLL" in capsys.readouterr().out
+
+
+def test_sample_writes_png(trained: Path, tmp_path: Path) -> None:
+    path = tmp_path / "s.png"
+    assert run_cli("sample", str(trained), "--n", "16", "--out", str(path)) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["sample"], ["demo"]])
+def test_help(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert run_cli(*command, "--help") == 0
+    assert "usage: iresnet" in capsys.readouterr().out
+
+
+def test_errors_are_messages_not_tracebacks(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("train", "--out", str(trained), *TINY) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert run_cli("train", "--out", str(tmp_path / "x"), "lrate=3") == 2
+    assert "unknown setting 'lrate'" in capsys.readouterr().err
+    assert run_cli("eval", str(tmp_path)) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "iresnet", "train", "--out", str(out), "--steps", "100000", "--no-progress"]
+    command += ["model.blocks=2", "model.hidden=16", "eval_size=500", "log_every=1", "checkpoint_every=100000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 5):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "--resume" in stdout
+    import torch
+
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert step >= 5
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert max(r["step"] for r in records) == step
+    env = {**os.environ}
+    finish = [sys.executable, "-m", "iresnet", "train", "--out", str(out), "--resume", "--steps", str(step + 3)]
+    finish += ["--no-progress", "model.blocks=2", "model.hidden=16", "eval_size=500", "log_every=1"]
+    finish += ["checkpoint_every=100000"]
+    done = subprocess.run(finish, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert [s for s in steps if s > step] == [step + 1, step + 2, step + 3, step + 3]  # 3 train, 1 test
+
+
+def test_digits_run_reports_bits_per_dim_beside_baselines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("sklearn")
+    out = tmp_path / "digits"
+    small = ["model.blocks=1", "model.hidden=8", "model.fc_blocks=0", "eval_size=64", "--batch-size", "32"]
+    assert run_cli("train", "--preset", "digits", "--out", str(out), "--steps", "2", "--no-progress", *small) == 0
+    printed = capsys.readouterr().out
+    assert "bits/dim" in printed
+    assert "baseline, independent pixels" in printed and "baseline, full-covariance Gaussian" in printed
+    assert run_cli("eval", str(out), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 297  # the whole test split
+    assert report["bits_per_dim"] == pytest.approx(report["nll"] / (64 * math.log(2)))
+    assert set(report["baselines"]) == {"independent pixels", "full-covariance Gaussian"}
+    assert run_cli("sample", str(out), "--n", "9") == 0
+    assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
