@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,6 @@ SETTINGS = ["--steps", "6", "--batch-size", "64", "--no-progress", "model.blocks
 SETTINGS += ["eval_size=500", "log_every=1", "eval_every=3", "ema_decay=0.9"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def losses(run: Path) -> list[float]:
     return [r["nll"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
@@ -34,7 +27,7 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
     if torchrun is None:
         pytest.fail("torchrun, installed with torch, was not found")
-    command = [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    command = [torchrun, "--standalone", "--nproc-per-node", "2"]  # standalone: a free port of its own
     command += ["-m", "iresnet", "train", "--out", str(tmp_path / "two"), *SETTINGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
