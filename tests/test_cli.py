@@ -114,3 +114,11 @@ def test_digits_run_reports_bits_per_dim_beside_baselines(tmp_path: Path, capsys
     assert set(report["baselines"]) == {"independent pixels", "full-covariance Gaussian"}
     assert run_cli("sample", str(out), "--n", "9") == 0
     assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_prints_the_parameter_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("train", "--out", str(tmp_path / "run"), *TINY) == 0
+    from iresnet.models import toy_flow
+
+    expected = sum(p.numel() for p in toy_flow(2, blocks=2, hidden=16).parameters())
+    assert f"toy preset on 8gaussians: {expected:,} parameters" in capsys.readouterr().out

@@ -300,6 +300,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         trainer = _Trainer(config, procs, progress)
         trainer.restore(resume)
         if procs.main:
+            parameters = sum(p.numel() for p in trainer.model.parameters())
+            resuming = f", resuming at step {trainer.step}" if trainer.step else ""
+            print(f"{config.preset} preset on {config.data}: {parameters:,} parameters; run {config.out}{resuming}")
             trainer.files.root.mkdir(parents=True, exist_ok=True)
             save_config(config, trainer.files.config)
             if config.tensorboard:
