@@ -193,3 +193,13 @@ def test_gradient_clipping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     logged = [r["grad_norm"] for r in records(tmp_path / "run")]
     assert len(seen) == 3 and max(seen) <= 1e-3 * (1 + 1e-5)
     assert min(logged) > 1e-3  # the norms before clipping, well above the threshold
+
+
+def test_resume_with_another_number_of_processes_warns(tmp_path: Path) -> None:
+    train(config(tmp_path / "run", steps=2), progress=False)
+    path = tmp_path / "run/checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"] = state["rng"] * 2  # as if two processes had written it
+    torch.save(state, path)
+    with pytest.warns(UserWarning, match="2 processes and 1 resume it"):
+        train(config(tmp_path / "run", steps=3), resume=True, progress=False)

@@ -10,6 +10,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,13 @@ class _Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         rng = state["rng"][self.procs.rank] if len(state["rng"]) == self.procs.world else None
-        if rng is not None:
+        if rng is None:
+            warnings.warn(
+                f"the checkpoint was written by {len(state['rng'])} processes and {self.procs.world} resume it: "
+                "the random states are not restored, so the run continues, but not as the uninterrupted one would",
+                stacklevel=2,
+            )
+        else:
             torch.set_rng_state(rng["torch"].cpu())
             if "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), self.procs.device)
