@@ -31,15 +31,16 @@ def mlp_branch(
 
 
 def conv_branch(
-    channels: int, hidden: int, coeff: float, *, activation: str = "lipswish", power_iterations: int = 1
+    channels: int, hidden: int, coeff: float | None, *, activation: str = "lipswish", power_iterations: int = 1
 ) -> nn.Sequential:
     """The i-ResNet bottleneck ``act, 3x3 conv, act, 1x1 conv, act, 3x3 conv`` (``channels ->
-    hidden -> hidden -> channels``), each convolution normalised as an operator."""
+    hidden -> hidden -> channels``), each convolution normalised as an operator to ``coeff``
+    (``None``: not normalised, the branch of a plain ResNet)."""
     shapes = [(channels, hidden, 3), (hidden, hidden, 1), (hidden, channels, 3)]
     layers: list[nn.Module] = []
     for fan_in, fan_out, kernel in shapes:
         conv = nn.Conv2d(fan_in, fan_out, kernel, padding=kernel // 2)
-        layers += [_activation(activation), spectral_norm(conv, coeff, power_iterations)]
+        layers += [_activation(activation), conv if coeff is None else spectral_norm(conv, coeff, power_iterations)]
     return nn.Sequential(*layers)
 
 
