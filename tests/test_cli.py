@@ -122,3 +122,26 @@ def test_train_prints_the_parameter_count(tmp_path: Path, capsys: pytest.Capture
 
     expected = sum(p.numel() for p in toy_flow(2, blocks=2, hidden=16).parameters())
     assert f"toy preset on 8gaussians: {expected:,} parameters" in capsys.readouterr().out
+
+
+def test_classifier_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--task classify on the digits: accuracy in the metrics, test error in percent from eval."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "cls"
+    small = ["model.blocks=[1,1]", "model.hidden=[8,8]", "eval_size=64", "--batch-size", "32"]
+    # overrides may follow the flags
+    assert run_cli("train", "--preset", "digits-classifier", "--out", str(out), "--steps", "3", *small) == 0
+    assert "test error" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert all(0 <= r["accuracy"] <= 1 for r in train_records) and "bits_per_dim" not in train_records[0]
+    assert run_cli("eval", str(out), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 297 and 0 <= report["error_percent"] <= 100 and report["task"] == "classify"
+    assert run_cli("sample", str(out)) == 2
+    assert "only density models can be sampled" in capsys.readouterr().err
+
+
+def test_unknown_arguments_are_refused(capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("train", "--stepz", "3") == 2
+    assert "unrecognized arguments: --stepz" in capsys.readouterr().err

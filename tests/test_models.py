@@ -11,7 +11,7 @@ import torch
 import iresnet
 from helpers import jacobian_logdet
 from iresnet.models import image_flow, toy_flow
-from iresnet.models.build import build_density_model
+from iresnet.models.build import build_density_model, build_model
 from iresnet.models.presets import PRESETS
 
 
@@ -110,9 +110,7 @@ def test_image_too_small_for_its_scales_raises() -> None:
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_build(name: str) -> None:
     preset = PRESETS[name]
-    if preset["data"] in ("digits", "mnist", "cifar10"):
-        pytest.importorskip("sklearn") if preset["data"] == "digits" else None
-    model = build_density_model(preset["data"], preset["model"])
+    model = build_model(preset.get("task", "density"), preset["data"], preset["model"])
     assert sum(p.numel() for p in model.parameters()) > 0
 
 

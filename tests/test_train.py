@@ -203,3 +203,10 @@ def test_resume_with_another_number_of_processes_warns(tmp_path: Path) -> None:
     torch.save(state, path)
     with pytest.warns(UserWarning, match="2 processes and 1 resume it"):
         train(config(tmp_path / "run", steps=3), resume=True, progress=False)
+
+
+def test_classify_needs_labelled_images(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs labelled image data"):
+        train(config(tmp_path / "run", task="classify", model={}), progress=False)
+    with pytest.raises(ValueError, match="task must be"):
+        config(tmp_path / "run", task="regress")

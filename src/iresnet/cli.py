@@ -84,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run written to {result.run_dir}")
     if result.evaluation is not None:
         print(result.evaluation)
-        if result.evaluation.bits_per_dim is not None:
+        if getattr(result.evaluation, "bits_per_dim", None) is not None:
             _print_baselines(_baselines(_source(config)))
     return 0
 
@@ -110,10 +110,15 @@ def _print_baselines(baselines: dict[str, Any]) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .train import accurate_estimator, evaluate, load_run
+    from .train import accurate_estimator, evaluate, evaluate_classifier, load_run
 
     model, config = load_run(args.run, args.device)
     source = _source(config)
+    if config.task == "classify":
+        result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size)
+        report = {"run": str(args.run), "data": config.data, "task": config.task, **asdict(result)}
+        _write_report(args, report, str(result))
+        return 0
     discrete = source.levels is not None
     estimator = accurate_estimator() if discrete else None
     result = evaluate(
@@ -123,14 +128,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = {"run": str(args.run), "data": config.data, **asdict(result)}
     if baselines:
         report["baselines"] = {name: asdict(value) for name, value in baselines.items()}
-    with open(f"{args.run}/eval.json", "w") as f:
-        json.dump(report, f, indent=2)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(result)
+    _write_report(args, report, str(result))
+    if not args.json:
         _print_baselines(baselines)
     return 0
+
+
+def _write_report(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
+    """``RUN/eval.json``, and the report on standard output as JSON (``--json``) or text."""
+    with open(f"{args.run}/eval.json", "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report) if args.json else text)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -139,6 +147,8 @@ def _sample(args: argparse.Namespace) -> int:
     from .train.pictures import draw_samples
 
     model, config = load_run(args.run, args.device)
+    if config.task != "density":
+        raise ValueError(f"{args.run} holds a {config.task!r} run: only density models can be sampled")
     converge_spectral_norms(model)
     source = _source(config)
     path = args.out or f"{args.run}/samples.png"
@@ -149,7 +159,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "train":  # KEY=VALUE overrides may come after the flags too
+        args.overrides += [text for text in unknown if "=" in text and not text.startswith("-")]
+        unknown = [text for text in unknown if text not in args.overrides]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "demo":
         from .demo import run_demo
 

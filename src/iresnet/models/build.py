@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..data.toy import TOY_DATASETS
+from .classifier import Classifier, iresnet_classifier
 from .density import DensityModel
 from .image import image_flow
 from .toy import toy_flow
 
-__all__ = ["build_density_model"]
+__all__ = ["build_density_model", "build_model"]
 
 
 def build_density_model(data: str, options: dict[str, Any]) -> DensityModel:
@@ -25,11 +26,24 @@ def build_density_model(data: str, options: dict[str, Any]) -> DensityModel:
     return _call(image_flow, options, spec.shape, spec.levels)
 
 
+def build_model(task: str, data: str, options: dict[str, Any]) -> DensityModel | Classifier:
+    """The model of a run: a density model (``task="density"``) or the i-ResNet classifier
+    (``task="classify"``, image data only) with the data set's shape, classes and levels."""
+    if task == "density":
+        return build_density_model(data, options)
+    from ..data.images import IMAGE_DATASETS
+
+    if data not in IMAGE_DATASETS:
+        raise ValueError(f"task 'classify' needs an image data set ({', '.join(IMAGE_DATASETS)}), got {data!r}")
+    spec = IMAGE_DATASETS[data]
+    return _call(iresnet_classifier, {"levels": spec.levels, **options}, spec.shape, spec.classes)
+
+
 def _call(builder, options: dict[str, Any], *args: Any) -> DensityModel:
     try:
         return builder(*args, **options)
     except TypeError as error:
         import inspect
 
-        known = [p for p in inspect.signature(builder).parameters if p not in ("dim", "shape", "levels")]
+        known = [p for p in inspect.signature(builder).parameters if p not in ("dim", "shape", "levels", "classes")]
         raise ValueError(f"bad model options {options} for {builder.__name__} ({error}); known: {known}") from None

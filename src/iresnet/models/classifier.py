@@ -11,7 +11,29 @@ from torch import Tensor, nn
 from ..blocks import ActNorm, ResidualBlock, Sequential, Squeeze
 from .branches import conv_branch
 
-__all__ = ["InjectivePad", "Classifier", "iresnet_classifier"]
+__all__ = ["Rescale", "InjectivePad", "Classifier", "iresnet_classifier"]
+
+
+class Rescale(nn.Module):
+    """Integer images with ``levels`` levels to ``[-0.5, 0.5]``: ``x / (levels - 1) - 0.5``, an
+    invertible affine map (no log-det is needed in a classifier's trunk: ``None``)."""
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        if levels < 2:
+            raise ValueError(f"levels must be at least 2, got {levels}")
+        self.levels = levels
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        if not x.is_floating_point():
+            x = x.to(torch.get_default_dtype())
+        return x / (self.levels - 1) - 0.5, None
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return (y + 0.5) * (self.levels - 1)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}"
 
 
 class InjectivePad(nn.Module):
@@ -63,6 +85,7 @@ def iresnet_classifier(
     shape: tuple[int, int, int],
     classes: int = 10,
     *,
+    levels: int | None = None,
     pad_channels: int = 0,
     blocks: tuple[int, ...] = (4, 4, 4),
     hidden: tuple[int, ...] = (32, 64, 128),
@@ -70,8 +93,9 @@ def iresnet_classifier(
     activation: str = "elu",
     power_iterations: int = 1,
 ) -> Classifier:
-    """The i-ResNet classifier for images of ``shape`` ``(C, H, W)``: ``pad_channels`` zero
-    channels, then stage ``i`` of ``blocks[i]`` times ``[ActNorm, residual block]`` with the
+    """The i-ResNet classifier for images of ``shape`` ``(C, H, W)``: integer images with
+    ``levels`` levels rescaled to ``[-0.5, 0.5]`` (``None``: inputs taken as they are),
+    ``pad_channels`` zero channels, then stage ``i`` of ``blocks[i]`` times ``[ActNorm, residual block]`` with the
     bottleneck branch of width ``hidden[i]`` (coefficient ``coeff``; ``None`` for a plain ResNet),
     a squeeze between stages; the head is BatchNorm, ReLU, global average pooling and a linear
     layer. The paper's CIFAR-10 model: ``pad_channels=13, blocks=(13, 13, 13)``.
@@ -89,7 +113,9 @@ def iresnet_classifier(
     c, h, w = shape
     if h % 2 ** (len(blocks) - 1) or w % 2 ** (len(blocks) - 1):
         raise ValueError(f"an image of {h}x{w} cannot be squeezed between {len(blocks)} stages")
-    layers: list[nn.Module] = [InjectivePad(pad_channels)] if pad_channels else []
+    layers: list[nn.Module] = [Rescale(levels)] if levels is not None else []
+    if pad_channels:
+        layers.append(InjectivePad(pad_channels))
     c += pad_channels
     for i, (n_blocks, width) in enumerate(zip(blocks, hidden)):
         if i:

@@ -67,6 +67,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 1000,
         "checkpoint_every": 1000,
     },
+    # the i-ResNet classifier on the digits, minutes on a CPU; model.coeff=null gives the ResNet baseline
+    "digits-classifier": {
+        "task": "classify",
+        "data": "digits",
+        "model": {"pad_channels": 3, "blocks": [4, 4], "hidden": [32, 64], "coeff": 0.9},
+        "steps": 2000,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "warmup_steps": 100,
+        "eval_every": 500,
+        "checkpoint_every": 500,
+    },
     # Residual Flows (Chen et al., 2019): README commands of rtqichen/residual-flows, train_img.py defaults;
     # 350 epochs at batch 64 (782 steps per CIFAR-10 epoch, 938 per MNIST epoch)
     "cifar10-paper": _residual_flows("cifar10", logit_alpha=0.05, steps_per_epoch=782),

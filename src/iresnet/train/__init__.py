@@ -3,10 +3,18 @@
 from .checkpoint import RunFiles, load_run
 from .config import TrainConfig, parse_override, resolve_config
 from .engine import TrainingError, TrainResult, train
-from .evaluate import Evaluation, accurate_estimator, evaluate, evaluate_baselines
+from .evaluate import (
+    ClassifierEvaluation,
+    Evaluation,
+    accurate_estimator,
+    evaluate,
+    evaluate_baselines,
+    evaluate_classifier,
+)
 from .sources import make_source
 
 __all__ = [
+    "ClassifierEvaluation",
     "Evaluation",
     "RunFiles",
     "TrainConfig",
@@ -15,6 +23,7 @@ __all__ = [
     "accurate_estimator",
     "evaluate",
     "evaluate_baselines",
+    "evaluate_classifier",
     "load_run",
     "make_source",
     "parse_override",

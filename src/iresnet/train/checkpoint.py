@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.build import build_density_model
-from ..models.density import DensityModel
+from ..models.build import build_model
 from .config import TrainConfig
 
 __all__ = ["RunFiles", "atomic_save", "save_weights", "load_run", "default_run_directory"]
@@ -72,13 +71,13 @@ def load_config(run: str | os.PathLike) -> TrainConfig:
     return TrainConfig(**json.loads(files.config.read_text()))
 
 
-def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[DensityModel, TrainConfig]:
+def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
     """The trained model of a run directory (its evaluation weights, from ``model.safetensors``,
     or else from the last checkpoint), in eval mode, with its config."""
     from safetensors.torch import load_file
 
     files, config = RunFiles(run), load_config(run)
-    model = build_density_model(config.data, config.model)
+    model = build_model(config.task, config.data, config.model)
     if files.weights.exists():
         state = load_file(str(files.weights))
     elif files.checkpoint.exists():

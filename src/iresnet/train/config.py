@@ -19,11 +19,13 @@ __all__ = ["TrainConfig", "resolve_config", "parse_override"]
 class TrainConfig:
     """Everything a training run depends on.
 
-    ``model`` holds the model builder's keyword arguments; the data set decides the builder
-    (:func:`~iresnet.models.toy_flow` for 2-D data, :func:`~iresnet.models.image_flow` for images).
+    ``model`` holds the model builder's keyword arguments; the task and the data set decide the
+    builder (:func:`~iresnet.models.toy_flow` for 2-D data, :func:`~iresnet.models.image_flow` for
+    images, :func:`~iresnet.models.iresnet_classifier` to classify images).
     """
 
     preset: str = "toy"
+    task: str = "density"
     data: str = "8gaussians"
     data_dir: str | None = None
     download: bool = False
@@ -50,6 +52,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.task not in ("density", "classify"):
+            raise ValueError(f"task must be 'density' or 'classify', got {self.task!r}")
         if self.optimizer not in ("adam", "adamax"):
             raise ValueError(f"optimizer must be 'adam' or 'adamax', got {self.optimizer!r}")
         if not self.lr > 0:

@@ -19,13 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.build import build_density_model
-from ..models.density import DensityModel
+from ..models.build import build_model
 from .checkpoint import RunFiles, atomic_save, default_run_directory, save_config, save_weights
 from .config import TrainConfig
 from .distributed import Processes, start_processes
 from .ema import ExponentialMovingAverage
-from .evaluate import Evaluation, accurate_estimator, evaluate
+from .evaluate import ClassifierEvaluation, Evaluation, accurate_estimator, evaluate, evaluate_classifier
 from .sources import DataSource, make_source
 
 __all__ = ["TrainingError", "TrainResult", "train"]
@@ -89,12 +88,14 @@ class _Trainer:
         self.source: DataSource = make_source(
             config.data, config.seed, config.eval_size, config.data_dir, config.download
         )
-        self.model: DensityModel = build_density_model(config.data, config.model).to(procs.device)
+        if config.task == "classify" and not hasattr(self.source, "labelled_batch"):
+            raise ValueError(f"task 'classify' needs labelled image data, and {config.data!r} has no labels")
+        self.model = build_model(config.task, config.data, config.model).to(procs.device)
         self.optimizer = _optimizer(config, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup(config))
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
-        self.evaluation: Evaluation | None = None
+        self.evaluation: Evaluation | ClassifierEvaluation | None = None
         self.writer = None
 
     # -- state -------------------------------------------------------------------------------
@@ -160,17 +161,20 @@ class _Trainer:
                 if isinstance(value, float):
                     self.writer.add_scalar(f"{entry['split']}/{key}", value, entry["step"])
 
-    def eval_model(self) -> DensityModel:
+    def eval_model(self) -> nn.Module:
         """A copy of the model with the EMA weights (if any) for evaluation."""
         model = copy.deepcopy(self.model)
         if self.ema is not None:
             self.ema.copy_to(model)
         return model.eval()
 
-    def run_evaluation(self) -> Evaluation:
+    def run_evaluation(self) -> Evaluation | ClassifierEvaluation:
         devices = [self.procs.device] if self.procs.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(_EVAL_SEED)
+            if self.config.task == "classify":
+                size = self.config.eval_size
+                return evaluate_classifier(self.eval_model(), self.source.test[:size], self.source.test_labels[:size])
             discrete = self.source.levels is not None
             return evaluate(
                 self.eval_model(),
@@ -180,13 +184,25 @@ class _Trainer:
             )
 
     # -- the loop ------------------------------------------------------------------------------
-    def train_step(self, model: nn.Module) -> tuple[float, float]:
+    def objective(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This step's loss (mean NLL of the data, or cross-entropy of the labels) and what to log."""
+        config, procs = self.config, self.procs
+        if config.task == "classify":
+            x, y = self.source.labelled_batch(self.step, config.batch_size, procs.rank, procs.world)
+            logits = model(x.to(procs.device))
+            y = y.to(procs.device)
+            loss = nn.functional.cross_entropy(logits, y)
+            return loss, {"nll": loss.detach(), "accuracy": (logits.argmax(1) == y).double().mean()}
+        x = self.source.batch(self.step, config.batch_size, procs.rank, procs.world)
+        loss = -model(x.to(procs.device)).mean()
+        return loss, {"nll": loss.detach()}
+
+    def train_step(self, model: nn.Module) -> dict[str, float]:
         config = self.config
-        x = self.source.batch(self.step, config.batch_size, self.procs.rank, self.procs.world)
-        loss = -model(x.to(self.procs.device)).mean()
-        reported = self.procs.mean(loss.detach()).item()
-        if not math.isfinite(reported):
-            raise TrainingError(self._failure(f"the loss is {reported}"))
+        loss, logged = self.objective(model)
+        reported = {key: self.procs.mean(value).item() for key, value in logged.items()}
+        if not math.isfinite(reported["nll"]):
+            raise TrainingError(self._failure(f"the loss is {reported['nll']}"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = config.grad_clip if config.grad_clip is not None else math.inf
@@ -198,7 +214,7 @@ class _Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
-        return reported, grad_norm
+        return {**reported, "grad_norm": grad_norm}
 
     def _failure(self, what: str) -> str:
         kept = f"the last checkpoint, {self.files.checkpoint}, is intact"
@@ -209,15 +225,31 @@ class _Trainer:
             "Lower the learning rate or set grad_clip, then run again (with --resume to continue)."
         )
 
-    def train_metrics(self, losses: list[float], norms: list[float], seconds: float) -> dict[str, Any]:
-        nll = sum(losses) / len(losses)
-        entry = {"step": self.step, "split": "train", "nll": nll}
-        if self.source.levels is not None:
-            entry["bits_per_dim"] = nll / (self.source.event_size * math.log(2))
-        entry.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=max(norms), steps_per_s=len(losses) / seconds)
+    def train_metrics(self, steps: list[dict[str, float]], seconds: float) -> dict[str, Any]:
+        """Means over the steps since the last record (the largest gradient norm)."""
+        entry: dict[str, Any] = {"step": self.step, "split": "train"}
+        for key in steps[0]:
+            if key != "grad_norm":
+                entry[key] = sum(s[key] for s in steps) / len(steps)
+        if self.config.task == "density" and self.source.levels is not None:
+            entry["bits_per_dim"] = entry["nll"] / (self.source.event_size * math.log(2))
+        entry.update(
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=max(s["grad_norm"] for s in steps),
+            steps_per_s=len(steps) / seconds,
+        )
         return entry
 
-    def test_metrics(self, evaluation: Evaluation) -> dict[str, Any]:
+    def test_metrics(self, evaluation: Evaluation | ClassifierEvaluation) -> dict[str, Any]:
+        if isinstance(evaluation, ClassifierEvaluation):
+            return {
+                "step": self.step,
+                "split": "test",
+                "nll": evaluation.nll,
+                "accuracy": evaluation.accuracy,
+                "error_percent": evaluation.error_percent,
+                "error_percent_se": evaluation.error_percent_se,
+            }
         entry = {"step": self.step, "split": "test", "nll": evaluation.nll, "nll_se": evaluation.nll_se}
         if evaluation.bits_per_dim is not None:
             entry.update(bits_per_dim=evaluation.bits_per_dim, bits_per_dim_se=evaluation.bits_per_dim_se)
@@ -232,20 +264,18 @@ class _Trainer:
         if self.procs.world > 1:
             model = nn.parallel.DistributedDataParallel(self.model)
         bar = tqdm(total=config.steps, initial=self.step, disable=not (self.progress and self.procs.main), unit="step")
-        losses: list[float] = []
-        norms: list[float] = []
+        steps: list[dict[str, float]] = []
         started = time.perf_counter()
         try:
             while self.step < config.steps:
-                loss, norm = self.train_step(model)
-                losses.append(loss)
-                norms.append(norm)
+                steps.append(self.train_step(model))
                 bar.update(1)
                 if self.step % config.log_every == 0 or self.step == config.steps:
-                    entry = self.train_metrics(losses, norms, time.perf_counter() - started)
+                    entry = self.train_metrics(steps, time.perf_counter() - started)
                     self.record(entry)
-                    bar.set_postfix({k: f"{entry[k]:.4f}" for k in ("nll", "bits_per_dim") if k in entry})
-                    losses, norms, started = [], [], time.perf_counter()
+                    shown = ("nll", "bits_per_dim", "accuracy")
+                    bar.set_postfix({k: f"{entry[k]:.4f}" for k in shown if k in entry})
+                    steps, started = [], time.perf_counter()
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     if self.procs.main:
                         self.evaluation = self.run_evaluation()
@@ -272,7 +302,7 @@ class _Trainer:
         save_weights(model, self.files.weights)
         from .pictures import draw_run
 
-        draw_run(model, self.source, self.files)
+        draw_run(model, self.source, self.files, self.config.task)
 
 
 def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> None:

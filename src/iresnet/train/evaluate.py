@@ -16,7 +16,16 @@ from ..lipschitz import converge_spectral_norms
 from ..logdet import LogDetEstimator, Roulette
 from ..models.density import DensityModel
 
-__all__ = ["Evaluation", "evaluate", "evaluate_baselines", "summarize", "accurate_estimator", "estimators_set_to"]
+__all__ = [
+    "ClassifierEvaluation",
+    "Evaluation",
+    "accurate_estimator",
+    "estimators_set_to",
+    "evaluate",
+    "evaluate_baselines",
+    "evaluate_classifier",
+    "summarize",
+]
 
 
 @dataclass
@@ -113,3 +122,42 @@ def evaluate_baselines(train: Tensor, test: Tensor, levels: int, seed: int = 0) 
         "independent pixels": summarize(pixels.log_prob(test), event_size, True),
         "full-covariance Gaussian": summarize(gaussian.log_prob(test, generator), event_size, True),
     }
+
+
+@dataclass
+class ClassifierEvaluation:
+    """Test error in percent (the papers' form) with its binomial standard error, and the mean
+    cross-entropy in nats."""
+
+    n: int
+    error_percent: float
+    error_percent_se: float
+    nll: float
+
+    @property
+    def accuracy(self) -> float:
+        return 1 - self.error_percent / 100
+
+    def __str__(self) -> str:
+        return (
+            f"test error {self.error_percent:.2f} +- {self.error_percent_se:.2f} %, "
+            f"cross-entropy {self.nll:.4f} nats ({self.n} examples)"
+        )
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500
+) -> ClassifierEvaluation:
+    """Error and cross-entropy of ``model`` on ``images`` in eval mode, spectral norms converged."""
+    model.eval()
+    converge_spectral_norms(model)
+    device = next(model.parameters()).device
+    logits = torch.cat([model(x.to(device)).double().cpu() for x in images.split(batch_size)])
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the classifier's test logits are not all finite")
+    wrong = (logits.argmax(1) != labels).double()
+    n = len(labels)
+    error = wrong.mean().item()
+    nll = torch.nn.functional.cross_entropy(logits, labels).item()
+    return ClassifierEvaluation(n, 100 * error, 100 * math.sqrt(error * (1 - error) / n), nll)

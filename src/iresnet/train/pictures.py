@@ -4,6 +4,7 @@ density beside the data and samples beside data for 2-D runs; a grid of samples 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .. import plots
 from ..models.density import DensityModel
@@ -29,8 +30,10 @@ def draw_samples(model: DensityModel, source: DataSource, path, n: int, seed: in
     return samples
 
 
-def draw_run(model: DensityModel, source: DataSource, files: RunFiles) -> None:
+def draw_run(model: nn.Module, source: DataSource, files: RunFiles, task: str = "density") -> None:
     plots.training_curves(files.metrics, files.root / "curves.png")
+    if task != "density":
+        return
     if source.levels is None:
         plots.density_map(model, source.test.to(next(model.parameters()).device), files.root / "density.png")
         draw_samples(model, source, files.root / "samples.png", 2000)

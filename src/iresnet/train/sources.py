@@ -61,6 +61,10 @@ class ImageSource(DataSource):
         self._order: tuple[int, Tensor] | None = None
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Tensor:
+        return self.labelled_batch(step, batch_size, rank, world)[0]
+
+    def labelled_batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
+        """The images of :meth:`batch` and their labels."""
         per_epoch = len(self.train) // batch_size
         if per_epoch == 0:
             raise ValueError(f"batch_size {batch_size} exceeds the {len(self.train)} training images")
@@ -68,7 +72,7 @@ class ImageSource(DataSource):
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, torch.randperm(len(self.train), generator=_generator(self.seed, epoch)))
         rows = self._order[1][index * batch_size : (index + 1) * batch_size][rank::world]
-        return self.train[rows]
+        return self.train[rows], self.train_labels[rows]
 
 
 def make_source(data: str, seed: int, eval_size: int, root: str | None = None, download: bool = False) -> DataSource:
