@@ -145,3 +145,38 @@ def test_classifier_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
 def test_unknown_arguments_are_refused(capsys: pytest.CaptureFixture) -> None:
     assert run_cli("train", "--stepz", "3") == 2
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err
+
+
+def test_reconstruct_a_classifier(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("sklearn")
+    out = tmp_path / "cls"
+    small = ["model.blocks=[1,1]", "model.hidden=[8,8]", "eval_size=64", "--batch-size", "32"]
+    assert run_cli("train", "--preset", "digits-classifier", "--out", str(out), "--steps", "3", *small) == 0
+    capsys.readouterr()
+    assert run_cli("reconstruct", str(out), "--n", "4") == 0
+    printed = capsys.readouterr().out
+    error = float(printed.split("max abs error ")[1].split(",")[0])
+    assert error < 1e-2  # intensity levels 0..16
+    assert (out / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
+    lines = printed.splitlines()
+    assert lines[0].split()[:2] == ["block", "certified"] and len(lines) == 1 + 2 + 2  # header, 2 blocks, 2 lines
+
+
+def test_reconstruct_reports_where_a_plain_resnet_fails() -> None:
+    """An unconstrained trunk with large weights: the report names the failure, no exception."""
+    import torch
+
+    from iresnet.models import iresnet_classifier
+    from iresnet.train.reconstruct import reconstruct
+
+    model = iresnet_classifier((1, 8, 8), 10, levels=17, blocks=(2, 2), hidden=(8, 8), coeff=None)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(10)
+    images = torch.randint(0, 17, (4, 1, 8, 8))
+    model(images)
+    result = reconstruct(model, images)
+    assert result.images is None and result.failure.startswith("fixed_point: fixed-point inversion")
+    assert all(block.bound > 1 for block in result.blocks)
+    assert result.blocks[-1].iterations["fixed_point"] is None

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 _TRAIN_EPILOG = """settings come from the preset, then --config (a JSON object of settings), then the
 flags, then KEY=VALUE overrides (model options as model.KEY=VALUE, e.g. model.hidden=64); the
 resolved settings are saved as RUN/config.json. Under torchrun the same command trains with
@@ -55,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="the PNG to write (default RUN/samples.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu")
+
+    rebuild = commands.add_parser(
+        "reconstruct", help="invert a classifier's trunk from its features back to the inputs; writes a PNG"
+    )
+    rebuild.add_argument("run", help="the run directory of a classifier")
+    rebuild.add_argument("--n", type=int, default=16, help="number of test images (default 16)")
+    rebuild.add_argument("--out", help="the PNG to write (default RUN/reconstructions.png)")
+    rebuild.add_argument("--device", default="cpu")
 
     demo = commands.add_parser("demo", help="build a residual block, certify, invert it and check its log-det")
     demo.add_argument("--dim", type=int, default=2, help="data dimension (default 2)")
@@ -157,6 +167,46 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _iteration_cells(counts: list[int | None]) -> list[str]:
+    """Iteration counts per block; the trunk inverts from its last block to its first, so the last
+    block without a count failed and the ones before it were not reached."""
+    failed = max((i for i, c in enumerate(counts) if c is None), default=None)
+    return [str(c) if c is not None else "failed" if i == failed else "not reached" for i, c in enumerate(counts)]
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from . import plots
+    from .train import load_run
+    from .train.reconstruct import reconstruct
+
+    model, config = load_run(args.run, args.device)
+    if config.task != "classify":
+        raise ValueError(f"{args.run} holds a {config.task!r} run: reconstruct inverts a classifier's trunk")
+    source = _source(config)
+    images = source.test[: args.n].to(args.device)
+    result = reconstruct(model, images)
+    print(f"{'block':>5} {'certified Lip(g)':>17} {'fixed-point iterations':>23} {'Anderson iterations':>20}")
+    columns = []
+    for method in ("fixed_point", "anderson"):
+        counts = [block.iterations.get(method) for block in result.blocks]
+        failed = max((i for i, c in enumerate(counts) if c is None), default=None)  # inverted last to first
+        columns.append(
+            [str(c) if c is not None else "failed" if i == failed else "not reached" for i, c in enumerate(counts)]
+        )
+    for i, block in enumerate(result.blocks):
+        print(f"{i:>5} {block.bound:>17.4f} {columns[0][i]:>23} {columns[1][i]:>20}")
+    if result.images is None:
+        print(f"the inversion failed, so the trunk cannot be inverted from its features: {result.failure}")
+        return 1
+    path = args.out or f"{args.run}/reconstructions.png"
+    shown = result.images.round().clamp(0, source.levels - 1).to(torch.uint8).cpu()
+    scale = max(1, 64 // images.shape[-1])
+    plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale)
+    print(f"originals | reconstructions written to {path}")
+    print(f"max abs error {result.max_error:.3g}, mean abs error {result.mean_error:.3g} (in intensity levels)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -170,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         run_demo(dim=args.dim, hidden=args.hidden, coeff=args.coeff, seed=args.seed)
         return
-    commands = {"train": _train, "eval": _evaluate, "sample": _sample}
+    commands = {"train": _train, "eval": _evaluate, "sample": _sample, "reconstruct": _reconstruct}
     try:
         code = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
