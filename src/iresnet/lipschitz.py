@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .activations import LipSwish
+from .attributes import attribute_set
 
 __all__ = [
     "SpectralNorm",
@@ -252,19 +253,10 @@ def converge_spectral_norms(
     return count
 
 
-@contextlib.contextmanager
-def frozen_power_iteration(model: nn.Module) -> Iterator[None]:
+def frozen_power_iteration(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Within the context no spectral norm in ``model`` updates its estimate, as in eval mode,
     so that repeated evaluations (an inversion's iterations) see one fixed function."""
-    norms = [p for _, p in _spectral_norms(model)]
-    modes = [p.training for p in norms]
-    for p in norms:
-        p.training = False
-    try:
-        yield
-    finally:
-        for p, mode in zip(norms, modes):
-            p.training = mode
+    return attribute_set((p for _, p in _spectral_norms(model)), "training", False)
 
 
 @contextlib.contextmanager

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..attributes import attribute_set
 from ..blocks import ResidualBlock
 from ..data.preprocess import bits_per_dim
 from ..lipschitz import converge_spectral_norms
@@ -52,19 +52,12 @@ def accurate_estimator() -> LogDetEstimator:
     return Roulette(n_exact_terms=20, n_samples=4)
 
 
-@contextlib.contextmanager
-def estimators_set_to(model: nn.Module, estimator: LogDetEstimator | None) -> Iterator[None]:
+def estimators_set_to(model: nn.Module, estimator: LogDetEstimator | None) -> contextlib.AbstractContextManager[None]:
     """Within the context every residual block of ``model`` uses ``estimator`` (if not None)."""
+    if estimator is None:
+        return contextlib.nullcontext()
     blocks = [m for m in model.modules() if isinstance(m, ResidualBlock) and m.logdet is not None]
-    saved = [b.logdet for b in blocks]
-    if estimator is not None:
-        for block in blocks:
-            block.logdet = estimator
-    try:
-        yield
-    finally:
-        for block, previous in zip(blocks, saved):
-            block.logdet = previous
+    return attribute_set(blocks, "logdet", estimator)
 
 
 @torch.no_grad()

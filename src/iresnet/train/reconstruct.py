@@ -4,13 +4,12 @@ block's certified Lipschitz bound (Behrmann et al., 2019, section 5)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ..attributes import attribute_set
 from ..blocks import ResidualBlock
 from ..inverse import InversionError
 from ..lipschitz import converge_spectral_norms, lipschitz_bound
@@ -56,7 +55,7 @@ def reconstruct(
         for block in blocks:
             block.last_inversion = None
         try:
-            with _method(blocks, method):
+            with attribute_set(blocks, "inverse_method", method):
                 result = model.reconstruct(features)
         except InversionError as error:
             failure = failure or f"{method}: {error}"
@@ -69,16 +68,3 @@ def reconstruct(
         return Reconstruction(None, None, None, reports, failure)
     error = (recovered - images.to(recovered)).abs()
     return Reconstruction(recovered, error.max().item(), error.mean().item(), reports, failure)
-
-
-@contextlib.contextmanager
-def _method(blocks: list[ResidualBlock], method: str) -> Iterator[None]:
-    """Every block inverts with ``method`` within the context."""
-    saved = [block.inverse_method for block in blocks]
-    for block in blocks:
-        block.inverse_method = method
-    try:
-        yield
-    finally:
-        for block, previous in zip(blocks, saved):
-            block.inverse_method = previous
