@@ -180,3 +180,12 @@ def test_reconstruct_reports_where_a_plain_resnet_fails() -> None:
     assert result.images is None and result.failure.startswith("fixed_point: fixed-point inversion")
     assert all(block.bound > 1 for block in result.blocks)
     assert result.blocks[-1].iterations["fixed_point"] is None
+
+
+BAD_COUNTS = [["sample", "RUN", "--n", "0"], ["reconstruct", "RUN", "--n", "-3"], ["eval", "RUN", "--batch-size", "0"]]
+
+
+@pytest.mark.parametrize("command", BAD_COUNTS)
+def test_counts_must_be_positive(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert run_cli(*command) == 2
+    assert "must be at least 1" in capsys.readouterr().err

@@ -16,6 +16,14 @@ resolved settings are saved as RUN/config.json. Under torchrun the same command 
 DistributedDataParallel: torchrun --nproc-per-node 2 -m iresnet train ..."""
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
@@ -49,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run", help="the run directory")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     evaluate.add_argument("--device", default="cpu")
-    evaluate.add_argument("--batch-size", dest="batch_size", type=int, default=500)
+    evaluate.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=500)
 
     sample = commands.add_parser("sample", help="draw samples by inverting a trained flow; writes a PNG")
     sample.add_argument("run", help="the run directory")
-    sample.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    sample.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", help="the PNG to write (default RUN/samples.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default="cpu")
@@ -62,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reconstruct", help="invert a classifier's trunk from its features back to the inputs; writes a PNG"
     )
     rebuild.add_argument("run", help="the run directory of a classifier")
-    rebuild.add_argument("--n", type=int, default=16, help="number of test images (default 16)")
+    rebuild.add_argument("--n", type=_positive_int, default=16, help="number of test images (default 16)")
     rebuild.add_argument("--out", help="the PNG to write (default RUN/reconstructions.png)")
     rebuild.add_argument("--device", default="cpu")
 
