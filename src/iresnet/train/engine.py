@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.preprocess import bits_per_dim
 from ..models.build import build_model
 from .checkpoint import RunFiles, atomic_save, default_run_directory, save_config, save_weights
 from .config import TrainConfig
@@ -232,7 +233,7 @@ class _Trainer:
             if key != "grad_norm":
                 entry[key] = sum(s[key] for s in steps) / len(steps)
         if self.config.task == "density" and self.source.levels is not None:
-            entry["bits_per_dim"] = entry["nll"] / (self.source.event_size * math.log(2))
+            entry["bits_per_dim"] = bits_per_dim(torch.tensor(-entry["nll"]), self.source.event_size).item()
         entry.update(
             lr=self.optimizer.param_groups[0]["lr"],
             grad_norm=max(s["grad_norm"] for s in steps),
