@@ -139,7 +139,7 @@ def test_classifier_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["n"] == 297 and 0 <= report["error_percent"] <= 100 and report["task"] == "classify"
     assert run_cli("sample", str(out)) == 2
-    assert "only density models can be sampled" in capsys.readouterr().err
+    assert "only density and hybrid models can be sampled" in capsys.readouterr().err
 
 
 def test_unknown_arguments_are_refused(capsys: pytest.CaptureFixture) -> None:
@@ -189,3 +189,26 @@ BAD_COUNTS = [["sample", "RUN", "--n", "0"], ["reconstruct", "RUN", "--n", "-3"]
 def test_counts_must_be_positive(command: list[str], capsys: pytest.CaptureFixture) -> None:
     assert run_cli(*command) == 2
     assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_hybrid_run_semi_supervised(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--task hybrid --lambda --labelled-fraction: eval reports the error and bits/dim together;
+    the hybrid's flow samples and scores OOD data like a density model."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "hybrid"
+    small = ["model.scales=2", "model.blocks=1", "model.hidden=8", "model.fc_blocks=0", "eval_size=64"]
+    flags = ["--preset", "digits", "--task", "hybrid", "--lambda", "0.5", "--labelled-fraction", "0.2"]
+    flags += ["--out", str(out), "--steps", "3", "--batch-size", "32", "--no-progress"]
+    assert run_cli("train", *flags, *small) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["task"], saved["hybrid_lambda"], saved["labelled_fraction"]) == ("hybrid", 0.5, 0.2)
+    capsys.readouterr()
+    assert run_cli("eval", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "test error" in printed and "bits/dim" in printed and "baseline, independent pixels" in printed
+    assert run_cli("eval", str(out), "--json", "--ood", "noise") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["task"] == "hybrid" and report["n"] == 297 and 0 <= report["classifier"]["error_percent"] <= 100
+    assert report["bits_per_dim"] > 0 and 0 <= report["ood"]["auroc"] <= 1
+    assert run_cli("sample", str(out), "--n", "4") == 0
+    assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"

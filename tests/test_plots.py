@@ -202,6 +202,18 @@ def test_side_by_side_puts_left_and_right_in_two_columns(tmp_path: Path) -> None
         plots.side_by_side(left, right[:2], tmp_path / "bad.png")
 
 
+def test_side_by_side_with_several_pairs_to_a_row(tmp_path: Path) -> None:
+    left = (20 * torch.arange(3)).view(3, 1, 1, 1).expand(3, 1, 2, 3)
+    canvas = plots.side_by_side(left, 100 + left, tmp_path / "pairs.png", pairs_per_row=2).numpy()
+    assert canvas.shape == (2 * 2 + 1, 4 * 3 + 3, 3)  # two rows of two pairs, the last pair alone
+    for k, (top, first) in enumerate([(0, 0), (0, 8), (3, 0)]):
+        assert (canvas[top : top + 2, first : first + 3] == 20 * k).all()
+        assert (canvas[top : top + 2, first + 4 : first + 7] == 100 + 20 * k).all()
+    assert (canvas[3:5, 8:15] == 255).all()  # the empty slot of the last row
+    with pytest.raises(ValueError, match="pairs_per_row must be positive"):
+        plots.side_by_side(left, left, tmp_path / "bad.png", pairs_per_row=0)
+
+
 def _write_jsonl(path: Path, lines: list) -> Path:
     path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
     return path

@@ -210,3 +210,88 @@ def test_classify_needs_labelled_images(tmp_path: Path) -> None:
         train(config(tmp_path / "run", task="classify", model={}), progress=False)
     with pytest.raises(ValueError, match="task must be"):
         config(tmp_path / "run", task="regress")
+
+
+def test_sgd_with_milestones(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    settings = {"lr": 0.01, "warmup_steps": 0, "optimizer": "sgd", "lr_milestones": [2, 4], "lr_gamma": 0.5}
+    train(config(run, steps=6, **settings), progress=False)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    # the lr logged after step k is the next step's: halved from step 2 on, and again from step 4 on
+    assert [r["lr"] for r in records(run)] == pytest.approx([0.01, 0.005, 0.005, 0.0025, 0.0025, 0.0025])
+    with pytest.raises(ValueError, match="lr_milestones must be increasing"):
+        config(run, lr_milestones=[4, 2])
+    with pytest.raises(ValueError, match="optimizer must be"):
+        config(run, optimizer="rmsprop")
+
+
+HYBRID = {
+    "model": {"scales": 2, "blocks": 1, "hidden": 8, "fc_blocks": 0},
+    "batch_size": 32,
+    "eval_size": 64,
+    "log_every": 1,
+}
+
+
+def hybrid_config(out: Path, **settings):
+    pytest.importorskip("sklearn")
+    return resolve_config("digits-hybrid", None, [HYBRID, {"out": str(out)}, settings])
+
+
+def test_hybrid_run_logs_accuracy_and_bits_per_dim(tmp_path: Path) -> None:
+    result = train(hybrid_config(tmp_path / "run", steps=3, eval_every=3), progress=False)
+    entry = records(tmp_path / "run")[-1]
+    assert {"cross_entropy", "accuracy", "nll", "bits_per_dim"} <= entry.keys()
+    test = records(tmp_path / "run", "test")[-1]
+    assert test["error_percent"] == pytest.approx(result.evaluation.classifier.error_percent)
+    assert test["bits_per_dim"] == pytest.approx(result.evaluation.density.bits_per_dim)
+    assert (tmp_path / "run/samples.png").exists()  # the hybrid's flow samples like a density model
+    model, _ = load_run(tmp_path / "run")
+    logits, log_prob = model(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+    assert logits.shape == (2, 10) and log_prob.shape == (2,)
+
+
+@pytest.mark.parametrize("hybrid_lambda, rows", [(1.0, 64), (0.0, 32)])
+def test_semi_supervised_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hybrid_lambda, rows) -> None:
+    """With labels for a fraction only, unlabelled images join each batch when they count (lambda > 0);
+    the cross-entropy sees the labelled ones alone."""
+    from iresnet.models import HybridModel
+
+    seen = []
+    original = HybridModel.forward
+
+    def spying(self, x):
+        if self.training:
+            seen.append(len(x))
+        return original(self, x)
+
+    monkeypatch.setattr(HybridModel, "forward", spying)
+    cfg = hybrid_config(tmp_path / "run", steps=2, labelled_fraction=0.1, hybrid_lambda=hybrid_lambda)
+    train(cfg, progress=False)
+    assert seen == [rows, rows]
+    with pytest.raises(ValueError, match="a density model uses no labels"):
+        resolve_config("digits", None, [{"labelled_fraction": 0.5}])
+
+
+def test_hybrid_loss_weighs_the_density_by_lambda_over_dimension(tmp_path: Path, monkeypatch) -> None:
+    """The gradient of the hybrid loss is that of cross-entropy + lambda * NLL / D, checked by
+    recomputing both terms on the step's batch."""
+    from iresnet.train.distributed import start_processes
+    from iresnet.train.engine import _Trainer
+
+    procs = start_processes("cpu")
+    try:
+        trainer = _Trainer(hybrid_config(tmp_path / "run", hybrid_lambda=3.0), procs, progress=False)
+        trainer.model(trainer.source.batch(0, 32))  # ActNorm's initialisation from data
+        trainer.model.eval()  # no power-iteration updates between the two passes
+        torch.manual_seed(5)
+        loss, logged = trainer.objective(trainer.model)
+        x, y = trainer.source.labelled_batch(0, 32)
+        torch.manual_seed(5)
+        logits, log_prob = trainer.model(x)
+        expected = torch.nn.functional.cross_entropy(logits, y) - 3.0 * log_prob.mean() / 64
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert logged["nll"].item() == pytest.approx(-log_prob.mean().item(), rel=1e-6)
+    finally:
+        procs.close()

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .models.density import DensityModel
+    from .train import TrainConfig
+    from .train.ood import OODReport
+    from .train.sources import DataSource
 
 _TRAIN_EPILOG = """settings come from the preset, then --config (a JSON object of settings), then the
 flags, then KEY=VALUE overrides (model options as model.KEY=VALUE, e.g. model.hidden=64); the
@@ -27,18 +34,23 @@ def _positive_int(text: str) -> int:
 def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
-        help="train a density model",
+        help="train a density model, a classifier or a hybrid",
         description="Train a residual flow; with no arguments, the toy preset (8 Gaussians, minutes on a CPU).",
         epilog=_TRAIN_EPILOG,
     )
     train.add_argument("--preset", help="toy (default), digits, mnist-paper, cifar10-paper")
     train.add_argument("--config", help="a JSON file of settings, applied over the preset")
+    train.add_argument("--task", help="density (default), classify, or hybrid (both, one network)")
     train.add_argument("--data", help="8gaussians, checkerboard, ..., digits, mnist, cifar10")
     train.add_argument("--data-dir", dest="data_dir", help="where MNIST / CIFAR-10 files are (or go)")
     train.add_argument("--download", action="store_const", const=True, help="download MNIST / CIFAR-10 if absent")
     train.add_argument("--steps", type=int, help="optimiser steps")
     train.add_argument("--batch-size", dest="batch_size", type=int)
     train.add_argument("--lr", type=float, help="learning rate after warm-up")
+    train.add_argument("--lambda", dest="hybrid_lambda", type=float, help="hybrid: log p(y|x) + LAMBDA log p(x) / D")
+    train.add_argument(
+        "--labelled-fraction", dest="labelled_fraction", type=float, help="keep the labels of this fraction only"
+    )
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     train.add_argument("--out", help="the run directory (default runs/PRESET)")
@@ -58,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=500)
+    evaluate.add_argument(
+        "--ood",
+        metavar="DATA",
+        help="also the likelihoods of other data: noise, inverted, or an image data set with the run's shape; "
+        "writes RUN/ood-DATA.png",
+    )
 
     sample = commands.add_parser("sample", help="draw samples by inverting a trained flow; writes a PNG")
     sample.add_argument("run", help="the run directory")
@@ -85,7 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from .train import TrainingError, parse_override, resolve_config, train
 
-    flags = ("data", "data_dir", "download", "steps", "batch_size", "lr", "seed", "device", "out", "tensorboard")
+    flags = (
+        "task",
+        "data",
+        "data_dir",
+        "download",
+        "steps",
+        "batch_size",
+        "lr",
+        "hybrid_lambda",
+        "labelled_fraction",
+        "seed",
+        "device",
+        "out",
+        "tensorboard",
+    )
     overrides: list[dict[str, Any]] = [{k: getattr(args, k) for k in flags if getattr(args, k) is not None}]
     overrides += [parse_override(text) for text in args.overrides]
     config = resolve_config(args.preset, args.config, overrides)
@@ -110,7 +142,14 @@ def _train(args: argparse.Namespace) -> int:
 def _source(config):
     from .train import make_source
 
-    return make_source(config.data, config.seed, config.eval_size, config.data_dir, config.download)
+    return make_source(
+        config.data,
+        config.seed,
+        config.eval_size,
+        config.data_dir,
+        config.download,
+        labelled_fraction=config.labelled_fraction,
+    )
 
 
 def _baselines(source) -> dict[str, Any]:
@@ -128,10 +167,14 @@ def _print_baselines(baselines: dict[str, Any]) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from .train import accurate_estimator, evaluate, evaluate_classifier, load_run
+    from .train import accurate_estimator, evaluate, evaluate_classifier, evaluate_hybrid, load_run
 
     model, config = load_run(args.run, args.device)
     source = _source(config)
+    if args.ood is not None and (config.task == "classify" or source.levels is None):
+        raise ValueError(
+            f"--ood needs a density model of images; {args.run} holds a {config.task} run on {config.data}"
+        )
     if config.task == "classify":
         result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size)
         report = {"run": str(args.run), "data": config.data, "task": config.task, **asdict(result)}
@@ -139,17 +182,70 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 0
     discrete = source.levels is not None
     estimator = accurate_estimator() if discrete else None
-    result = evaluate(
-        model, source.test, discrete=discrete, batch_size=args.batch_size, estimator=estimator, progress=not args.json
-    )
+    classifier = None
+    if config.task == "hybrid":
+        test = (source.test, source.test_labels)
+        hybrid = evaluate_hybrid(model, *test, batch_size=args.batch_size, estimator=estimator)
+        classifier, result, model = hybrid.classifier, hybrid.density, model.density
+    if args.ood is not None:  # the comparison's test-set likelihoods are the usual evaluation
+        comparison, picture = _compare_ood(args, model, config, source)
+        result = comparison.in_distribution
+    elif classifier is None:
+        result = evaluate(
+            model,
+            source.test,
+            discrete=discrete,
+            batch_size=args.batch_size,
+            estimator=estimator,
+            progress=not args.json,
+        )
     baselines = _baselines(source) if discrete else {}
-    report = {"run": str(args.run), "data": config.data, **asdict(result)}
+    report = {"run": str(args.run), "data": config.data, "task": config.task, **asdict(result)}
+    if classifier is not None:
+        report["classifier"] = asdict(classifier)
     if baselines:
         report["baselines"] = {name: asdict(value) for name, value in baselines.items()}
-    _write_report(args, report, str(result))
+    if args.ood is not None:
+        report["ood"] = {
+            "data": args.ood,
+            "in": asdict(comparison.in_distribution),
+            "out": asdict(comparison.out_of_distribution),
+            "auroc": comparison.auroc,
+            "picture": picture,
+        }
+    _write_report(args, report, str(result) if classifier is None else f"{classifier}\n{result}")
     if not args.json:
         _print_baselines(baselines)
+        if args.ood is not None:
+            _print_ood(f"{config.data} test", args.ood, comparison, picture)
     return 0
+
+
+def _compare_ood(
+    args: argparse.Namespace, model: DensityModel, config: TrainConfig, source: DataSource
+) -> tuple[OODReport, str]:
+    """The likelihoods of the test set and of the ``--ood`` data, and the path of their
+    histograms, written to ``RUN/ood-DATA.png``."""
+    from . import plots
+    from .train.ood import compare_likelihoods, ood_inputs
+
+    generator = torch.Generator().manual_seed(config.seed)
+    out_images = ood_inputs(args.ood, source.test, source.levels, generator, config.data_dir, config.download)
+    comparison = compare_likelihoods(model, source.test, out_images, batch_size=args.batch_size, progress=not args.json)
+    picture = f"{args.run}/ood-{args.ood}.png"
+    labels = (f"{config.data} test", args.ood)
+    plots.likelihood_histograms(
+        comparison.in_bits_per_dim, comparison.out_bits_per_dim, labels, comparison.auroc, path=picture
+    )
+    return comparison, picture
+
+
+def _print_ood(in_name: str, out_name: str, comparison: OODReport, picture: str) -> None:
+    print(f"{'data set':<20} {'n':>6}  bits/dim")
+    for name, result in ((in_name, comparison.in_distribution), (out_name, comparison.out_of_distribution)):
+        print(f"{name:<20} {result.n:>6}  {result.bits_per_dim:.4f} +- {result.bits_per_dim_se:.4f}")
+    print(f"AUROC {comparison.auroc:.4f} (in-distribution = higher likelihood)")
+    print(f"likelihood histograms written to {picture}")
 
 
 def _write_report(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
@@ -165,8 +261,10 @@ def _sample(args: argparse.Namespace) -> int:
     from .train.pictures import draw_samples
 
     model, config = load_run(args.run, args.device)
-    if config.task != "density":
-        raise ValueError(f"{args.run} holds a {config.task!r} run: only density models can be sampled")
+    if config.task == "classify":
+        raise ValueError(f"{args.run} holds a 'classify' run: only density and hybrid models can be sampled")
+    if config.task == "hybrid":
+        model = model.density
     converge_spectral_norms(model)
     source = _source(config)
     path = args.out or f"{args.run}/samples.png"
@@ -209,7 +307,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     path = args.out or f"{args.run}/reconstructions.png"
     shown = result.images.round().clamp(0, source.levels - 1).to(torch.uint8).cpu()
     scale = max(1, 64 // images.shape[-1])
-    plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale)
+    pairs_per_row = math.ceil(math.sqrt(len(images)))
+    plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale, pairs_per_row=pairs_per_row)
     print(f"originals | reconstructions written to {path}")
     print(f"max abs error {result.max_error:.3g}, mean abs error {result.mean_error:.3g} (in intensity levels)")
     return 0

@@ -1,5 +1,5 @@
 """Pictures for the command line tool: model densities and samples of the toy 2-D data, image
-grids, reconstructions and training curves, each written as a PNG.
+grids, reconstructions, training curves and likelihood histograms, each written as a PNG.
 
 Everything works headless: figures are ``matplotlib.figure.Figure`` objects drawn by the Agg
 canvas, never registered with ``pyplot``, so nothing needs closing and no window opens.
@@ -29,14 +29,25 @@ from torch import Tensor
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["density_map", "scatter_samples", "image_grid", "side_by_side", "read_metrics", "training_curves"]
+__all__ = [
+    "density_map",
+    "scatter_samples",
+    "image_grid",
+    "side_by_side",
+    "read_metrics",
+    "training_curves",
+    "likelihood_histograms",
+]
 
 PathLike = str | os.PathLike
 
 CHUNK_SIZE = 10_000
 """Grid points per call of ``log_prob`` in :func:`density_map`."""
 
-METRICS = ("nll", "bits_per_dim", "accuracy", "lr")
+HISTOGRAM_BINS = 40
+"""Bins of :func:`likelihood_histograms`, shared by both sets."""
+
+METRICS = ("nll", "bits_per_dim", "cross_entropy", "accuracy", "lr")
 """The fields of ``metrics.jsonl`` that :func:`training_curves` plots, in panel order."""
 
 _DPI = 100
@@ -250,19 +261,21 @@ def image_grid(images: Tensor, path: PathLike, *, nrow: int | None = None, level
     return canvas
 
 
-def side_by_side(left: Tensor, right: Tensor, path: PathLike, *, levels: int = 256, scale: int = 1) -> Tensor:
-    """Write two image sets of one shape (N, C, H, W) as one PNG: a column of ``left`` beside
-    a column of ``right`` (row k: ``left[k] | right[k]``, e.g. originals | reconstructions),
-    1-pixel white gaps; returns the uint8 canvas (N H + N - 1, 2 W + 1, 3) (times ``scale``
-    without the gaps), on the CPU. Value conventions as in :func:`image_grid`."""
+def side_by_side(
+    left: Tensor, right: Tensor, path: PathLike, *, levels: int = 256, scale: int = 1, pairs_per_row: int = 1
+) -> Tensor:
+    """Write two image sets of one shape (N, C, H, W) as one PNG of pairs ``left[k] | right[k]``
+    (e.g. original | reconstruction), ``pairs_per_row`` pairs to a row, 1-pixel white gaps;
+    returns the uint8 canvas, on the CPU: (N H + N - 1, 2 W + 1, 3) for one pair a row (times
+    ``scale`` without the gaps). Value conventions as in :func:`image_grid`."""
     if not (isinstance(left, Tensor) and isinstance(right, Tensor)) or left.shape != right.shape:
         shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (left, right)]
         raise ValueError(f"left and right must be tensors of the same shape, got {shapes[0]} and {shapes[1]}")
-    if scale < 1:
-        raise ValueError(f"scale must be positive, got {scale}")
+    if scale < 1 or pairs_per_row < 1:
+        raise ValueError(f"scale and pairs_per_row must be positive, got {scale} and {pairs_per_row}")
     pairs = torch.stack([_to_uint8(left, levels, "left"), _to_uint8(right, levels, "right")], 1)
     tiles = pairs.flatten(0, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    canvas = _tile(tiles, 2)
+    canvas = _tile(tiles, 2 * pairs_per_row)
     _write_png(canvas, path)
     return canvas
 
@@ -330,7 +343,13 @@ def training_curves(metrics_path: PathLike, path: PathLike) -> None:
         metrics.pop("nll", None)
     if not metrics:
         raise ValueError(f"{metrics_path}: no line holds any of the metrics {', '.join(METRICS)}")
-    labels = {"nll": "nll (nats)", "bits_per_dim": "bits per dim", "accuracy": "accuracy", "lr": "learning rate"}
+    labels = {
+        "nll": "nll (nats)",
+        "bits_per_dim": "bits per dim",
+        "cross_entropy": "cross-entropy (nats)",
+        "accuracy": "accuracy",
+        "lr": "learning rate",
+    }
     figure = _figure(4 * len(metrics), 3.2, constrained=True)
     panels = figure.subplots(1, len(metrics), squeeze=False)[0]
     for axes, (metric, splits) in zip(panels, metrics.items()):
@@ -356,3 +375,35 @@ def training_curves(metrics_path: PathLike, path: PathLike) -> None:
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     _save(figure, path)
+
+
+def _values(values: Tensor, name: str) -> np.ndarray:
+    """A non-empty 1-D tensor of finite numbers as float64 NumPy."""
+    array = torch.as_tensor(values).detach().cpu().double().numpy()
+    if array.ndim != 1 or len(array) == 0 or not np.isfinite(array).all():
+        raise ValueError(f"{name} must be a non-empty 1-D tensor of finite values, got shape {array.shape}")
+    return array
+
+
+def likelihood_histograms(
+    in_bpd: Tensor, out_bpd: Tensor, labels: tuple[str, str], auroc: float, *, path: PathLike | None = None
+) -> Figure:
+    """Overlaid histograms of the bits/dim of each example of two sets (in distribution, out of
+    distribution) on :data:`HISTOGRAM_BINS` bins spanning both, as fractions of each set so that
+    sets of different sizes compare; ``labels`` name the sets in the legend and ``auroc`` goes in
+    the title. Returns the figure, also written as a PNG to ``path`` when given."""
+    sets = _values(in_bpd, "in_bpd"), _values(out_bpd, "out_bpd")
+    edges = np.histogram_bin_edges(np.concatenate(sets), bins=HISTOGRAM_BINS)
+    figure = _figure(6, 3.6, constrained=True)
+    axes = figure.subplots()
+    for values, label, colour in zip(sets, labels, ("tab:blue", "tab:orange")):
+        weights = np.full(len(values), 1 / len(values))
+        axes.hist(values, bins=edges, weights=weights, alpha=0.55, color=colour, label=f"{label} ({len(values)})")
+    axes.set_xlabel("bits/dim")
+    axes.set_ylabel("fraction of examples")
+    axes.set_title(f"AUROC {auroc:.4f} (in distribution = higher likelihood)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    if path is not None:
+        _save(figure, path)
+    return figure

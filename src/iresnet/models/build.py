@@ -7,6 +7,7 @@ from typing import Any
 from ..data.toy import TOY_DATASETS
 from .classifier import Classifier, iresnet_classifier
 from .density import DensityModel
+from .hybrid import HybridModel, hybrid_model
 from .image import image_flow
 from .toy import toy_flow
 
@@ -26,16 +27,19 @@ def build_density_model(data: str, options: dict[str, Any]) -> DensityModel:
     return _call(image_flow, options, spec.shape, spec.levels)
 
 
-def build_model(task: str, data: str, options: dict[str, Any]) -> DensityModel | Classifier:
-    """The model of a run: a density model (``task="density"``) or the i-ResNet classifier
-    (``task="classify"``, image data only) with the data set's shape, classes and levels."""
+def build_model(task: str, data: str, options: dict[str, Any]) -> DensityModel | Classifier | HybridModel:
+    """The model of a run: a density model (``task="density"``), the i-ResNet classifier
+    (``task="classify"``) or the hybrid model (``task="hybrid"``), the last two for image data
+    only, with the data set's shape, classes and levels."""
     if task == "density":
         return build_density_model(data, options)
     from ..data.images import IMAGE_DATASETS
 
     if data not in IMAGE_DATASETS:
-        raise ValueError(f"task 'classify' needs an image data set ({', '.join(IMAGE_DATASETS)}), got {data!r}")
+        raise ValueError(f"task {task!r} needs a labelled image data set ({', '.join(IMAGE_DATASETS)}), got {data!r}")
     spec = IMAGE_DATASETS[data]
+    if task == "hybrid":
+        return _call(hybrid_model, options, spec.shape, spec.levels, spec.classes)
     return _call(iresnet_classifier, {"levels": spec.levels, **options}, spec.shape, spec.classes)
 
 
@@ -45,5 +49,7 @@ def _call(builder, options: dict[str, Any], *args: Any) -> DensityModel:
     except TypeError as error:
         import inspect
 
+        if builder is hybrid_model:
+            builder = image_flow
         known = [p for p in inspect.signature(builder).parameters if p not in ("dim", "shape", "levels", "classes")]
         raise ValueError(f"bad model options {options} for {builder.__name__} ({error}); known: {known}") from None

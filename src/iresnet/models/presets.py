@@ -32,6 +32,25 @@ def _residual_flows(data: str, logit_alpha: float, steps_per_epoch: int) -> dict
     return {"data": data, "model": model, **training, **schedule, "eval_size": 10_000}
 
 
+_DIGITS_FLOW = {
+    "scales": 2,
+    "blocks": 4,
+    "hidden": 64,
+    "coeff": 0.9,
+    "squeeze_first": True,
+    "logit_alpha": 0.05,
+    "fc_blocks": 2,
+    "fc_hidden": 256,
+}
+_DIGITS_TRAINING = {
+    "steps": 5000,
+    "batch_size": 64,
+    "lr": 2e-3,
+    "warmup_steps": 100,
+    "grad_clip": 1.0,
+    "ema_decay": 0.999,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # the main job: minutes on a CPU, within 0.1 nats of the true entropy
     "toy": {
@@ -48,22 +67,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # minutes on a CPU, beating an independent-pixel and a full-covariance Gaussian baseline
     "digits": {
         "data": "digits",
-        "model": {
-            "scales": 2,
-            "blocks": 4,
-            "hidden": 64,
-            "coeff": 0.9,
-            "squeeze_first": True,
-            "logit_alpha": 0.05,
-            "fc_blocks": 2,
-            "fc_hidden": 256,
-        },
-        "steps": 5000,
-        "batch_size": 64,
-        "lr": 2e-3,
-        "warmup_steps": 100,
-        "grad_clip": 1.0,
-        "ema_decay": 0.999,
+        "model": _DIGITS_FLOW,
+        **_DIGITS_TRAINING,
         "eval_every": 1000,
         "checkpoint_every": 1000,
     },
@@ -72,12 +77,52 @@ PRESETS: dict[str, dict[str, Any]] = {
         "task": "classify",
         "data": "digits",
         "model": {"pad_channels": 3, "blocks": [4, 4], "hidden": [32, 64], "coeff": 0.9},
-        "steps": 2000,
+        "steps": 4000,
         "batch_size": 64,
         "lr": 1e-3,
         "warmup_steps": 100,
         "eval_every": 500,
         "checkpoint_every": 500,
+    },
+    # the hybrid model on the digits: the digits flow without factor-out and a linear classifier on its latent,
+    # trained on log p(y|x) + lambda log p(x) / D; labelled_fraction=0.1 makes it semi-supervised
+    "digits-hybrid": {
+        "task": "hybrid",
+        "data": "digits",
+        "model": {**_DIGITS_FLOW, "factor_out": False},
+        "hybrid_lambda": 1.0,
+        **_DIGITS_TRAINING,
+        "steps": 2000,
+        "eval_every": 500,
+        "checkpoint_every": 500,
+    },
+    # the i-ResNet classifier of Behrmann et al. (2019) on CIFAR-10: 13 zero channels padded, 3 stages of 13 blocks
+    # (bottleneck widths of the released code's classify_cifar.sh), squeezes to 256 x 8 x 8; SGD 0.1, momentum 0.9,
+    # weight decay 5e-4, batch 128, 200 epochs of 390 steps, a 10-epoch warm-up, the rate x 0.2 after epochs 60, 120
+    # and 160; crops and flips
+    "cifar10-classifier-paper": {
+        "task": "classify",
+        "data": "cifar10",
+        "model": {
+            "pad_channels": 13,
+            "blocks": [13, 13, 13],
+            "hidden": [32, 64, 128],
+            "coeff": 0.9,
+            "activation": "elu",
+            "power_iterations": 1,
+        },
+        "augment": True,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "batch_size": 128,
+        "steps": 200 * 390,
+        "warmup_steps": 10 * 390,
+        "lr_milestones": [60 * 390, 120 * 390, 160 * 390],
+        "lr_gamma": 0.2,
+        "eval_every": 10 * 390,
+        "checkpoint_every": 390,
+        "eval_size": 10_000,
     },
     # Residual Flows (Chen et al., 2019): README commands of rtqichen/residual-flows, train_img.py defaults;
     # 350 epochs at batch 64 (782 steps per CIFAR-10 epoch, 938 per MNIST epoch)

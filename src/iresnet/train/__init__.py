@@ -6,16 +6,19 @@ from .engine import TrainingError, TrainResult, train
 from .evaluate import (
     ClassifierEvaluation,
     Evaluation,
+    HybridEvaluation,
     accurate_estimator,
     evaluate,
     evaluate_baselines,
     evaluate_classifier,
+    evaluate_hybrid,
 )
 from .sources import make_source
 
 __all__ = [
     "ClassifierEvaluation",
     "Evaluation",
+    "HybridEvaluation",
     "RunFiles",
     "TrainConfig",
     "TrainResult",
@@ -24,6 +27,7 @@ __all__ = [
     "evaluate",
     "evaluate_baselines",
     "evaluate_classifier",
+    "evaluate_hybrid",
     "load_run",
     "make_source",
     "parse_override",

@@ -17,11 +17,18 @@ __all__ = ["TrainConfig", "resolve_config", "parse_override"]
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on.
+    r"""Everything a training run depends on.
 
     ``model`` holds the model builder's keyword arguments; the task and the data set decide the
     builder (:func:`~iresnet.models.toy_flow` for 2-D data, :func:`~iresnet.models.image_flow` for
-    images, :func:`~iresnet.models.iresnet_classifier` to classify images).
+    images, :func:`~iresnet.models.iresnet_classifier` to classify images,
+    :func:`~iresnet.models.hybrid_model` for both at once).
+
+    ``hybrid_lambda`` weighs the density in the hybrid objective
+    :math:`\log p(y|x) + \lambda \log p(x) / D`; ``labelled_fraction`` keeps the labels of that
+    fraction of the training images (the rest count only through :math:`\log p(x)`);
+    ``augment`` crops and flips the training images; the learning rate is multiplied by
+    ``lr_gamma`` at each step of ``lr_milestones``; ``optimizer`` "sgd" has momentum 0.9.
     """
 
     preset: str = "toy"
@@ -36,6 +43,11 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.2
+    augment: bool = False
+    hybrid_lambda: float = 1.0
+    labelled_fraction: float = 1.0
     grad_clip: float | None = None
     ema_decay: float | None = None
     seed: int = 0
@@ -52,10 +64,20 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.task not in ("density", "classify"):
-            raise ValueError(f"task must be 'density' or 'classify', got {self.task!r}")
-        if self.optimizer not in ("adam", "adamax"):
-            raise ValueError(f"optimizer must be 'adam' or 'adamax', got {self.optimizer!r}")
+        if self.task not in ("density", "classify", "hybrid"):
+            raise ValueError(f"task must be 'density', 'classify' or 'hybrid', got {self.task!r}")
+        if self.optimizer not in ("adam", "adamax", "sgd"):
+            raise ValueError(f"optimizer must be 'adam', 'adamax' or 'sgd', got {self.optimizer!r}")
+        if sorted(self.lr_milestones) != list(self.lr_milestones) or any(m < 1 for m in self.lr_milestones):
+            raise ValueError(f"lr_milestones must be increasing steps of at least 1, got {self.lr_milestones}")
+        if not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"lr_gamma must lie in (0, 1], got {self.lr_gamma}")
+        if not self.hybrid_lambda >= 0:
+            raise ValueError(f"hybrid_lambda must be non-negative, got {self.hybrid_lambda}")
+        if not 0 < self.labelled_fraction <= 1:
+            raise ValueError(f"labelled_fraction must lie in (0, 1], got {self.labelled_fraction}")
+        if self.labelled_fraction < 1 and self.task == "density":
+            raise ValueError("labelled_fraction is for the tasks classify and hybrid; a density model uses no labels")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

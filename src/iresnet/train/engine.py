@@ -4,6 +4,7 @@ EMA for evaluation, and ``torchrun`` data parallelism."""
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import json
@@ -25,7 +26,15 @@ from .checkpoint import RunFiles, atomic_save, default_run_directory, save_confi
 from .config import TrainConfig
 from .distributed import Processes, start_processes
 from .ema import ExponentialMovingAverage
-from .evaluate import ClassifierEvaluation, Evaluation, accurate_estimator, evaluate, evaluate_classifier
+from .evaluate import (
+    ClassifierEvaluation,
+    Evaluation,
+    HybridEvaluation,
+    accurate_estimator,
+    evaluate,
+    evaluate_classifier,
+    evaluate_hybrid,
+)
 from .sources import DataSource, make_source
 
 __all__ = ["TrainingError", "TrainResult", "train"]
@@ -73,12 +82,21 @@ class _StopRequests:
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     kind = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[config.optimizer]
     return kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _warmup(config: TrainConfig):
-    return lambda step: min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+def _schedule(config: TrainConfig):
+    """The learning-rate factor of a step: a linear warm-up, times ``lr_gamma`` for every
+    milestone passed."""
+
+    def factor(step: int) -> float:
+        warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+        return warmup * config.lr_gamma ** bisect.bisect_right(config.lr_milestones, step)
+
+    return factor
 
 
 class _Trainer:
@@ -87,16 +105,22 @@ class _Trainer:
         self.files = RunFiles(config.out)
         torch.manual_seed(config.seed + procs.rank)
         self.source: DataSource = make_source(
-            config.data, config.seed, config.eval_size, config.data_dir, config.download
+            config.data,
+            config.seed,
+            config.eval_size,
+            config.data_dir,
+            config.download,
+            augment=config.augment,
+            labelled_fraction=config.labelled_fraction,
         )
-        if config.task == "classify" and not hasattr(self.source, "labelled_batch"):
-            raise ValueError(f"task 'classify' needs labelled image data, and {config.data!r} has no labels")
+        if config.task != "density" and not hasattr(self.source, "labelled_batch"):
+            raise ValueError(f"task {config.task!r} needs labelled image data, and {config.data!r} has no labels")
         self.model = build_model(config.task, config.data, config.model).to(procs.device)
         self.optimizer = _optimizer(config, self.model)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup(config))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
-        self.evaluation: Evaluation | ClassifierEvaluation | None = None
+        self.evaluation: Evaluation | ClassifierEvaluation | HybridEvaluation | None = None
         self.writer = None
 
     # -- state -------------------------------------------------------------------------------
@@ -169,13 +193,16 @@ class _Trainer:
             self.ema.copy_to(model)
         return model.eval()
 
-    def run_evaluation(self) -> Evaluation | ClassifierEvaluation:
+    def run_evaluation(self) -> Evaluation | ClassifierEvaluation | HybridEvaluation:
         devices = [self.procs.device] if self.procs.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(_EVAL_SEED)
+            size = self.config.eval_size
             if self.config.task == "classify":
-                size = self.config.eval_size
                 return evaluate_classifier(self.eval_model(), self.source.test[:size], self.source.test_labels[:size])
+            if self.config.task == "hybrid":
+                images, labels = self.source.test[:size], self.source.test_labels[:size]
+                return evaluate_hybrid(self.eval_model(), images, labels, estimator=accurate_estimator())
             discrete = self.source.levels is not None
             return evaluate(
                 self.eval_model(),
@@ -186,8 +213,11 @@ class _Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def objective(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This step's loss (mean NLL of the data, or cross-entropy of the labels) and what to log."""
+        """This step's loss (mean NLL of the data, cross-entropy of the labels, or the hybrid
+        objective) and what to log."""
         config, procs = self.config, self.procs
+        if config.task == "hybrid":
+            return self.hybrid_objective(model)
         if config.task == "classify":
             x, y = self.source.labelled_batch(self.step, config.batch_size, procs.rank, procs.world)
             logits = model(x.to(procs.device))
@@ -198,12 +228,29 @@ class _Trainer:
         loss = -model(x.to(procs.device)).mean()
         return loss, {"nll": loss.detach()}
 
+    def hybrid_objective(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r"""Cross-entropy of the labelled images plus :math:`\lambda` times the NLL per dimension
+        of all the step's images: with a labelled fraction below 1 (and :math:`\lambda > 0`), a
+        batch of unlabelled images joins the labelled batch."""
+        config, procs = self.config, self.procs
+        x, y = self.source.labelled_batch(self.step, config.batch_size, procs.rank, procs.world)
+        if config.labelled_fraction < 1 and config.hybrid_lambda > 0:
+            x = torch.cat([x, self.source.batch(self.step, config.batch_size, procs.rank, procs.world)])
+        logits, log_prob = model(x.to(procs.device))
+        logits, y = logits[: len(y)], y.to(procs.device)
+        cross_entropy = nn.functional.cross_entropy(logits, y)
+        nll = -log_prob.mean()
+        loss = cross_entropy + config.hybrid_lambda * nll / self.source.event_size
+        accuracy = (logits.argmax(1) == y).double().mean()
+        return loss, {"cross_entropy": cross_entropy.detach(), "accuracy": accuracy, "nll": nll.detach()}
+
     def train_step(self, model: nn.Module) -> dict[str, float]:
         config = self.config
         loss, logged = self.objective(model)
         reported = {key: self.procs.mean(value).item() for key, value in logged.items()}
-        if not math.isfinite(reported["nll"]):
-            raise TrainingError(self._failure(f"the loss is {reported['nll']}"))
+        for key in ("cross_entropy", "nll"):
+            if key in reported and not math.isfinite(reported[key]):
+                raise TrainingError(self._failure(f"the loss is {reported[key]} ({key})"))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = config.grad_clip if config.grad_clip is not None else math.inf
@@ -232,7 +279,7 @@ class _Trainer:
         for key in steps[0]:
             if key != "grad_norm":
                 entry[key] = sum(s[key] for s in steps) / len(steps)
-        if self.config.task == "density" and self.source.levels is not None:
+        if self.config.task != "classify" and self.source.levels is not None:
             entry["bits_per_dim"] = bits_per_dim(torch.tensor(-entry["nll"]), self.source.event_size).item()
         entry.update(
             lr=self.optimizer.param_groups[0]["lr"],
@@ -241,7 +288,21 @@ class _Trainer:
         )
         return entry
 
-    def test_metrics(self, evaluation: Evaluation | ClassifierEvaluation) -> dict[str, Any]:
+    def test_metrics(self, evaluation: Evaluation | ClassifierEvaluation | HybridEvaluation) -> dict[str, Any]:
+        if isinstance(evaluation, HybridEvaluation):
+            classifier, density = evaluation.classifier, evaluation.density
+            return {
+                "step": self.step,
+                "split": "test",
+                "cross_entropy": classifier.nll,
+                "accuracy": classifier.accuracy,
+                "error_percent": classifier.error_percent,
+                "error_percent_se": classifier.error_percent_se,
+                "nll": density.nll,
+                "nll_se": density.nll_se,
+                "bits_per_dim": density.bits_per_dim,
+                "bits_per_dim_se": density.bits_per_dim_se,
+            }
         if isinstance(evaluation, ClassifierEvaluation):
             return {
                 "step": self.step,

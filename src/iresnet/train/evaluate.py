@@ -15,15 +15,19 @@ from ..data.preprocess import bits_per_dim
 from ..lipschitz import converge_spectral_norms
 from ..logdet import LogDetEstimator, Roulette
 from ..models.density import DensityModel
+from ..models.hybrid import HybridModel
 
 __all__ = [
     "ClassifierEvaluation",
     "Evaluation",
+    "HybridEvaluation",
     "accurate_estimator",
+    "classification",
     "estimators_set_to",
     "evaluate",
     "evaluate_baselines",
     "evaluate_classifier",
+    "evaluate_hybrid",
     "summarize",
 ]
 
@@ -147,10 +151,50 @@ def evaluate_classifier(
     converge_spectral_norms(model)
     device = next(model.parameters()).device
     logits = torch.cat([model(x.to(device)).double().cpu() for x in images.split(batch_size)])
+    return classification(logits, labels)
+
+
+def classification(logits: Tensor, labels: Tensor) -> ClassifierEvaluation:
+    """Error (with its binomial standard error) and mean cross-entropy of ``logits``."""
     if not torch.isfinite(logits).all():
         raise FloatingPointError("the classifier's test logits are not all finite")
     wrong = (logits.argmax(1) != labels).double()
     n = len(labels)
     error = wrong.mean().item()
-    nll = torch.nn.functional.cross_entropy(logits, labels).item()
+    nll = torch.nn.functional.cross_entropy(logits.double(), labels).item()
     return ClassifierEvaluation(n, 100 * error, 100 * math.sqrt(error * (1 - error) / n), nll)
+
+
+@dataclass
+class HybridEvaluation:
+    """A hybrid model's test error and its density's NLL and bits/dim, from the same pass."""
+
+    classifier: ClassifierEvaluation
+    density: Evaluation
+
+    def __str__(self) -> str:
+        return f"{self.classifier}; {self.density}"
+
+
+@torch.no_grad()
+def evaluate_hybrid(
+    model: HybridModel,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int = 500,
+    estimator: LogDetEstimator | None = None,
+) -> HybridEvaluation:
+    """Test error and bits/dim of a hybrid model in eval mode, spectral norms converged, with
+    ``estimator`` for the log-determinants (``None``: the blocks' own)."""
+    model.eval()
+    converge_spectral_norms(model)
+    device = next(model.parameters()).device
+    logits, log_probs = [], []
+    with estimators_set_to(model, estimator):
+        for x in images.split(batch_size):
+            batch_logits, batch_log_probs = model(x.to(device))
+            logits.append(batch_logits.double().cpu())
+            log_probs.append(batch_log_probs.double().cpu())
+    density = summarize(torch.cat(log_probs), model.event_size, discrete=True)
+    return HybridEvaluation(classification(torch.cat(logits), labels), density)

@@ -32,8 +32,10 @@ def draw_samples(model: DensityModel, source: DataSource, path, n: int, seed: in
 
 def draw_run(model: nn.Module, source: DataSource, files: RunFiles, task: str = "density") -> None:
     plots.training_curves(files.metrics, files.root / "curves.png")
-    if task != "density":
+    if task == "classify":
         return
+    if task == "hybrid":
+        model = model.density
     if source.levels is None:
         plots.density_map(model, source.test.to(next(model.parameters()).device), files.root / "density.png")
         draw_samples(model, source, files.root / "samples.png", 2000)

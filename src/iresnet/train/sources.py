@@ -9,6 +9,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..data.augment import random_crop_flip
 from ..data.toy import TOY_DATASETS, sample_toy
 
 __all__ = ["DataSource", "ToySource", "ImageSource", "make_source"]
@@ -16,8 +17,14 @@ __all__ = ["DataSource", "ToySource", "ImageSource", "make_source"]
 _TEST_SEED = 20190612  # one test set for every toy run, whatever its training seed
 
 
-def _generator(seed: int, index: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+def _generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """The generator of draw ``index`` (a step or an epoch) of one of a run's random streams."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + index + stream * 2**40)
+
+
+_ORDER, _LABELLED_ORDER, _AUGMENT = 0, 1, 2  # the image source's random streams
+_AUGMENT_PAD = 4  # pixels of zero padding for the random crops
+_SUBSET_SEED = 20240101  # one labelled subset for every run with the same fraction, whatever its seed
 
 
 class DataSource:
@@ -49,38 +56,96 @@ class ToySource(DataSource):
 
 class ImageSource(DataSource):
     """Epochs over the training images in an order drawn from the seed and the epoch; the last
-    incomplete batch of an epoch is dropped."""
+    incomplete batch of an epoch is dropped.
 
-    def __init__(self, name: str, seed: int, root: str | None = None, download: bool = False) -> None:
+    ``augment`` crops and flips every training batch (:func:`~iresnet.data.augment.random_crop_flip`,
+    4 pixels of padding), drawn from the seed and the step. ``labelled_fraction`` keeps the labels
+    of that fraction of the training images, the same in every class (the first of a fixed
+    permutation per class); :meth:`labelled_batch` draws from them alone, :meth:`batch` from all.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        seed: int,
+        root: str | None = None,
+        download: bool = False,
+        *,
+        augment: bool = False,
+        labelled_fraction: float = 1.0,
+    ) -> None:
         from ..data.images import IMAGE_DATASETS, load_images
 
         spec = IMAGE_DATASETS[name]
         self.name, self.seed, self.event_shape, self.levels = name, seed, spec.shape, spec.levels
+        self.augment = augment
         self.train, self.train_labels = load_images(name, root, train=True, download=download)
         self.test, self.test_labels = load_images(name, root, train=False, download=download)
-        self._order: tuple[int, Tensor] | None = None
+        self.labelled = _labelled_subset(self.train_labels, labelled_fraction)
+        self._orders: dict[int, tuple[int, Tensor]] = {}
+
+    def _rows(self, pool: int, size: int, step: int, batch_size: int, rank: int, world: int) -> Tensor:
+        """Rows (positions in a pool of ``size`` items) of this step's share of the global batch."""
+        per_epoch = size // batch_size
+        if per_epoch == 0:
+            raise ValueError(f"batch_size {batch_size} exceeds the {size} training images it draws from")
+        epoch, index = divmod(step, per_epoch)
+        if pool not in self._orders or self._orders[pool][0] != epoch:
+            self._orders[pool] = (epoch, torch.randperm(size, generator=_generator(self.seed, epoch, pool)))
+        return self._orders[pool][1][index * batch_size : (index + 1) * batch_size][rank::world]
+
+    def _augmented(self, images: Tensor, step: int, stream: int) -> Tensor:
+        if not self.augment:
+            return images
+        return random_crop_flip(images, _AUGMENT_PAD, _generator(self.seed, step, _AUGMENT + stream))
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Tensor:
-        return self.labelled_batch(step, batch_size, rank, world)[0]
+        """This step's training images (all of them, labelled or not)."""
+        rows = self._rows(_ORDER, len(self.train), step, batch_size, rank, world)
+        return self._augmented(self.train[rows], step, 0)
 
     def labelled_batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
-        """The images of :meth:`batch` and their labels."""
-        per_epoch = len(self.train) // batch_size
-        if per_epoch == 0:
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(self.train)} training images")
-        epoch, index = divmod(step, per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, torch.randperm(len(self.train), generator=_generator(self.seed, epoch)))
-        rows = self._order[1][index * batch_size : (index + 1) * batch_size][rank::world]
-        return self.train[rows], self.train_labels[rows]
+        """This step's labelled training images and their labels (all images where every label is kept)."""
+        if len(self.labelled) == len(self.train):
+            rows = self._rows(_ORDER, len(self.train), step, batch_size, rank, world)
+            return self._augmented(self.train[rows], step, 0), self.train_labels[rows]
+        rows = self.labelled[self._rows(_LABELLED_ORDER, len(self.labelled), step, batch_size, rank, world)]
+        return self._augmented(self.train[rows], step, 1), self.train_labels[rows]
 
 
-def make_source(data: str, seed: int, eval_size: int, root: str | None = None, download: bool = False) -> DataSource:
-    """The source for a data set name: one of the toy densities or the image data sets."""
+def _labelled_subset(labels: Tensor, fraction: float) -> Tensor:
+    """Indices of ``round(fraction * n_c)`` (at least 1) images of each class ``c``, sorted."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"labelled_fraction must lie in (0, 1], got {fraction}")
+    if fraction == 1:
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(_SUBSET_SEED)
+    order = torch.randperm(len(labels), generator=generator)
+    kept = []
+    for label in labels.unique():
+        members = order[labels[order] == label]
+        kept.append(members[: max(1, round(fraction * len(members)))])
+    return torch.cat(kept).sort().values
+
+
+def make_source(
+    data: str,
+    seed: int,
+    eval_size: int,
+    root: str | None = None,
+    download: bool = False,
+    *,
+    augment: bool = False,
+    labelled_fraction: float = 1.0,
+) -> DataSource:
+    """The source for a data set name: one of the toy densities or the image data sets (with
+    :class:`ImageSource`'s ``augment`` and ``labelled_fraction``, which toy data do not take)."""
     if data in TOY_DATASETS:
+        if augment or labelled_fraction != 1:
+            raise ValueError(f"augment and labelled_fraction are for image data, not the toy density {data!r}")
         return ToySource(data, seed, eval_size)
     from ..data.images import IMAGE_DATASETS
 
     if data in IMAGE_DATASETS:
-        return ImageSource(data, seed, root, download)
+        return ImageSource(data, seed, root, download, augment=augment, labelled_fraction=labelled_fraction)
     raise ValueError(f"unknown data set {data!r}; toy: {', '.join(TOY_DATASETS)}; images: {', '.join(IMAGE_DATASETS)}")
