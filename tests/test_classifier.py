@@ -82,3 +82,37 @@ def test_bad_architecture_raises() -> None:
         iresnet_classifier((1, 8, 8), blocks=(1, 1), hidden=(8,))
     with pytest.raises(ValueError, match="cannot be squeezed"):
         iresnet_classifier((1, 6, 6), blocks=(1, 1, 1), hidden=(8, 8, 8))
+
+
+def test_recalibrated_batch_norm_statistics_are_those_of_the_images() -> None:
+    from iresnet.train.evaluate import recalibrate_batch_norms
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model[1].running_mean.fill_(50.0)  # stale statistics, as a lagging running average leaves them
+    images = torch.randn(300, 3) * 2 + 1
+    recalibrate_batch_norms(model, images, batch_size=100, limit=200)
+    features = model[0](images[:200]).detach()
+    torch.testing.assert_close(model[1].running_mean, features.mean(0))
+    halves = features.split(100)
+    torch.testing.assert_close(model[1].running_var, sum(h.var(0) for h in halves) / 2)
+    assert not model.training and model[1].momentum == 0.1
+
+
+def test_evaluation_recalibrates_a_classifier_with_stale_statistics() -> None:
+    """The test error with recalibrated BatchNorm statistics is that of batch statistics, however
+    far the stored running averages are off."""
+    from iresnet.train.evaluate import evaluate_classifier
+
+    model = iresnet_classifier((1, 8, 8), 10, levels=17, pad_channels=3, blocks=(1, 1), hidden=(8, 8))
+    images, labels = torch.randint(0, 17, (64, 1, 8, 8)), torch.randint(0, 10, (64,))
+    model(images)  # ActNorm's initialisation, the operators' shapes
+    head = model.head[0]
+    head.running_mean.fill_(1e3)
+    stale = evaluate_classifier(model, images, labels)
+    calibrated = evaluate_classifier(model, images, labels, calibration=images)
+    with torch.no_grad():
+        head.train()
+        batch_logits = model(images)
+    expected = 100 * (batch_logits.argmax(1) != labels).double().mean().item()
+    assert calibrated.error_percent == pytest.approx(expected)
+    assert head.running_mean.abs().max() < 1e2 and stale.nll != calibrated.nll

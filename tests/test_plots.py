@@ -192,26 +192,26 @@ def test_side_by_side_puts_left_and_right_in_two_columns(tmp_path: Path) -> None
     right = 100 + left
     canvas = plots.side_by_side(left, right, tmp_path / "pair.png")
     picture = _read_rgb(tmp_path / "pair.png")
-    assert canvas.shape == picture.shape == (3 * 2 + 2, 2 * 3 + 1, 3)
+    assert canvas.shape == picture.shape == (3 * 2 + 2, 2 * 3 + 5, 3)
     assert np.array_equal(canvas.numpy(), picture)
     for k in range(3):
         assert (picture[3 * k : 3 * k + 2, 0:3] == 20 * k).all()
-        assert (picture[3 * k : 3 * k + 2, 4:7] == 100 + 20 * k).all()
-    assert (picture[:, 3] == 255).all() and (picture[[2, 5]] == 255).all()
+        assert (picture[3 * k : 3 * k + 2, 8:11] == 100 + 20 * k).all()
+    assert (picture[:, 3:8] == 255).all() and (picture[[2, 5]] == 255).all()
     with pytest.raises(ValueError, match="same shape"):
         plots.side_by_side(left, right[:2], tmp_path / "bad.png")
 
 
-def test_side_by_side_with_several_pairs_to_a_row(tmp_path: Path) -> None:
+def test_side_by_side_grids(tmp_path: Path) -> None:
     left = (20 * torch.arange(3)).view(3, 1, 1, 1).expand(3, 1, 2, 3)
-    canvas = plots.side_by_side(left, 100 + left, tmp_path / "pairs.png", pairs_per_row=2).numpy()
-    assert canvas.shape == (2 * 2 + 1, 4 * 3 + 3, 3)  # two rows of two pairs, the last pair alone
-    for k, (top, first) in enumerate([(0, 0), (0, 8), (3, 0)]):
+    canvas = plots.side_by_side(left, 100 + left, tmp_path / "grids.png", nrow=2).numpy()
+    assert canvas.shape == (2 * 2 + 1, 2 * (2 * 3 + 1) + 5, 3)  # two 2 x 2 grids, the last slot of each empty
+    for k, (top, first) in enumerate([(0, 0), (0, 4), (3, 0)]):
         assert (canvas[top : top + 2, first : first + 3] == 20 * k).all()
-        assert (canvas[top : top + 2, first + 4 : first + 7] == 100 + 20 * k).all()
-    assert (canvas[3:5, 8:15] == 255).all()  # the empty slot of the last row
-    with pytest.raises(ValueError, match="pairs_per_row must be positive"):
-        plots.side_by_side(left, left, tmp_path / "bad.png", pairs_per_row=0)
+        assert (canvas[top : top + 2, 12 + first : 12 + first + 3] == 100 + 20 * k).all()
+    assert (canvas[3:5, 4:7] == 255).all() and (canvas[3:5, 16:19] == 255).all()  # the empty slots
+    with pytest.raises(ValueError, match="nrow must be positive"):
+        plots.side_by_side(left, left, tmp_path / "bad.png", nrow=0)
 
 
 def _write_jsonl(path: Path, lines: list) -> Path:

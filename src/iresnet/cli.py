@@ -176,7 +176,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"--ood needs a density model of images; {args.run} holds a {config.task} run on {config.data}"
         )
     if config.task == "classify":
-        result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size)
+        result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size, calibration=source.train)
         report = {"run": str(args.run), "data": config.data, "task": config.task, **asdict(result)}
         _write_report(args, report, str(result))
         return 0
@@ -307,8 +307,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     path = args.out or f"{args.run}/reconstructions.png"
     shown = result.images.round().clamp(0, source.levels - 1).to(torch.uint8).cpu()
     scale = max(1, 64 // images.shape[-1])
-    pairs_per_row = math.ceil(math.sqrt(len(images)))
-    plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale, pairs_per_row=pairs_per_row)
+    nrow = math.ceil(math.sqrt(len(images)))
+    plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale, nrow=nrow)
     print(f"originals | reconstructions written to {path}")
     print(f"max abs error {result.max_error:.3g}, mean abs error {result.mean_error:.3g} (in intensity levels)")
     return 0

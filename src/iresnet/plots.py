@@ -53,6 +53,7 @@ METRICS = ("nll", "bits_per_dim", "cross_entropy", "accuracy", "lr")
 _DPI = 100
 _GAP = 1  # pixels between tiles
 _GAP_VALUE = 255  # gaps and empty slots are white
+_SEPARATOR = 5  # pixels between the two grids of side_by_side
 
 
 def _figure(width: float, height: float, constrained: bool = False) -> Figure:
@@ -262,20 +263,24 @@ def image_grid(images: Tensor, path: PathLike, *, nrow: int | None = None, level
 
 
 def side_by_side(
-    left: Tensor, right: Tensor, path: PathLike, *, levels: int = 256, scale: int = 1, pairs_per_row: int = 1
+    left: Tensor, right: Tensor, path: PathLike, *, levels: int = 256, scale: int = 1, nrow: int = 1
 ) -> Tensor:
-    """Write two image sets of one shape (N, C, H, W) as one PNG of pairs ``left[k] | right[k]``
-    (e.g. original | reconstruction), ``pairs_per_row`` pairs to a row, 1-pixel white gaps;
-    returns the uint8 canvas, on the CPU: (N H + N - 1, 2 W + 1, 3) for one pair a row (times
-    ``scale`` without the gaps). Value conventions as in :func:`image_grid`."""
+    """Write two image sets of one shape (N, C, H, W) as one PNG: a grid of ``left`` beside the
+    same grid of ``right`` (e.g. originals | reconstructions), ``nrow`` images to a row of each,
+    1-pixel white gaps within a grid and ``_SEPARATOR`` pixels between the two; returns the
+    uint8 canvas, on the CPU: (N H + N - 1, 2 W + _SEPARATOR, 3) for ``nrow=1`` (times ``scale``
+    without the gaps). Value conventions as in :func:`image_grid`."""
     if not (isinstance(left, Tensor) and isinstance(right, Tensor)) or left.shape != right.shape:
         shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (left, right)]
         raise ValueError(f"left and right must be tensors of the same shape, got {shapes[0]} and {shapes[1]}")
-    if scale < 1 or pairs_per_row < 1:
-        raise ValueError(f"scale and pairs_per_row must be positive, got {scale} and {pairs_per_row}")
-    pairs = torch.stack([_to_uint8(left, levels, "left"), _to_uint8(right, levels, "right")], 1)
-    tiles = pairs.flatten(0, 1).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    canvas = _tile(tiles, 2 * pairs_per_row)
+    if scale < 1 or nrow < 1:
+        raise ValueError(f"scale and nrow must be positive, got {scale} and {nrow}")
+    grids = []
+    for images, name in ((left, "left"), (right, "right")):
+        tiles = _to_uint8(images, levels, name).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        grids.append(_tile(tiles, min(nrow, tiles.shape[0])))
+    separator = torch.full((grids[0].shape[0], _SEPARATOR, 3), _GAP_VALUE, dtype=torch.uint8)
+    canvas = torch.cat([grids[0], separator, grids[1]], 1)
     _write_png(canvas, path)
     return canvas
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Independent, Normal
+from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
 from ..distributions import Flow, as_transform
 
@@ -23,19 +23,41 @@ class DensityModel(nn.Module):
     log-likelihood per example in nats, so that ``DistributedDataParallel(model)`` wraps the
     whole computation.
 
+    With ``class_means`` (one row per class, each of the latent's shape) the prior is instead the
+    uniform mixture of :math:`N(\mu_k, I)`, one component per class (FlowGMM: Izmailov et al.,
+    "Semi-Supervised Learning with Normalizing Flows", ICML 2020, https://arxiv.org/abs/1912.13025):
+    :meth:`class_log_probs` gives :math:`\log p(z \mid y = k)`, from which :math:`p(y \mid x)`
+    follows by Bayes' rule.
+
     Arguments:
         transform: an invertible module from data to latent (``forward_shape`` where the shape
             changes).
         event_shape: the shape of one data point.
         learned_prior: learn the prior's mean and log standard deviation.
+        class_means: the fixed means of a class-conditional mixture prior, ``(classes, *latent)``.
     """
 
-    def __init__(self, transform: nn.Module, event_shape: tuple[int, ...], *, learned_prior: bool = False) -> None:
+    def __init__(
+        self,
+        transform: nn.Module,
+        event_shape: tuple[int, ...],
+        *,
+        learned_prior: bool = False,
+        class_means: Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.transform = transform
         self.event_shape = tuple(event_shape)
         latent_shape = transform.forward_shape(self.event_shape) if hasattr(transform, "forward_shape") else event_shape
         self.latent_shape = tuple(latent_shape)
+        if class_means is not None:
+            if learned_prior:
+                raise ValueError("a class-conditional mixture prior has fixed means: learned_prior must be False")
+            if tuple(class_means.shape[1:]) != self.latent_shape:
+                raise ValueError(
+                    f"class_means must have shape (classes, *{self.latent_shape}), got {class_means.shape}"
+                )
+        self.register_buffer("class_means", class_means)
         loc, log_scale = torch.zeros(self.latent_shape), torch.zeros(self.latent_shape)
         if learned_prior:
             self.prior_loc, self.prior_log_scale = nn.Parameter(loc), nn.Parameter(log_scale)
@@ -48,8 +70,21 @@ class DensityModel(nn.Module):
         """:math:`D`, the number of dimensions of one data point."""
         return math.prod(self.event_shape)
 
-    def prior(self) -> Independent:
+    def prior(self) -> Distribution:
+        """The latent's distribution: the diagonal Gaussian, or the class-conditional mixture."""
+        if self.class_means is not None:
+            components = self.class_means.new_zeros(len(self.class_means))
+            return MixtureSameFamily(Categorical(logits=components), self._class_conditionals())
         return Independent(Normal(self.prior_loc, self.prior_log_scale.exp()), len(self.latent_shape))
+
+    def _class_conditionals(self) -> Independent:
+        return Independent(Normal(self.class_means, torch.ones_like(self.class_means)), len(self.latent_shape))
+
+    def class_log_probs(self, z: Tensor) -> Tensor:
+        r""":math:`\log N(z; \mu_k, I)` for every class ``k``: ``(batch, classes)``."""
+        if self.class_means is None:
+            raise ValueError("class_log_probs needs a class-conditional prior (class_means)")
+        return self._class_conditionals().log_prob(z.unsqueeze(1))
 
     def flow(self) -> Flow:
         return Flow(as_transform(self.transform, len(self.event_shape)), self.prior())

@@ -34,6 +34,7 @@ from .evaluate import (
     evaluate,
     evaluate_classifier,
     evaluate_hybrid,
+    recalibrate_batch_norms,
 )
 from .sources import DataSource, make_source
 
@@ -199,7 +200,8 @@ class _Trainer:
             torch.manual_seed(_EVAL_SEED)
             size = self.config.eval_size
             if self.config.task == "classify":
-                return evaluate_classifier(self.eval_model(), self.source.test[:size], self.source.test_labels[:size])
+                test, labels = self.source.test[:size], self.source.test_labels[:size]
+                return evaluate_classifier(self.eval_model(), test, labels, calibration=self.source.train)
             if self.config.task == "hybrid":
                 images, labels = self.source.test[:size], self.source.test_labels[:size]
                 return evaluate_hybrid(self.eval_model(), images, labels, estimator=accurate_estimator())
@@ -361,6 +363,8 @@ class _Trainer:
         from ..lipschitz import converge_spectral_norms
 
         converge_spectral_norms(model)
+        if self.config.task == "classify":
+            recalibrate_batch_norms(model, self.source.train)
         save_weights(model, self.files.weights)
         from .pictures import draw_run
 
