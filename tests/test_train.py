@@ -295,3 +295,17 @@ def test_hybrid_loss_weighs_the_density_by_lambda_over_dimension(tmp_path: Path,
         assert logged["nll"].item() == pytest.approx(-log_prob.mean().item(), rel=1e-6)
     finally:
         procs.close()
+
+
+def test_another_task_or_data_drops_the_presets_model_options() -> None:
+    """The toy preset's toy-flow options mean nothing to the classifier: its defaults apply; the
+    digits flow's options carry over to a hybrid (the same builder); explicit options stay."""
+    classify = resolve_config("toy", None, [{"task": "classify", "data": "digits"}, parse_override("model.coeff=0.8")])
+    assert classify.model == {"coeff": 0.8}
+    hybrid = resolve_config("digits", None, [{"task": "hybrid"}])
+    assert hybrid.model == PRESETS["digits"]["model"]
+    assert resolve_config("toy", None, [{"data": "digits"}]).model == {}
+    pytest.importorskip("sklearn")
+    from iresnet.models.build import build_model
+
+    assert build_model(classify.task, classify.data, classify.model)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

@@ -32,13 +32,15 @@ def _positive_int(text: str) -> int:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
+    from .models.presets import PRESETS
+
     train = commands.add_parser(
         "train",
         help="train a density model, a classifier or a hybrid",
         description="Train a residual flow; with no arguments, the toy preset (8 Gaussians, minutes on a CPU).",
         epilog=_TRAIN_EPILOG,
     )
-    train.add_argument("--preset", help="toy (default), digits, mnist-paper, cifar10-paper")
+    train.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default toy)")
     train.add_argument("--config", help="a JSON file of settings, applied over the preset")
     train.add_argument("--task", help="density (default), classify, or hybrid (both, one network)")
     train.add_argument("--data", help="8gaussians, checkerboard, ..., digits, mnist, cifar10")
@@ -47,9 +49,11 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--steps", type=int, help="optimiser steps")
     train.add_argument("--batch-size", dest="batch_size", type=int)
     train.add_argument("--lr", type=float, help="learning rate after warm-up")
-    train.add_argument("--lambda", dest="hybrid_lambda", type=float, help="hybrid: log p(y|x) + LAMBDA log p(x) / D")
     train.add_argument(
-        "--labelled-fraction", dest="labelled_fraction", type=float, help="keep the labels of this fraction only"
+        "--lambda", dest="hybrid_lambda", type=float, metavar="L", help="hybrid: log p(y|x) + L log p(x) / D"
+    )
+    train.add_argument(
+        "--labelled-fraction", dest="labelled_fraction", type=float, metavar="F", help="keep the labels of a fraction F"
     )
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="cpu, cuda, cuda:1, ...")

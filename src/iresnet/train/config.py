@@ -123,7 +123,9 @@ def resolve_config(
     preset: str | None = None, config_file: str | os.PathLike | None = None, overrides: list[dict[str, Any]] = ()
 ) -> TrainConfig:
     """The preset's settings, updated by the JSON ``config_file``, updated by ``overrides`` in
-    order (later wins). ``preset=None`` takes the config file's preset, else ``"toy"``."""
+    order (later wins). ``preset=None`` takes the config file's preset, else ``"toy"``. Where the
+    task or data set call for another model builder than the preset's (``--task classify`` from
+    the toy preset, say), the preset's model options are dropped: the builder's defaults apply."""
     from_file: dict[str, Any] = {}
     if config_file is not None:
         with open(config_file) as f:
@@ -133,9 +135,22 @@ def resolve_config(
     name = preset or from_file.get("preset") or "toy"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
-    settings = _merge({"preset": name}, PRESETS[name], f"preset {name!r}")
-    settings = _merge(settings, from_file, str(config_file))
+    preset = _merge({"preset": name}, PRESETS[name], f"preset {name!r}")
+    settings = _merge(preset, from_file, str(config_file))
     settings["preset"] = name
     for override in overrides:
         settings = _merge(settings, override, "command line")
+    if _builder(settings) != _builder(preset):  # the preset's model options belong to another builder
+        changed = [from_file, *overrides]
+        settings["model"] = {k: v for update in changed for k, v in update.get("model", {}).items()}
     return TrainConfig(**settings)
+
+
+def _builder(settings: dict[str, Any]) -> str:
+    """Which builder takes the model options: the classifier's, the toy flow's or the image flow's
+    (a density model and a hybrid share it)."""
+    from ..data.toy import TOY_DATASETS
+
+    if settings.get("task", "density") == "classify":
+        return "classifier"
+    return "toy" if settings.get("data", "8gaussians") in TOY_DATASETS else "image"
