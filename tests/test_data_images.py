@@ -324,3 +324,18 @@ def test_a_missing_optional_dependency_says_what_to_install(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(ImportError, match=hint):
         load_images(name, tmp_path)
+
+
+def test_cifar10_classifier_preset_trains_on_cifar_files(tmp_path, skip_cifar_md5):
+    """The paper's classifier preset, shrunk, end to end on files in CIFAR-10's format: crops and
+    flips, SGD with its milestones, and the test error in percent."""
+    from iresnet.train import resolve_config, train
+
+    fake_cifar(tmp_path / "data")
+    small = {"model": {"blocks": [1, 1, 1], "hidden": [4, 4, 4]}, "batch_size": 4, "warmup_steps": 0}
+    schedule = {"steps": 3, "lr_milestones": [2], "eval_every": 3, "out": str(tmp_path / "run")}
+    config = resolve_config("cifar10-classifier-paper", None, [small, schedule, {"data_dir": str(tmp_path / "data")}])
+    assert config.augment and config.optimizer == "sgd"
+    result = train(config, progress=False)
+    assert result.evaluation.n == 3 and 0 <= result.evaluation.error_percent <= 100
+    assert (tmp_path / "run/model.safetensors").exists()

@@ -138,7 +138,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run written to {result.run_dir}")
     if result.evaluation is not None:
         print(result.evaluation)
-        if getattr(result.evaluation, "bits_per_dim", None) is not None:
+        density = getattr(result.evaluation, "density", result.evaluation)  # a hybrid's density part
+        if getattr(density, "bits_per_dim", None) is not None:
             _print_baselines(_baselines(_source(config)))
     return 0
 

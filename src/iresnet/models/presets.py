@@ -84,12 +84,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 500,
         "checkpoint_every": 500,
     },
-    # the hybrid model on the digits: the digits flow without factor-out and a linear classifier on its latent,
+    # the hybrid model on the digits: the digits flow without factor-out, its prior a mixture of one Gaussian per
+    # class, the classifier Bayes' rule on it (model.classifier=linear: a linear layer on the latent instead);
     # trained on log p(y|x) + lambda log p(x) / D; labelled_fraction=0.1 makes it semi-supervised
     "digits-hybrid": {
         "task": "hybrid",
         "data": "digits",
-        "model": {**_DIGITS_FLOW, "factor_out": False},
+        "model": {**_DIGITS_FLOW, "factor_out": False, "classifier": "gaussians"},
         "hybrid_lambda": 1.0,
         **_DIGITS_TRAINING,
         "steps": 2000,
