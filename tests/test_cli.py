@@ -196,7 +196,7 @@ def test_hybrid_run_semi_supervised(tmp_path: Path, capsys: pytest.CaptureFixtur
     the hybrid's flow samples and scores OOD data like a density model."""
     pytest.importorskip("sklearn")
     out = tmp_path / "hybrid"
-    small = ["model.scales=2", "model.blocks=1", "model.hidden=8", "model.fc_blocks=0", "eval_size=64"]
+    small = ["model.scales=2", "model.blocks=1", "model.hidden=8", "model.fc_blocks=0"]
     flags = ["--preset", "digits", "--task", "hybrid", "--lambda", "0.5", "--labelled-fraction", "0.2"]
     flags += ["--out", str(out), "--steps", "3", "--batch-size", "32", "--no-progress"]
     assert run_cli("train", *flags, *small) == 0
@@ -210,5 +210,9 @@ def test_hybrid_run_semi_supervised(tmp_path: Path, capsys: pytest.CaptureFixtur
     report = json.loads(capsys.readouterr().out)
     assert report["task"] == "hybrid" and report["n"] == 297 and 0 <= report["classifier"]["error_percent"] <= 100
     assert report["bits_per_dim"] > 0 and 0 <= report["ood"]["auroc"] <= 1
+    last_test = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last_test["split"] == "test"  # eval repeats training's evaluation: the same noise and probes
+    assert report["bits_per_dim"] == pytest.approx(last_test["bits_per_dim"], rel=1e-6)  # float32 sums
+    assert report["classifier"]["error_percent"] == pytest.approx(last_test["error_percent"])
     assert run_cli("sample", str(out), "--n", "4") == 0
     assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"

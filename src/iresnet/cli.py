@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from .models.density import DensityModel
@@ -170,9 +171,10 @@ def _print_baselines(baselines: dict[str, Any]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from .train import accurate_estimator, evaluate, evaluate_classifier, evaluate_hybrid, load_run
+    """``iresnet eval``: the run's model and data, then its evaluation with the dequantisation
+    noise and probes of training's evaluations."""
+    from .train import load_run
+    from .train.evaluate import evaluation_randomness
 
     model, config = load_run(args.run, args.device)
     source = _source(config)
@@ -180,6 +182,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--ood needs a density model of images; {args.run} holds a {config.task} run on {config.data}"
         )
+    with evaluation_randomness(args.device):
+        return _evaluate_model(args, model, config, source)
+
+
+def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainConfig, source: DataSource) -> int:
+    from dataclasses import asdict
+
+    from .train import accurate_estimator, evaluate, evaluate_classifier, evaluate_hybrid
+
     if config.task == "classify":
         result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size, calibration=source.train)
         report = {"run": str(args.run), "data": config.data, "task": config.task, **asdict(result)}

@@ -34,13 +34,12 @@ from .evaluate import (
     evaluate,
     evaluate_classifier,
     evaluate_hybrid,
+    evaluation_randomness,
     recalibrate_batch_norms,
 )
 from .sources import DataSource, make_source
 
 __all__ = ["TrainingError", "TrainResult", "train"]
-
-_EVAL_SEED = 7  # the same dequantisation noise and probes at every evaluation
 
 
 class TrainingError(RuntimeError):
@@ -195,9 +194,7 @@ class _Trainer:
         return model.eval()
 
     def run_evaluation(self) -> Evaluation | ClassifierEvaluation | HybridEvaluation:
-        devices = [self.procs.device] if self.procs.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_EVAL_SEED)
+        with evaluation_randomness(self.procs.device):
             size = self.config.eval_size
             if self.config.task == "classify":
                 test, labels = self.source.test[:size], self.source.test_labels[:size]

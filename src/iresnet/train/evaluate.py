@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,9 @@ __all__ = [
     "HybridEvaluation",
     "accurate_estimator",
     "classification",
+    "EVAL_SEED",
     "estimators_set_to",
+    "evaluation_randomness",
     "evaluate",
     "evaluate_baselines",
     "evaluate_classifier",
@@ -49,6 +52,21 @@ class Evaluation:
         if self.bits_per_dim is not None:
             text += f", {self.bits_per_dim:.4f} +- {self.bits_per_dim_se:.4f} bits/dim"
         return f"{text} ({self.n} examples)"
+
+
+EVAL_SEED = 7
+"""The seed of every evaluation's dequantisation noise and probes (training's, ``iresnet eval``'s,
+the OOD comparison's), so that the same weights always give the same figures."""
+
+
+@contextlib.contextmanager
+def evaluation_randomness(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Within the context the global generators (and ``device``'s, for CUDA) start from
+    :data:`EVAL_SEED`; their states are restored after."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(EVAL_SEED)
+        yield
 
 
 def accurate_estimator() -> LogDetEstimator:

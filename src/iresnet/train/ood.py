@@ -26,14 +26,12 @@ from ..data.preprocess import bits_per_dim
 from ..lipschitz import converge_spectral_norms
 from ..logdet import LogDetEstimator
 from ..models.density import DensityModel
-from .evaluate import Evaluation, accurate_estimator, estimators_set_to, summarize
+from .evaluate import EVAL_SEED, Evaluation, accurate_estimator, estimators_set_to, summarize
 
 __all__ = ["OOD_CHOICES", "OODReport", "auroc", "compare_likelihoods", "ood_inputs"]
 
 OOD_CHOICES = ("noise", "inverted", *IMAGE_DATASETS)
 """What :func:`ood_inputs` makes: uniform noise, the inverted test images, or an image data set."""
-
-_SEED = 7  # the same dequantisation noise and probes at every comparison, as in training's evaluations
 
 
 def auroc(in_scores: Tensor, out_scores: Tensor) -> float:
@@ -125,7 +123,7 @@ def compare_likelihoods(
     estimator: LogDetEstimator | None = None,
     batch_size: int = 500,
     *,
-    seed: int = _SEED,
+    seed: int = EVAL_SEED,
     progress: bool = False,
 ) -> OODReport:
     r"""Bits/dim of integer images ``in_images`` (the test set) and ``out_images`` under
