@@ -309,3 +309,16 @@ def test_another_task_or_data_drops_the_presets_model_options() -> None:
     from iresnet.models.build import build_model
 
     assert build_model(classify.task, classify.data, classify.model)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path: Path) -> None:
+    """Settings added later are missing from older checkpoints; they read as their defaults."""
+    train(config(tmp_path / "run", steps=2), progress=False)
+    path = tmp_path / "run/checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for later in ("augment", "labelled_fraction", "hybrid_lambda", "lr_milestones", "lr_gamma"):
+        del state["config"][later]
+    torch.save(state, path)
+    assert train(config(tmp_path / "run", steps=3), resume=True, progress=False).step == 3
+    with pytest.raises(ValueError, match="cannot resume with different settings for lr_gamma"):
+        train(config(tmp_path / "run", steps=4, lr_gamma=0.5), resume=True, progress=False)

@@ -369,8 +369,10 @@ class _Trainer:
 
 
 def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> None:
-    """A resumed run may change how long it trains and how it logs, not what it trains."""
+    """A resumed run may change how long it trains and how it logs, not what it trains. A setting
+    that the checkpoint lacks (it came later) had its default value."""
     free = {"steps", "out", "checkpoint_every", "eval_every", "log_every", "tensorboard", "device", "download"}
+    saved = {**TrainConfig(out=config.out).to_dict(), **saved}
     changed = [k for k, v in config.to_dict().items() if k not in free and saved.get(k) != v]
     if changed:
         raise ValueError(
