@@ -90,3 +90,13 @@ def test_augmented_batches_are_a_function_of_the_step() -> None:
     assert torch.equal(again.labelled_batch(5, 16)[0], x)  # a fresh source gives step 5 the same batch
     assert torch.equal(plain.labelled_batch(5, 16)[1], y)  # the same images, augmented
     assert not torch.equal(plain.labelled_batch(5, 16)[0], x)
+
+
+def test_each_process_takes_its_share_of_the_same_augmented_global_batch() -> None:
+    for fraction in (1.0, 0.2):
+        source = ImageSource("digits", seed=0, augment=True, labelled_fraction=fraction)
+        whole, labels = source.labelled_batch(3, 8)
+        for rank in range(2):
+            share, share_labels = source.labelled_batch(3, 8, rank, 2)
+            assert torch.equal(share, whole[rank::2]) and torch.equal(share_labels, labels[rank::2])
+            assert torch.equal(source.batch(3, 8, rank, 2), source.batch(3, 8)[rank::2])

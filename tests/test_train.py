@@ -220,8 +220,10 @@ def test_sgd_with_milestones(tmp_path: Path) -> None:
     assert checkpoint["optimizer"]["param_groups"][0]["momentum"] == 0.9
     # the lr logged after step k is the next step's: halved from step 2 on, and again from step 4 on
     assert [r["lr"] for r in records(run)] == pytest.approx([0.01, 0.005, 0.005, 0.0025, 0.0025, 0.0025])
-    with pytest.raises(ValueError, match="lr_milestones must be increasing"):
-        config(run, lr_milestones=[4, 2])
+    with pytest.raises(ValueError, match="lr_milestones must be strictly increasing"):
+        config(run, lr_milestones=[2, 2])
+    with pytest.raises(ValueError, match="lr_milestones must be a list of integers, got 5000"):
+        config(run, lr_milestones=5000)
     with pytest.raises(ValueError, match="optimizer must be"):
         config(run, optimizer="rmsprop")
 
@@ -274,25 +276,33 @@ def test_semi_supervised_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         resolve_config("digits", None, [{"labelled_fraction": 0.5}])
 
 
-def test_hybrid_loss_weighs_the_density_by_lambda_over_dimension(tmp_path: Path, monkeypatch) -> None:
-    """The gradient of the hybrid loss is that of cross-entropy + lambda * NLL / D, checked by
-    recomputing both terms on the step's batch."""
+@pytest.mark.parametrize("fraction", [1.0, 0.2])
+def test_hybrid_loss_weighs_the_density_by_lambda_over_dimension(tmp_path: Path, fraction: float) -> None:
+    """The hybrid loss is cross-entropy of the labelled rows + lambda * NLL / D of all rows (with a
+    labelled fraction, the labelled batch and then an unlabelled one), recomputed here."""
     from iresnet.train.distributed import start_processes
     from iresnet.train.engine import _Trainer
 
     procs = start_processes("cpu")
     try:
-        trainer = _Trainer(hybrid_config(tmp_path / "run", hybrid_lambda=3.0), procs, progress=False)
+        settings = {"hybrid_lambda": 3.0, "labelled_fraction": fraction}
+        trainer = _Trainer(hybrid_config(tmp_path / "run", **settings), procs, progress=False)
         trainer.model(trainer.source.batch(0, 32))  # ActNorm's initialisation from data
         trainer.model.eval()  # no power-iteration updates between the two passes
         torch.manual_seed(5)
         loss, logged = trainer.objective(trainer.model)
         x, y = trainer.source.labelled_batch(0, 32)
+        if fraction < 1:
+            x = torch.cat([x, trainer.source.batch(0, 32)])
         torch.manual_seed(5)
         logits, log_prob = trainer.model(x)
-        expected = torch.nn.functional.cross_entropy(logits, y) - 3.0 * log_prob.mean() / 64
+        assert len(log_prob) == (32 if fraction == 1 else 64)
+        expected = torch.nn.functional.cross_entropy(logits[:32], y) - 3.0 * log_prob.mean() / 64
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
         assert logged["nll"].item() == pytest.approx(-log_prob.mean().item(), rel=1e-6)
+        assert logged["cross_entropy"].item() == pytest.approx(
+            torch.nn.functional.cross_entropy(logits[:32], y).item(), rel=1e-6
+        )
     finally:
         procs.close()
 
@@ -322,3 +332,16 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path: Path) -> N
     assert train(config(tmp_path / "run", steps=3), resume=True, progress=False).step == 3
     with pytest.raises(ValueError, match="cannot resume with different settings for lr_gamma"):
         train(config(tmp_path / "run", steps=4, lr_gamma=0.5), resume=True, progress=False)
+
+
+def test_settings_of_the_wrong_type_are_named() -> None:
+    for setting, value, kind in [("hybrid_lambda", "abc", "a number"), ("steps", "3", "an integer")]:
+        with pytest.raises(ValueError, match=f"{setting} must be {kind}, got '{value}'"):
+            resolve_config("toy", None, [{setting: value}])
+    with pytest.raises(ValueError, match="hybrid_lambda is for the task hybrid"):
+        resolve_config("digits", None, [{"hybrid_lambda": 0.5}])
+
+
+def test_too_few_labels_for_a_batch_is_a_message(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="labelled_fraction 0.01 keeps 16 labelled images, fewer than a batch of 32"):
+        train(hybrid_config(tmp_path / "run", labelled_fraction=0.01), progress=False)

@@ -182,6 +182,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--ood needs a density model of images; {args.run} holds a {config.task} run on {config.data}"
         )
+    if args.ood == config.data:
+        raise ValueError(f"--ood {args.ood} is the run's own data set: choose noise, inverted or another data set")
     with evaluation_randomness(args.device):
         return _evaluate_model(args, model, config, source)
 
@@ -346,6 +348,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = {"train": _train, "eval": _evaluate, "sample": _sample, "reconstruct": _reconstruct}
     try:
         code = commands[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as error:
         parser.exit(2, f"iresnet {args.command}: error: {error}\n")
     sys.exit(code)

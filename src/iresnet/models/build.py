@@ -49,7 +49,10 @@ def _call(builder, options: dict[str, Any], *args: Any) -> DensityModel:
     except TypeError as error:
         import inspect
 
-        if builder is hybrid_model:
-            builder = image_flow
         known = [p for p in inspect.signature(builder).parameters if p not in ("dim", "shape", "levels", "classes")]
+        if builder is hybrid_model:  # its other options are the image flow's
+            known = [
+                "classifier",
+                *(p for p in inspect.signature(image_flow).parameters if p not in ("shape", "levels")),
+            ]
         raise ValueError(f"bad model options {options} for {builder.__name__} ({error}); known: {known}") from None

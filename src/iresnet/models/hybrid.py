@@ -78,6 +78,8 @@ def hybrid_model(
     """
     flow = image_flow(shape, levels, **flow_options)
     if classifier == "gaussians":
+        if flow_options.get("learned_prior"):
+            raise ValueError("the class-conditional prior has fixed means: learned_prior must be False")
         means = torch.randn(classes, *flow.latent_shape)
         return HybridModel(DensityModel(flow.transform, flow.event_shape, class_means=means), classes)
     if classifier != "linear":

@@ -60,6 +60,11 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
+            check, kind = _TYPE_CHECKS[setting.type]
+            if not check(value):
+                raise ValueError(f"{setting.name} must be {kind}, got {value!r}")
         positive = ("steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "eval_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -68,8 +73,9 @@ class TrainConfig:
             raise ValueError(f"task must be 'density', 'classify' or 'hybrid', got {self.task!r}")
         if self.optimizer not in ("adam", "adamax", "sgd"):
             raise ValueError(f"optimizer must be 'adam', 'adamax' or 'sgd', got {self.optimizer!r}")
-        if sorted(self.lr_milestones) != list(self.lr_milestones) or any(m < 1 for m in self.lr_milestones):
-            raise ValueError(f"lr_milestones must be increasing steps of at least 1, got {self.lr_milestones}")
+        steps = [0, *self.lr_milestones]
+        if any(later <= earlier for earlier, later in zip(steps, steps[1:])):
+            raise ValueError(f"lr_milestones must be strictly increasing steps of at least 1, got {self.lr_milestones}")
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"lr_gamma must lie in (0, 1], got {self.lr_gamma}")
         if not self.hybrid_lambda >= 0:
@@ -78,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"labelled_fraction must lie in (0, 1], got {self.labelled_fraction}")
         if self.labelled_fraction < 1 and self.task == "density":
             raise ValueError("labelled_fraction is for the tasks classify and hybrid; a density model uses no labels")
+        if self.hybrid_lambda != 1 and self.task != "hybrid":
+            raise ValueError(f"hybrid_lambda is for the task hybrid, not {self.task}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -87,6 +95,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_TYPE_CHECKS = {  # a field's annotation: its check and what it asks for
+    "int": (_is_integer, "an integer"),
+    "float": (_is_number, "a number"),
+    "float | None": (lambda v: v is None or _is_number(v), "a number or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "list[int]": (lambda v: isinstance(v, list) and all(map(_is_integer, v)), "a list of integers"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "a mapping"),
+}
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
@@ -140,9 +168,11 @@ def resolve_config(
     settings["preset"] = name
     for override in overrides:
         settings = _merge(settings, override, "command line")
+    explicit = {k: v for update in (from_file, *overrides) for k, v in update.get("model", {}).items()}
     if _builder(settings) != _builder(preset):  # the preset's model options belong to another builder
-        changed = [from_file, *overrides]
-        settings["model"] = {k: v for update in changed for k, v in update.get("model", {}).items()}
+        settings["model"] = explicit
+    elif settings.get("task") != "hybrid" and "classifier" not in explicit:  # a hybrid's option alone
+        settings["model"].pop("classifier", None)
     return TrainConfig(**settings)
 
 

@@ -115,6 +115,11 @@ class _Trainer:
         )
         if config.task != "density" and not hasattr(self.source, "labelled_batch"):
             raise ValueError(f"task {config.task!r} needs labelled image data, and {config.data!r} has no labels")
+        if config.task != "density" and len(self.source.labelled) < config.batch_size:
+            raise ValueError(
+                f"labelled_fraction {config.labelled_fraction} keeps {len(self.source.labelled)} labelled images, "
+                f"fewer than a batch of {config.batch_size}: raise the fraction or lower batch_size"
+            )
         self.model = build_model(config.task, config.data, config.model).to(procs.device)
         self.optimizer = _optimizer(config, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
@@ -222,7 +227,7 @@ class _Trainer:
             logits = model(x.to(procs.device))
             y = y.to(procs.device)
             loss = nn.functional.cross_entropy(logits, y)
-            return loss, {"nll": loss.detach(), "accuracy": (logits.argmax(1) == y).double().mean()}
+            return loss, {"cross_entropy": loss.detach(), "accuracy": (logits.argmax(1) == y).double().mean()}
         x = self.source.batch(self.step, config.batch_size, procs.rank, procs.world)
         loss = -model(x.to(procs.device)).mean()
         return loss, {"nll": loss.detach()}
@@ -306,7 +311,7 @@ class _Trainer:
             return {
                 "step": self.step,
                 "split": "test",
-                "nll": evaluation.nll,
+                "cross_entropy": evaluation.nll,
                 "accuracy": evaluation.accuracy,
                 "error_percent": evaluation.error_percent,
                 "error_percent_se": evaluation.error_percent_se,

@@ -198,7 +198,7 @@ def evaluate_classifier(
     model.eval()
     converge_spectral_norms(model)
     if calibration is not None:
-        recalibrate_batch_norms(model, calibration, batch_size)
+        recalibrate_batch_norms(model, calibration)  # batches of 500, whatever batch_size: the same statistics
     device = next(model.parameters()).device
     logits = torch.cat([model(x.to(device)).double().cpu() for x in images.split(batch_size)])
     return classification(logits, labels)

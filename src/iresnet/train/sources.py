@@ -84,33 +84,34 @@ class ImageSource(DataSource):
         self.labelled = _labelled_subset(self.train_labels, labelled_fraction)
         self._orders: dict[int, tuple[int, Tensor]] = {}
 
-    def _rows(self, pool: int, size: int, step: int, batch_size: int, rank: int, world: int) -> Tensor:
-        """Rows (positions in a pool of ``size`` items) of this step's share of the global batch."""
+    def _rows(self, pool: int, size: int, step: int, batch_size: int) -> Tensor:
+        """Rows (positions in a pool of ``size`` items) of this step's global batch."""
         per_epoch = size // batch_size
         if per_epoch == 0:
             raise ValueError(f"batch_size {batch_size} exceeds the {size} training images it draws from")
         epoch, index = divmod(step, per_epoch)
         if pool not in self._orders or self._orders[pool][0] != epoch:
             self._orders[pool] = (epoch, torch.randperm(size, generator=_generator(self.seed, epoch, pool)))
-        return self._orders[pool][1][index * batch_size : (index + 1) * batch_size][rank::world]
+        return self._orders[pool][1][index * batch_size : (index + 1) * batch_size]
 
-    def _augmented(self, images: Tensor, step: int, stream: int) -> Tensor:
-        if not self.augment:
-            return images
-        return random_crop_flip(images, _AUGMENT_PAD, _generator(self.seed, step, _AUGMENT + stream))
+    def _share(self, rows: Tensor, step: int, stream: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+        """This process's share of the global batch of ``rows``, augmented as a whole first (so
+        that the global batch does not depend on the number of processes), with its labels."""
+        images = self.train[rows]
+        if self.augment:
+            images = random_crop_flip(images, _AUGMENT_PAD, _generator(self.seed, step, _AUGMENT + stream))
+        return images[rank::world], self.train_labels[rows][rank::world]
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Tensor:
         """This step's training images (all of them, labelled or not)."""
-        rows = self._rows(_ORDER, len(self.train), step, batch_size, rank, world)
-        return self._augmented(self.train[rows], step, 0)
+        return self._share(self._rows(_ORDER, len(self.train), step, batch_size), step, 0, rank, world)[0]
 
     def labelled_batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
         """This step's labelled training images and their labels (all images where every label is kept)."""
         if len(self.labelled) == len(self.train):
-            rows = self._rows(_ORDER, len(self.train), step, batch_size, rank, world)
-            return self._augmented(self.train[rows], step, 0), self.train_labels[rows]
-        rows = self.labelled[self._rows(_LABELLED_ORDER, len(self.labelled), step, batch_size, rank, world)]
-        return self._augmented(self.train[rows], step, 1), self.train_labels[rows]
+            return self._share(self._rows(_ORDER, len(self.train), step, batch_size), step, 0, rank, world)
+        rows = self.labelled[self._rows(_LABELLED_ORDER, len(self.labelled), step, batch_size)]
+        return self._share(rows, step, 1, rank, world)
 
 
 def _labelled_subset(labels: Tensor, fraction: float) -> Tensor:
