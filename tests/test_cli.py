@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from iresnet.cli import main
 
@@ -216,3 +217,18 @@ def test_hybrid_run_semi_supervised(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert report["classifier"]["error_percent"] == pytest.approx(last_test["error_percent"])
     assert run_cli("sample", str(out), "--n", "4") == 0
     assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert run_cli("sample", str(out), "--by-class") == 2  # a linear classifier: no class-conditional prior
+    assert "--by-class needs a hybrid with a class-conditional prior" in capsys.readouterr().err
+
+
+def test_class_conditional_samples_a_row_per_class(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("sklearn")
+    out = tmp_path / "gmm"
+    small = ["model.blocks=1", "model.hidden=8", "model.fc_blocks=0", "eval_size=64", "--batch-size", "32"]
+    small += ["--steps", "2", "--no-progress"]
+    assert run_cli("train", "--preset", "digits-hybrid", "--out", str(out), *small) == 0
+    capsys.readouterr()
+    assert run_cli("sample", str(out), "--by-class", "--n", "3") == 0
+    assert "30 samples written" in capsys.readouterr().out
+    with Image.open(out / "samples.png") as picture:  # 10 rows of 3 tiles of 64 px, 1-px gaps
+        assert picture.size == (3 * 64 + 2, 10 * 64 + 9)

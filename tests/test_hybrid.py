@@ -87,3 +87,19 @@ def test_bad_hybrids() -> None:
         DensityModel(flow.transform, (1, 8, 8), class_means=torch.zeros(10, 3))
     with pytest.raises(ValueError, match="learned_prior must be False"):
         DensityModel(flow.transform, (1, 8, 8), class_means=torch.zeros(10, 64), learned_prior=True)
+
+
+def test_class_conditional_samples_invert_draws_of_their_class_gaussian() -> None:
+    model = hybrid_model((1, 8, 8), 17, 3, classifier="gaussians", factor_out=False, **OPTIONS)
+    ready(model, torch.randint(0, 17, (6, 1, 8, 8)))
+    labels = torch.tensor([2, 0, 2, 1])
+    torch.manual_seed(4)
+    samples = model.density.sample(4, labels)
+    torch.manual_seed(4)
+    z = model.density.class_means[labels] + torch.randn(4, 64)
+    torch.testing.assert_close(samples, model.density.transform.inverse(z))
+    assert samples.shape == (4, 1, 8, 8) and torch.equal(samples, samples.round())
+    with pytest.raises(ValueError, match="one class per sample"):
+        model.density.sample(3, labels)
+    with pytest.raises(ValueError, match="needs a class-conditional prior"):
+        hybrid_model((1, 8, 8), 17, 3, **OPTIONS).density.sample(4, labels)

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", help="the PNG to write (default RUN/samples.png)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--by-class", action="store_true", help="a hybrid with a class-conditional prior: N samples of every class"
+    )
     sample.add_argument("--device", default="cpu")
 
     rebuild = commands.add_parser(
@@ -283,11 +286,14 @@ def _sample(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.run} holds a 'classify' run: only density and hybrid models can be sampled")
     if config.task == "hybrid":
         model = model.density
+    if args.by_class and model.class_means is None:
+        raise ValueError("--by-class needs a hybrid with a class-conditional prior (model.classifier=gaussians)")
     converge_spectral_norms(model)
     source = _source(config)
     path = args.out or f"{args.run}/samples.png"
-    draw_samples(model, source, path, args.n, args.seed)
-    print(f"{args.n} samples written to {path}")
+    samples = draw_samples(model, source, path, args.n, args.seed, by_class=args.by_class)
+    rows = f", a row for each of the {len(model.class_means)} classes" if args.by_class else ""
+    print(f"{len(samples)} samples written to {path}{rows}")
     return 0
 
 

@@ -94,6 +94,14 @@ class DensityModel(nn.Module):
         return self.flow() if x is None else self.flow().log_prob(x)
 
     @torch.no_grad()
-    def sample(self, n: int) -> Tensor:
-        """``n`` draws by inverting the transform (call in eval mode, spectral norms converged)."""
-        return self.flow().sample((n,))
+    def sample(self, n: int, labels: Tensor | None = None) -> Tensor:
+        r"""``n`` draws by inverting the transform (call in eval mode, spectral norms converged);
+        with ``labels`` (``n`` classes, for a class-conditional prior), draws of :math:`p(x \mid y)`."""
+        if labels is None:
+            return self.flow().sample((n,))
+        if self.class_means is None:
+            raise ValueError("sampling given labels needs a class-conditional prior (class_means)")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must hold one class per sample, shape ({n},), got {tuple(labels.shape)}")
+        means = self.class_means[labels.to(self.class_means.device)]
+        return self.flow().transform.inv(means + torch.randn_like(means))

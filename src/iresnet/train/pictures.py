@@ -16,17 +16,22 @@ __all__ = ["draw_run", "draw_samples"]
 _SAMPLE_SEED = 11
 
 
-def draw_samples(model: DensityModel, source: DataSource, path, n: int, seed: int = _SAMPLE_SEED) -> torch.Tensor:
+def draw_samples(
+    model: DensityModel, source: DataSource, path, n: int, seed: int = _SAMPLE_SEED, *, by_class: bool = False
+) -> torch.Tensor:
     """``n`` samples of ``model`` (eval mode, spectral norms converged) drawn with ``seed``,
-    written to ``path``: a scatter beside the data for 2-D data, an image grid for images."""
+    written to ``path``: a scatter beside the data for 2-D data, an image grid for images;
+    ``by_class`` (a class-conditional prior): ``n`` samples of every class, a row each."""
+    labels = torch.arange(len(model.class_means)).repeat_interleave(n) if by_class else None
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        samples = model.sample(n).cpu()
+        samples = model.sample(n if labels is None else len(labels), labels).cpu()
     if source.levels is None:
         plots.scatter_samples(samples, source.test[: max(n, 2000)].cpu(), path)
     else:
         images = samples.round().clamp(0, source.levels - 1).to(torch.uint8)
-        plots.image_grid(images, path, levels=source.levels, scale=max(1, 64 // images.shape[-1]))  # tiles >= 64 px
+        scale = max(1, 64 // images.shape[-1])  # tiles of at least 64 pixels
+        plots.image_grid(images, path, nrow=n if by_class else None, levels=source.levels, scale=scale)
     return samples
 
 
