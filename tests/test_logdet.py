@@ -13,9 +13,9 @@ from helpers import binding, conv_branch, dense_branch, jacobian_logdet
 from iresnet.memory import SavedTensorMeter
 
 
-def make_block(device, estimator, dim=3, coeff=0.9, conv=False) -> iresnet.ResidualBlock:
+def make_block(device, estimator, dim=3, coeff=0.9, conv=False, jacobian="auto") -> iresnet.ResidualBlock:
     g = conv_branch(dim, 8, coeff, nn.ELU) if conv else dense_branch(dim, 16, coeff)
-    block = iresnet.ResidualBlock(binding(g).double().to(device), estimator)
+    block = iresnet.ResidualBlock(binding(g).double().to(device), estimator, jacobian=jacobian)
     shape = (dim, 4, 4) if conv else (dim,)
     block(torch.randn(2, *shape, dtype=torch.float64, device=device))  # conv layers learn the input size
     block.eval()
@@ -189,12 +189,32 @@ def test_memory_efficient_gradient_equals_plain_gradient(device, plain, efficien
         torch.testing.assert_close(a, b)
 
 
-def test_memory_efficient_refuses_per_sample_weights(device):
-    block = make_block(device, iresnet.Roulette(memory_efficient=True), dim=2)
+def test_memory_efficient_autograd_path_refuses_per_sample_weights(device):
+    """Backward-in-forward sums the parameter gradients over the batch: it cannot weight samples."""
+    block = make_block(device, iresnet.Roulette(memory_efficient=True), dim=2, jacobian="autograd")
     block.train()
     _, logdet = block(torch.randn(3, 2, dtype=torch.float64, device=device))
     with pytest.raises(RuntimeError, match="same gradient for every"):
         (logdet * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64, device=device)).sum().backward()
+
+
+def test_memory_efficient_explicit_path_weights_samples(device):
+    """The explicit path's Neumann surrogate is per sample: a weighted sum of log-dets gets the
+    weighted sum of each sample's own gradient (exact traces make each run deterministic)."""
+    block = make_block(device, iresnet.PowerSeries(n_terms=4, probe="basis", memory_efficient=True), dim=3)
+    x = torch.randn(3, 3, dtype=torch.float64, device=device)
+    weights = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, device=device)
+
+    def gradients(rows: torch.Tensor, row_weights: torch.Tensor) -> list[torch.Tensor]:
+        block.zero_grad()
+        (block(rows)[1] * row_weights).sum().backward()
+        return [p.grad.clone() for p in block.parameters() if p.grad is not None]  # the last bias has none
+
+    weighted = gradients(x, weights)
+    one_by_one = [gradients(x[i : i + 1], weights[i : i + 1]) for i in range(3)]
+    for together, *single in zip(weighted, *one_by_one):
+        torch.testing.assert_close(together, sum(single), rtol=1e-10, atol=1e-12)
+    assert max(g.abs().max() for g in weighted) > 1e-3
 
 
 def _graph_bytes(device, estimator) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from .activations import LipSwish
 from .blocks import ActNorm, ResidualBlock, Sequential, Squeeze
 from .distributions import Flow, ModuleTransform, as_transform
 from .inverse import InversionError, InversionReport, solve_fixed_point
+from .jacobian import Linearization, linearize, register_linearization
 from .lipschitz import (
     SpectralNorm,
     circular_conv_bound,
@@ -29,6 +30,7 @@ __all__ = [
     "Flow",
     "InversionError",
     "InversionReport",
+    "Linearization",
     "LipSwish",
     "LogDetEstimator",
     "ModuleTransform",
@@ -41,8 +43,10 @@ __all__ = [
     "as_transform",
     "circular_conv_bound",
     "converge_spectral_norms",
+    "linearize",
     "lipschitz_bound",
     "operator_norm_bound",
+    "register_linearization",
     "solve_fixed_point",
     "spectral_norm",
 ]

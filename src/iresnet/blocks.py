@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
+from .jacobian import linearization_refusal, linearize
 from .lipschitz import frozen_power_iteration
 from .logdet import LogDetEstimator, make_estimator
 from .validation import check_input
@@ -57,6 +58,12 @@ class ResidualBlock(nn.Module):
         max_iter: the cap on fixed-point iterations.
         anderson_memory: the history length of Anderson acceleration.
         event_shape: the shape of one input; taken from the first input if ``None``.
+        jacobian: how the log-det reaches ``J_g``. ``"explicit"``: matrix products and
+            convolutions from the branch's forward pass (:mod:`iresnet.jacobian`), so training
+            needs one first-order backward pass and ``torch.compile`` accepts it; raises for a
+            branch or estimator it cannot serve. ``"autograd"``: vector-Jacobian products by
+            ``torch.autograd.grad``, whose gradient is a double backward; works for any ``g``.
+            ``"auto"`` (default): explicit where possible. ``repr(block)`` names the path taken.
 
     References:
         Behrmann et al., "Invertible Residual Networks", ICML 2019,
@@ -86,10 +93,13 @@ class ResidualBlock(nn.Module):
         max_iter: int = 100,
         anderson_memory: int = 5,
         event_shape: tuple[int, ...] | None = None,
+        jacobian: str = "auto",
     ) -> None:
         super().__init__()
         if inverse_method not in ("fixed_point", "anderson"):
             raise ValueError(f"inverse_method must be 'fixed_point' or 'anderson', got {inverse_method!r}")
+        if jacobian not in ("auto", "explicit", "autograd"):
+            raise ValueError(f"jacobian must be 'auto', 'explicit' or 'autograd', got {jacobian!r}")
         self.g = g
         self.logdet = make_estimator(logdet)
         self.inverse_method = inverse_method
@@ -99,6 +109,29 @@ class ResidualBlock(nn.Module):
         self.anderson_memory = anderson_memory
         self.event_shape = None if event_shape is None else tuple(event_shape)
         self.last_inversion: InversionReport | None = None
+        self.jacobian = jacobian
+        self._refusal = linearization_refusal(g)
+        if jacobian == "explicit" and self._explicit_refusal() is not None:
+            raise ValueError(
+                f"jacobian='explicit' is not possible: {self._explicit_refusal()}; use 'auto' or 'autograd'"
+            )
+
+    def _explicit_refusal(self) -> str | None:
+        if self._refusal is not None:
+            return self._refusal
+        if self.logdet is not None and not self.logdet.explicit_jacobian:
+            return f"the estimator {type(self.logdet).__name__} has no from_products"
+        return None
+
+    @property
+    def jacobian_path(self) -> str:
+        """``"explicit"`` or ``"autograd"``: how the log-det reaches the branch's Jacobian."""
+        if self.jacobian == "autograd":
+            return "autograd"
+        refusal = self._explicit_refusal()
+        if refusal is not None and self.jacobian == "explicit":
+            raise ValueError(f"jacobian='explicit' is not possible: {refusal}")
+        return "autograd" if refusal is not None else "explicit"
 
     def _check(self, x: Tensor, name: str) -> None:
         check_input(x, name, self.event_shape, _parameter_dtype(self.g))
@@ -107,9 +140,13 @@ class ResidualBlock(nn.Module):
 
     def _branch(self, x: Tensor) -> Tensor:
         gx = self.g(x)
+        self._check_branch_shape(x, gx)
+        return gx
+
+    @staticmethod
+    def _check_branch_shape(x: Tensor, gx: Tensor) -> None:
         if gx.shape != x.shape:
             raise ValueError(f"the residual branch g must keep the shape {tuple(x.shape)}, gave {tuple(gx.shape)}")
-        return gx
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         self._check(x, "ResidualBlock input")
@@ -117,6 +154,10 @@ class ResidualBlock(nn.Module):
             if self.logdet is None:
                 return x + self._branch(x), None
             differentiable = torch.is_grad_enabled()
+            if self.jacobian_path == "explicit":
+                products = linearize(self.g, x)
+                self._check_branch_shape(x, products.output)
+                return x + products.output, self.logdet.from_products(products, x, differentiable)
             with torch.enable_grad():
                 x_in = x if differentiable and x.requires_grad else x.detach().requires_grad_()
                 gx = self._branch(x_in)
@@ -174,7 +215,8 @@ class ResidualBlock(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"logdet={self.logdet!r}, inverse_method={self.inverse_method!r}"
+        path = "autograd" if self.jacobian == "autograd" or self._explicit_refusal() else "explicit"
+        return f"logdet={self.logdet!r}, jacobian={path!r}, inverse_method={self.inverse_method!r}"
 
 
 class ActNorm(nn.Module):

@@ -31,7 +31,7 @@ References:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -197,6 +197,11 @@ def _record_input_shape(layer: nn.Module, args: tuple) -> None:
     for p in layer.parametrizations.weight:
         if isinstance(p, SpectralNorm) and p.is_conv:
             p.set_input_shape(tuple(args[0].shape[1:]), layer.parametrizations.weight.original)
+
+
+def records_input_shape(hook: Callable) -> bool:
+    """Whether a forward pre-hook is the one :func:`spectral_norm` puts on a convolution."""
+    return hook is _record_input_shape
 
 
 def spectral_norm(

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
+from .jacobian import Linearization
+
 __all__ = ["LogDetEstimator", "Exact", "PowerSeries", "Roulette", "make_estimator"]
 
 
@@ -47,7 +49,15 @@ class LogDetEstimator:
     ``differentiable`` the result carries gradients to ``x`` and to ``g``'s parameters.
     """
 
+    explicit_jacobian: bool = False
+    """Whether :meth:`from_products` is implemented (the first-order path of a block)."""
+
     def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
+        raise NotImplementedError
+
+    def from_products(self, products: Linearization, x: Tensor, differentiable: bool) -> Tensor:
+        """The same estimate from a branch's explicit Jacobian products
+        (:func:`iresnet.jacobian.linearize`): its gradient needs one first-order backward pass."""
         raise NotImplementedError
 
 
@@ -65,6 +75,16 @@ class Exact(LogDetEstimator):
         jacobian = jacobian.reshape(x.shape[0], d, d)
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         return torch.linalg.slogdet(eye + jacobian).logabsdet
+
+    explicit_jacobian = True
+
+    def from_products(self, products: Linearization, x: Tensor, differentiable: bool) -> Tensor:
+        """The Jacobian column by column, :math:`J e_i` by ``d`` tangent passes, then ``slogdet``."""
+        d = x[0].numel()
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        with torch.set_grad_enabled(differentiable):
+            columns = [products.jvp(e.view(1, *x.shape[1:]).expand_as(x)).flatten(1) for e in eye]
+            return torch.linalg.slogdet(eye + torch.stack(columns, 2)).logabsdet
 
     def __repr__(self) -> str:
         return "Exact()"
@@ -135,6 +155,43 @@ class _Series(LogDetEstimator):
     def term_weights(self) -> list[float]:
         """Draw the number of terms; return the weight of each term ``k = 1..n``."""
         raise NotImplementedError
+
+    def draw_weights(self, like: Tensor) -> Sequence[float] | Sequence[Tensor]:
+        """The weights of one probe's terms; under ``torch.compile`` as tensors (see :class:`Roulette`)."""
+        return self.term_weights()
+
+    explicit_jacobian = True
+
+    def from_products(self, products: Linearization, x: Tensor, differentiable: bool) -> Tensor:
+        """The series from explicit products: :math:`u_k = J^\\top u_{k-1}`, :math:`u_0 = v`, gives
+        the terms :math:`v^\\top J^k v = \\langle u_k, v \\rangle`. With ``memory_efficient`` the
+        terms are computed without a graph and the gradient is that of the Neumann surrogate
+        :math:`\\langle w, J v \\rangle`, :math:`w = \\sum_k (-1)^{k+1} c_k u_{k-1}` held fixed and
+        :math:`J v` one tangent pass in the graph: the value is the estimate, the gradient the
+        Neumann series', and the backward pass is first-order. Without it the terms themselves
+        are differentiated (memory grows with the number of terms)."""
+        neumann = self.memory_efficient and differentiable
+        value = x.new_zeros(x.shape[0])
+        surrogate = x.new_zeros(x.shape[0])
+        for _ in range(self.n_samples):
+            weights = self.draw_weights(x)
+            for v in _probes(x, self.probe):
+                with torch.set_grad_enabled(differentiable and not neumann):
+                    u, series, neumann_vector = v, torch.zeros_like(v), torch.zeros_like(v)
+                    for k, weight in enumerate(weights, start=1):
+                        signed = weight if k % 2 else -weight
+                        if neumann:
+                            neumann_vector = neumann_vector + signed * u
+                        u = products.vjp(u)
+                        series = series + signed / k * u
+                    value = value + _per_sample_dot(series, v)
+                if neumann:
+                    surrogate = surrogate + _per_sample_dot(neumann_vector, products.jvp(v))
+        value = value / self.n_samples
+        if not neumann:
+            return value if differentiable else value.detach()
+        surrogate = surrogate / self.n_samples
+        return value.detach() + (surrogate - surrogate.detach())
 
     def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
         params = [p for p in g.parameters() if p.requires_grad]
@@ -256,6 +313,24 @@ class Roulette(_Series):
     def term_weights(self) -> list[float]:
         tail = self.draw_tail_length()
         return [1.0] * self.n_exact_terms + [1.0 / self.survival(m) for m in range(1, tail + 1)]
+
+    def draw_weights(self, like: Tensor) -> Sequence[float] | Sequence[Tensor]:
+        """The drawn terms' weights. Under ``torch.compile`` they are drawn outside the graph
+        and the tail is padded with zero weights to the next power of two, so that a compiled
+        graph serves every draw of its bucket (one graph per bucket instead of one per draw).
+        Padding with zeros adds terms worth nothing: the estimate is still unbiased, unlike a
+        cap on the number of terms."""
+        if torch.compiler.is_compiling():
+            return self._bucketed_weights(like)
+        return self.term_weights()
+
+    @torch.compiler.disable
+    def _bucketed_weights(self, like: Tensor) -> tuple[Tensor, ...]:
+        weights = self.term_weights()
+        tail = len(weights) - self.n_exact_terms
+        padded_tail = 0 if tail == 0 else 1 << (tail - 1).bit_length()
+        weights += [0.0] * (padded_tail - tail)
+        return torch.tensor(weights, dtype=like.dtype, device=like.device).unbind()
 
     def __repr__(self) -> str:
         tail = f"p={self.p}" if self.distribution == "geometric" else f"rate={self.rate}"
