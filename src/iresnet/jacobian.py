@@ -30,8 +30,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,23 +46,56 @@ __all__ = ["Linearization", "linearize", "linearization_refusal", "register_line
 
 class LayerJacobian(Protocol):
     """One layer's Jacobian at the point it was linearised: ``jvp(t) = J t``, ``vjp(u) = J^T u``
-    (both per sample, batched along dimension 0)."""
+    (both per sample, batched along dimension 0).
+
+    For the Neumann surrogate's backward pass: ``graph_tensors()`` lists the tensors its factors
+    are computed from (a weight; a pre-activation and the activation's parameters),
+    ``rebuilt(tensors)`` is the same Jacobian from those tensors (taken in order from the
+    iterator), and ``factor_gradients(r, t)`` the gradients of :math:`\\sum_{batch} \\langle r,
+    J t \\rangle` with respect to ``graph_tensors()``, in order."""
 
     def jvp(self, t: Tensor) -> Tensor: ...
 
     def vjp(self, u: Tensor) -> Tensor: ...
 
+    def graph_tensors(self) -> list[Tensor]: ...
+
+    def rebuilt(self, tensors: Iterator[Tensor]) -> LayerJacobian: ...
+
+    def factor_gradients(self, r: Tensor, t: Tensor) -> list[Tensor | None]: ...
+
 
 class _Diagonal:
-    """An elementwise map's Jacobian, ``diag(phi'(a))``."""
+    """An elementwise map's Jacobian at the pre-activation ``a``, ``diag(phi'(a))``, with
+    ``phi' = derivative(a, *parameters)``; computed once per grad mode and kept, since the
+    series applies it many times."""
 
-    def __init__(self, derivative: Tensor) -> None:
-        self.derivative = derivative
+    def __init__(self, derivative: Callable[..., Tensor], a: Tensor, *parameters: Tensor) -> None:
+        self.derivative, self.a, self.parameters = derivative, a, parameters
+        self._by_grad_mode: dict[bool, Tensor] = {}
 
     def jvp(self, t: Tensor) -> Tensor:
-        return self.derivative * t
+        grad_mode = torch.is_grad_enabled()
+        if grad_mode not in self._by_grad_mode:
+            self._by_grad_mode[grad_mode] = self.derivative(self.a, *self.parameters)
+        return self._by_grad_mode[grad_mode] * t
 
     vjp = jvp
+
+    def graph_tensors(self) -> list[Tensor]:
+        return [self.a, *self.parameters]
+
+    def rebuilt(self, tensors: Iterator[Tensor]) -> _Diagonal:
+        return _Diagonal(self.derivative, next(tensors), *(next(tensors) for _ in self.parameters))
+
+    def factor_gradients(self, r: Tensor, t: Tensor) -> list[Tensor | None]:
+        # through phi'(a, *parameters) alone: a small graph, released at once
+        with torch.enable_grad():
+            inputs = [x.detach().requires_grad_() for x in self.graph_tensors()]
+            derivative = self.derivative(*inputs)
+            if not derivative.requires_grad:  # piecewise constant (ReLU)
+                return [None] * len(inputs)
+            return list(torch.autograd.grad(derivative, inputs, r * t, allow_unused=True))
 
 
 class _Dense:
@@ -77,6 +110,15 @@ class _Dense:
     def vjp(self, u: Tensor) -> Tensor:
         return u @ self.weight
 
+    def graph_tensors(self) -> list[Tensor]:
+        return [self.weight]
+
+    def rebuilt(self, tensors: Iterator[Tensor]) -> _Dense:
+        return _Dense(next(tensors))
+
+    def factor_gradients(self, r: Tensor, t: Tensor) -> list[Tensor | None]:
+        return [r.reshape(-1, r.shape[-1]).T @ t.reshape(-1, t.shape[-1])]
+
 
 class _Convolution:
     """A convolution's linear part; its adjoint is the transposed convolution with the same
@@ -85,7 +127,7 @@ class _Convolution:
     def __init__(
         self, layer: nn.Conv2d, weight: Tensor, input_size: tuple[int, int], output_size: tuple[int, int]
     ) -> None:
-        self.weight = weight
+        self.layer, self.weight, self.sizes = layer, weight, (input_size, output_size)
         self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
         self.output_padding = tuple(
             size - ((out - 1) * stride - 2 * pad + dil * (k - 1) + 1)
@@ -102,6 +144,16 @@ class _Convolution:
             u, self.weight, None, self.stride, self.padding, self.output_padding, 1, self.dilation
         )
 
+    def graph_tensors(self) -> list[Tensor]:
+        return [self.weight]
+
+    def rebuilt(self, tensors: Iterator[Tensor]) -> _Convolution:
+        return _Convolution(self.layer, next(tensors), *self.sizes)
+
+    def factor_gradients(self, r: Tensor, t: Tensor) -> list[Tensor | None]:
+        grad = torch.nn.grad.conv2d_weight(t, self.weight.shape, r, self.stride, self.padding, self.dilation)
+        return [grad]
+
 
 class _Reshape:
     """A reshape of each sample: its Jacobian is the identity, reshaped."""
@@ -114,6 +166,15 @@ class _Reshape:
 
     def vjp(self, u: Tensor) -> Tensor:
         return u.reshape(u.shape[0], *self.input_shape)
+
+    def graph_tensors(self) -> list[Tensor]:
+        return []
+
+    def rebuilt(self, tensors: Iterator[Tensor]) -> _Reshape:
+        return self
+
+    def factor_gradients(self, r: Tensor, t: Tensor) -> list[Tensor | None]:
+        return []
 
 
 Rule = Callable[[nn.Module, Tensor], tuple[Tensor, LayerJacobian | None]]
@@ -138,21 +199,26 @@ def _affine(layer: nn.Linear | nn.Conv2d, h: Tensor) -> tuple[Tensor, LayerJacob
     return out, _Convolution(layer, weight, tuple(h.shape[2:]), tuple(out.shape[2:]))
 
 
-def _lipswish(act: LipSwish, a: Tensor) -> tuple[Tensor, LayerJacobian]:
-    # phi(a) = a s / 1.1 and phi'(a) = s (1 + beta a (1 - s)) / 1.1 share s = sigmoid(beta a)
-    beta_a = act.beta * a
+def _lipswish_derivative(a: Tensor, raw_beta: Tensor) -> Tensor:
+    """phi'(a) = s (1 + beta a (1 - s)) / 1.1 with s = sigmoid(beta a), beta = softplus(raw_beta)."""
+    beta_a = F.softplus(raw_beta) * a
     s = torch.sigmoid(beta_a)
-    return a * s / 1.1, _Diagonal(s * (1 + beta_a * (1 - s)) / 1.1)
+    return s * (1 + beta_a * (1 - s)) / 1.1
+
+
+def _lipswish(act: LipSwish, a: Tensor) -> tuple[Tensor, LayerJacobian]:
+    return act(a), _Diagonal(_lipswish_derivative, a, act.raw_beta)
 
 
 def _elu(act: nn.ELU, a: Tensor) -> tuple[Tensor, LayerJacobian]:
-    out = F.elu(a, act.alpha)
-    # below 0: alpha e^a = elu(a) + alpha; at 0 torch's own derivative takes this branch too
-    return out, _Diagonal(torch.where(a > 0, 1.0, out + act.alpha))
+    def derivative(a: Tensor) -> Tensor:  # alpha e^a below 0 (at 0 too, as torch's own derivative)
+        return torch.where(a > 0, 1.0, act.alpha * a.clamp(max=0).exp())  # clamped: no inf * 0 in backward
+
+    return F.elu(a, act.alpha), _Diagonal(derivative, a)
 
 
 def _relu(act: nn.ReLU, a: Tensor) -> tuple[Tensor, LayerJacobian]:
-    return F.relu(a), _Diagonal((a > 0).to(a.dtype))
+    return F.relu(a), _Diagonal(lambda a: (a > 0).to(a.dtype), a)
 
 
 def _reshape(layer: nn.Flatten | nn.Unflatten, h: Tensor) -> tuple[Tensor, LayerJacobian]:
@@ -193,6 +259,52 @@ class Linearization:
         for layer in reversed(self.layers):
             u = layer.vjp(u)
         return u
+
+    def surrogate_gradient(self, w: Tensor, v: Tensor) -> Tensor:
+        """Zeros of shape ``(batch,)`` whose gradient is that of :math:`\\langle w, J_g(x) v
+        \\rangle` per sample, for the parameters and ``x`` (``w`` and ``v`` held fixed): the
+        Neumann surrogate's gradient without its value.
+
+        Eagerly its backward pass recomputes the tangent pass from the pre-activations and
+        weights, which the forward pass keeps anyway, so the surrogate holds no memory of its own;
+        a compiled graph keeps the tangent pass in the graph and leaves what to save to the
+        partitioner."""
+        if torch.compiler.is_compiling():
+            surrogate = (w * self.jvp(v)).flatten(1).sum(1)
+            return surrogate - surrogate.detach()
+        tensors = [t for layer in self.layers for t in layer.graph_tensors()]
+        return _SurrogateGradient.apply(self.layers, w, v, *tensors)
+
+
+class _SurrogateGradient(torch.autograd.Function):
+    """Zero in value; the backward pass hands on the gradient of :math:`s = \\langle w, J v
+    \\rangle` for the factors' tensors: a tangent sweep :math:`t_{i+1} = J_i t_i` from
+    :math:`t_0 = v`, then an adjoint sweep :math:`r_{i} = J_i^\\top r_{i+1}` from :math:`r = w`,
+    each layer giving the gradient of :math:`\\langle r_{i+1}, J_i t_i \\rangle` for its
+    factors. No graph is kept between the forward and the backward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, layers: list[LayerJacobian], w: Tensor, v: Tensor, *tensors: Tensor) -> Tensor:
+        ctx.layers = [layer.rebuilt(iter(layer.graph_tensors())) for layer in layers]  # without their caches
+        ctx.save_for_backward(w, v, *tensors)
+        return w.new_zeros(w.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, upstream: Tensor) -> tuple[Tensor | None, ...]:
+        w, v, *tensors = ctx.saved_tensors
+        remaining = iter(tensors)
+        layers = [layer.rebuilt(remaining) for layer in ctx.layers]
+        tangents = [v]
+        for layer in layers[:-1]:
+            tangents.append(layer.jvp(tangents[-1]))
+        r = upstream.view(-1, *[1] * (w.dim() - 1)) * w
+        grads: list[Tensor | None] = []
+        for i in reversed(range(len(layers))):
+            grads[:0] = layers[i].factor_gradients(r, tangents[i])
+            if i:
+                r = layers[i].vjp(r)
+        return (None, None, None, *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])))
 
 
 def _rule_type(module: nn.Module) -> type[nn.Module]:

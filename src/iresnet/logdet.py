@@ -186,12 +186,11 @@ class _Series(LogDetEstimator):
                         series = series + signed / k * u
                     value = value + _per_sample_dot(series, v)
                 if neumann:
-                    surrogate = surrogate + _per_sample_dot(neumann_vector, products.jvp(v))
+                    surrogate = surrogate + products.surrogate_gradient(neumann_vector, v)
         value = value / self.n_samples
         if not neumann:
             return value if differentiable else value.detach()
-        surrogate = surrogate / self.n_samples
-        return value.detach() + (surrogate - surrogate.detach())
+        return value.detach() + surrogate / self.n_samples
 
     def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
         params = [p for p in g.parameters() if p.requires_grad]
