@@ -150,14 +150,18 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         self._check(x, "ResidualBlock input")
+        explicit = self.logdet is not None and self.jacobian_path == "explicit"
+        # first: under torch.compile a draw on the host stops the graph, which then starts after it
+        graph_free = not torch.is_grad_enabled() or getattr(self.logdet, "memory_efficient", False)
+        draws = self.logdet.draw(x, graph_free) if explicit else None
         with parametrize.cached():
             if self.logdet is None:
                 return x + self._branch(x), None
             differentiable = torch.is_grad_enabled()
-            if self.jacobian_path == "explicit":
+            if explicit:
                 products = linearize(self.g, x)
                 self._check_branch_shape(x, products.output)
-                return x + products.output, self.logdet.from_products(products, x, differentiable)
+                return x + products.output, self.logdet.from_products(products, x, differentiable, draws)
             with torch.enable_grad():
                 x_in = x if differentiable and x.requires_grad else x.detach().requires_grad_()
                 gx = self._branch(x_in)
@@ -236,6 +240,7 @@ class ActNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.log_scale = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("initialized", torch.tensor(False))
+        self._seen_initialized = False  # a Python mirror of the buffer once it is True: no tensor branch
 
     def _broadcast(self, p: Tensor, x: Tensor) -> Tensor:
         return p.view(1, -1, *[1] * (x.dim() - 2))
@@ -261,13 +266,19 @@ class ActNorm(nn.Module):
         self.log_scale.copy_(-0.5 * torch.log(var + self.eps))
         self.initialized.fill_(True)
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen_initialized = False  # read the loaded buffer at the next training call
+
     def _logdet(self, x: Tensor) -> Tensor:
         return (self.log_scale.sum() * x[0, 0].numel()).expand(x.shape[0])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x, "ActNorm input")
-        if self.training and not self.initialized:
-            self._initialise(x)
+        if self.training and not self._seen_initialized:
+            if not self.initialized:
+                self._initialise(x)
+            self._seen_initialized = True
         y = (x + self._broadcast(self.bias, x)) * self._broadcast(self.log_scale, x).exp()
         return y, self._logdet(x)
 

@@ -63,8 +63,9 @@ class ModuleTransform(Transform):
         if logdet is None:
             raise ValueError(f"{type(self.module).__name__} computes no log-determinant (logdet=None)")
         y = y.reshape(*batch, *y.shape[1:])
-        self._last = (x, y, logdet.reshape(batch))
-        return y, self._last[2]
+        logdet = logdet.reshape(batch)
+        self._last = (x, y, logdet)
+        return y, logdet
 
     def _call(self, x: Tensor) -> Tensor:
         return self._forward(x)[0]

@@ -74,11 +74,15 @@ class _Diagonal:
         self.derivative, self.a, self.parameters = derivative, a, parameters
         self._by_grad_mode: dict[bool, Tensor] = {}
 
-    def jvp(self, t: Tensor) -> Tensor:
+    def factor(self) -> Tensor:
+        """``phi'(a)`` for the current grad mode."""
         grad_mode = torch.is_grad_enabled()
         if grad_mode not in self._by_grad_mode:
             self._by_grad_mode[grad_mode] = self.derivative(self.a, *self.parameters)
-        return self._by_grad_mode[grad_mode] * t
+        return self._by_grad_mode[grad_mode]
+
+    def jvp(self, t: Tensor) -> Tensor:
+        return self.factor() * t
 
     vjp = jvp
 
@@ -247,6 +251,13 @@ class Linearization:
     def __init__(self, output: Tensor, layers: list[LayerJacobian]) -> None:
         self.output = output
         self.layers = layers
+
+    def cache_factors(self) -> None:
+        """Compute every factor for the current grad mode now (they are otherwise computed at
+        first use), for code that must not change Python state, such as a ``while_loop`` body."""
+        for layer in self.layers:
+            if isinstance(layer, _Diagonal):
+                layer.factor()
 
     def jvp(self, v: Tensor) -> Tensor:
         """:math:`J_g(x) v` for a batch ``v`` shaped like ``x``."""

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._higher_order_ops import while_loop
 from torch.func import jacrev, vmap
 
 from .jacobian import Linearization
@@ -55,9 +56,16 @@ class LogDetEstimator:
     def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
         raise NotImplementedError
 
-    def from_products(self, products: Linearization, x: Tensor, differentiable: bool) -> Tensor:
+    def draw(self, like: Tensor, graph_free: bool = False) -> Any:
+        """The random choices of one estimate that decide its amount of work (``None`` where there
+        are none), drawn before the computation so that a compiled graph starts after them;
+        ``graph_free`` says that the estimate will be computed without a graph."""
+        return None
+
+    def from_products(self, products: Linearization, x: Tensor, differentiable: bool, draws: Any) -> Tensor:
         """The same estimate from a branch's explicit Jacobian products
-        (:func:`iresnet.jacobian.linearize`): its gradient needs one first-order backward pass."""
+        (:func:`iresnet.jacobian.linearize`) and ``draws = self.draw(x)``: its gradient needs one
+        first-order backward pass."""
         raise NotImplementedError
 
 
@@ -78,7 +86,7 @@ class Exact(LogDetEstimator):
 
     explicit_jacobian = True
 
-    def from_products(self, products: Linearization, x: Tensor, differentiable: bool) -> Tensor:
+    def from_products(self, products: Linearization, x: Tensor, differentiable: bool, draws: Any) -> Tensor:
         """The Jacobian column by column, :math:`J e_i` by ``d`` tangent passes, then ``slogdet``."""
         d = x[0].numel()
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
@@ -156,13 +164,18 @@ class _Series(LogDetEstimator):
         """Draw the number of terms; return the weight of each term ``k = 1..n``."""
         raise NotImplementedError
 
-    def draw_weights(self, like: Tensor) -> Sequence[float] | Sequence[Tensor]:
-        """The weights of one probe's terms; under ``torch.compile`` as tensors (see :class:`Roulette`)."""
-        return self.term_weights()
+    def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | None]:
+        """Each Hutchinson sample's term weights (:meth:`term_weights`); ``graph_free`` says that
+        the series will be computed without a graph."""
+        return [self.term_weights() for _ in range(self.n_samples)]
+
+    def device_series(self, products: Linearization, v: Tensor, neumann: bool) -> tuple[Tensor, Tensor]:
+        """The series and the Neumann vector with the number of terms drawn on the device."""
+        raise NotImplementedError
 
     explicit_jacobian = True
 
-    def from_products(self, products: Linearization, x: Tensor, differentiable: bool) -> Tensor:
+    def from_products(self, products: Linearization, x: Tensor, differentiable: bool, draws: Any) -> Tensor:
         """The series from explicit products: :math:`u_k = J^\\top u_{k-1}`, :math:`u_0 = v`, gives
         the terms :math:`v^\\top J^k v = \\langle u_k, v \\rangle`. With ``memory_efficient`` the
         terms are computed without a graph and the gradient is that of the Neumann surrogate
@@ -173,17 +186,13 @@ class _Series(LogDetEstimator):
         neumann = self.memory_efficient and differentiable
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
-        for _ in range(self.n_samples):
-            weights = self.draw_weights(x)
+        for weights in draws:
             for v in _probes(x, self.probe):
                 with torch.set_grad_enabled(differentiable and not neumann):
-                    u, series, neumann_vector = v, torch.zeros_like(v), torch.zeros_like(v)
-                    for k, weight in enumerate(weights, start=1):
-                        signed = weight if k % 2 else -weight
-                        if neumann:
-                            neumann_vector = neumann_vector + signed * u
-                        u = products.vjp(u)
-                        series = series + signed / k * u
+                    if weights is None:
+                        series, neumann_vector = self.device_series(products, v, neumann)
+                    else:
+                        series, neumann_vector = _host_series(products, v, weights, neumann)
                     value = value + _per_sample_dot(series, v)
                 if neumann:
                     surrogate = surrogate + products.surrogate_gradient(neumann_vector, v)
@@ -219,6 +228,22 @@ class _Series(LogDetEstimator):
         grads = torch.autograd.grad(surrogate.sum() / self.n_samples, inputs, retain_graph=True, allow_unused=True)
         grads = list(grads) if x.requires_grad else [None, *grads]
         return _StoredGradient.apply(value.detach(), grads, x, *params)
+
+
+def _host_series(
+    products: Linearization, v: Tensor, weights: Sequence[float] | Sequence[Tensor], neumann: bool
+) -> tuple[Tensor, Tensor]:
+    """:math:`\\sum_k (-1)^{k+1} c_k u_k / k` and the Neumann vector
+    :math:`\\sum_k (-1)^{k+1} c_k u_{k-1}` (zero unless ``neumann``), :math:`u_k = J^\\top u_{k-1}`,
+    :math:`u_0 = v`, for the given weights :math:`c_k`."""
+    u, series, neumann_vector = v, torch.zeros_like(v), torch.zeros_like(v)
+    for k, weight in enumerate(weights, start=1):
+        signed = weight if k % 2 else -weight
+        if neumann:
+            neumann_vector = neumann_vector + signed * u
+        u = products.vjp(u)
+        series = series + signed / k * u
+    return series, neumann_vector
 
 
 class PowerSeries(_Series):
@@ -304,32 +329,74 @@ class Roulette(_Series):
 
     def survival(self, m: int) -> float:
         """:math:`P(N \\ge m)` for ``m >= 1``."""
+        return self.survival_tensor(torch.tensor(float(m), dtype=torch.float64)).item()
+
+    def survival_tensor(self, m: Tensor) -> Tensor:
+        """:math:`P(N \\ge m)` elementwise, for ``m >= 1``: :math:`(1 - p)^{m-1}`, or for the Poisson
+        distribution the regularised lower incomplete gamma function :math:`P(m, \\lambda)`, which
+        keeps its relative precision where :math:`1 - P(N < m)` would cancel to nothing."""
         if self.distribution == "geometric":
-            return (1.0 - self.p) ** (m - 1)
-        below = sum(math.exp(-self.rate) * self.rate**j / math.factorial(j) for j in range(m))
-        return max(1.0 - below, 1e-300)
+            return torch.exp((m - 1) * math.log1p(-self.p))
+        return torch.special.gammainc(m, torch.tensor(self.rate, dtype=m.dtype, device=m.device))
+
+    def _device_tail_length(self, like: Tensor) -> Tensor:
+        """A draw of ``N`` as a 0-d integer tensor on ``like``'s device, without a host sync:
+        geometric by inversion, :math:`N = \\lfloor \\log V / \\log(1 - p) \\rfloor + 1` with
+        :math:`V` uniform on :math:`(0, 1]`."""
+        if self.distribution == "geometric":
+            v = 1 - torch.rand((), dtype=like.dtype, device=like.device)
+            return (torch.log(v) / math.log1p(-self.p)).floor().long() + 1
+        return torch.poisson(torch.full((), self.rate, dtype=like.dtype, device=like.device)).long()
+
+    def device_series(self, products: Linearization, v: Tensor, neumann: bool) -> tuple[Tensor, Tensor]:
+        """The sums of :meth:`_Series.from_products` for one probe, with ``N`` drawn on the device
+        and the terms in a ``while_loop``: one compiled graph serves every draw, with no host sync.
+        Only for a series without a graph (the Neumann path, or no gradient)."""
+        n_terms = self.n_exact_terms + self._device_tail_length(v)
+        products.cache_factors()  # the loop's body must not change Python state
+
+        def more_terms(k: Tensor, u: Tensor, series: Tensor, neumann_vector: Tensor) -> Tensor:
+            return k <= n_terms
+
+        def term(k: Tensor, u: Tensor, series: Tensor, neumann_vector: Tensor) -> tuple[Tensor, ...]:
+            m = (k - self.n_exact_terms).to(v.dtype)
+            weight = torch.where(m >= 1, 1 / self.survival_tensor(m.clamp(min=1)), 1.0)
+            signed = torch.where(k % 2 == 1, weight, -weight)
+            if neumann:
+                neumann_vector = neumann_vector + signed * u
+            u = products.vjp(u)
+            return k + 1, u, series + signed / k * u, neumann_vector
+
+        start = (torch.ones((), dtype=torch.long, device=v.device), v, torch.zeros_like(v), torch.zeros_like(v))
+        _, _, series, neumann_vector = while_loop(more_terms, term, start)
+        return series, neumann_vector
 
     def term_weights(self) -> list[float]:
         tail = self.draw_tail_length()
         return [1.0] * self.n_exact_terms + [1.0 / self.survival(m) for m in range(1, tail + 1)]
 
-    def draw_weights(self, like: Tensor) -> Sequence[float] | Sequence[Tensor]:
-        """The drawn terms' weights. Under ``torch.compile`` they are drawn outside the graph
-        and the tail is padded with zero weights to the next power of two, so that a compiled
-        graph serves every draw of its bucket (one graph per bucket instead of one per draw).
-        Padding with zeros adds terms worth nothing: the estimate is still unbiased, unlike a
-        cap on the number of terms."""
-        if torch.compiler.is_compiling():
-            return self._bucketed_weights(like)
-        return self.term_weights()
+    def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | None]:
+        """Each Hutchinson sample's term weights. Under ``torch.compile``, for a series computed
+        without a graph (``graph_free``), ``None``: :meth:`device_series` draws on the device.
+        Otherwise the weights are drawn outside the graph, as tensors, with each tail padded with
+        zero weights to the next power of two, so that one compiled graph serves every draw of
+        its bucket instead of one graph per draw. Terms of weight zero add nothing: the estimate
+        stays unbiased, unlike a cap on the number of terms."""
+        if not torch.compiler.is_compiling():
+            return super().draw(like)
+        if graph_free:
+            return [None] * self.n_samples
+        return self._bucketed_draw(like)
 
     @torch.compiler.disable
-    def _bucketed_weights(self, like: Tensor) -> tuple[Tensor, ...]:
-        weights = self.term_weights()
-        tail = len(weights) - self.n_exact_terms
-        padded_tail = 0 if tail == 0 else 1 << (tail - 1).bit_length()
-        weights += [0.0] * (padded_tail - tail)
-        return torch.tensor(weights, dtype=like.dtype, device=like.device).unbind()
+    def _bucketed_draw(self, like: Tensor) -> tuple[tuple[Tensor, ...], ...]:
+        draws = []
+        for weights in super().draw(like):
+            tail = len(weights) - self.n_exact_terms
+            padded_tail = 0 if tail == 0 else 1 << (tail - 1).bit_length()
+            padded = torch.tensor(weights + [0.0] * (padded_tail - tail), dtype=like.dtype, device=like.device)
+            draws.append(padded.unbind())
+        return tuple(draws)
 
     def __repr__(self) -> str:
         tail = f"p={self.p}" if self.distribution == "geometric" else f"rate={self.rate}"
