@@ -17,7 +17,7 @@ from .lipschitz import frozen_power_iteration
 from .logdet import LogDetEstimator, make_estimator
 from .validation import check_input
 
-__all__ = ["ResidualBlock", "ActNorm", "Squeeze", "Sequential"]
+__all__ = ["ResidualBlock", "ActNorm", "Squeeze", "Sequential", "initialize_from_data"]
 
 
 def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
@@ -288,6 +288,26 @@ class ActNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}"
+
+
+@torch.no_grad()
+def initialize_from_data(model: nn.Module, *inputs: Any) -> None:
+    """Give every :class:`ActNorm` in ``model`` its data-dependent initialisation from ``inputs``
+    (a no-op for those already initialised), changing nothing else: the other modules run in
+    eval mode (no power iteration, no BatchNorm statistics) and the random state is restored.
+    Before ``torch.compile``, so that the compiled graph holds no data-dependent branch."""
+    actnorms = [m for m in model.modules() if isinstance(m, ActNorm)]
+    if not actnorms or not model.training:
+        return
+    devices = [t.device for t in inputs if isinstance(t, Tensor) and t.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        model.eval()
+        for m in actnorms:
+            m.train()
+        try:
+            model(*inputs)
+        finally:
+            model.train()
 
 
 class Squeeze(nn.Module):

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as global_hooks
 from torch.nn.utils import parametrize
 
 from .activations import LipSwish
@@ -337,17 +338,27 @@ def _own_hooks(module: nn.Module) -> bool:
     return bool(pre_hooks or module._forward_hooks)
 
 
-def linearization_refusal(g: nn.Module) -> str | None:
-    """Why :func:`linearize` cannot take ``g`` (the first module it does not know), or ``None``."""
-    for part in _parts(g):
-        if _rule_type(part) not in _RULES:
-            name = _rule_type(part).__name__
-            return f"{name} has no registered linearisation (iresnet.jacobian.register_linearization)"
-        if _own_hooks(part):
-            return f"{_rule_type(part).__name__} has forward hooks, which the explicit products would skip"
-        if isinstance(part, nn.Conv2d) and (part.groups != 1 or part.padding_mode != "zeros"):
-            return f"{part} is grouped or not zero-padded"
+def _refusal(module: nn.Module) -> str | None:
+    name = _rule_type(module).__name__
+    if _own_hooks(module):
+        return f"{name} has forward hooks, which the explicit products would skip"
+    if type(module).forward is nn.Sequential.forward:
+        return next((r for r in map(_refusal, module) if r is not None), None)
+    if _rule_type(module) not in _RULES:
+        return f"{name} has no registered linearisation (iresnet.jacobian.register_linearization)"
+    if isinstance(module, nn.Conv2d) and (
+        module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+    ):
+        return f"{module} is grouped, not zero-padded, or padded by name"
     return None
+
+
+def linearization_refusal(g: nn.Module) -> str | None:
+    """Why :func:`linearize` cannot take ``g`` (the first module it does not know or that has
+    hooks), or ``None``."""
+    if global_hooks._global_forward_hooks or global_hooks._global_forward_pre_hooks:
+        return "global module forward hooks are registered, which the explicit products would skip"
+    return _refusal(g)
 
 
 def linearize(g: nn.Module, x: Tensor) -> Linearization:

@@ -163,6 +163,10 @@ class SpectralNorm(nn.Module):
         return torch.sum(v * self.apply_operator(weight, u))
 
     def forward(self, weight: Tensor) -> Tensor:
+        with torch.autocast(weight.device.type, enabled=False):  # the estimate stays in the weight's dtype
+            return self._normalised(weight)
+
+    def _normalised(self, weight: Tensor) -> Tensor:
         if self.input_shape is None:
             raise RuntimeError(
                 "the spectral norm of this Conv2d needs its input shape: pass "

@@ -355,21 +355,21 @@ class Roulette(_Series):
         n_terms = self.n_exact_terms + self._device_tail_length(v)
         products.cache_factors()  # the loop's body must not change Python state
 
-        def more_terms(k: Tensor, u: Tensor, series: Tensor, neumann_vector: Tensor) -> Tensor:
+        def more_terms(k: Tensor, u: Tensor, series: Tensor, *neumann_vector: Tensor) -> Tensor:
             return k <= n_terms
 
-        def term(k: Tensor, u: Tensor, series: Tensor, neumann_vector: Tensor) -> tuple[Tensor, ...]:
+        def term(k: Tensor, u: Tensor, series: Tensor, *neumann_vector: Tensor) -> tuple[Tensor, ...]:
             m = (k - self.n_exact_terms).to(v.dtype)
             weight = torch.where(m >= 1, 1 / self.survival_tensor(m.clamp(min=1)), 1.0)
             signed = torch.where(k % 2 == 1, weight, -weight)
-            if neumann:
-                neumann_vector = neumann_vector + signed * u
+            neumann_vector = tuple(w + signed * u for w in neumann_vector)
             u = products.vjp(u)
-            return k + 1, u, series + signed / k * u, neumann_vector
+            return k + 1, u, series + signed / k * u, *neumann_vector
 
-        start = (torch.ones((), dtype=torch.long, device=v.device), v, torch.zeros_like(v), torch.zeros_like(v))
-        _, _, series, neumann_vector = while_loop(more_terms, term, start)
-        return series, neumann_vector
+        # the Neumann vector is carried only when wanted: a carry returned unchanged would alias
+        start = (torch.ones((), dtype=torch.long, device=v.device), v.clone(), torch.zeros_like(v))
+        _, _, series, *neumann_vector = while_loop(more_terms, term, start + (torch.zeros_like(v),) * neumann)
+        return series, neumann_vector[0] if neumann else torch.zeros_like(v)
 
     def term_weights(self) -> list[float]:
         tail = self.draw_tail_length()

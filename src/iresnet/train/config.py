@@ -29,6 +29,11 @@ class TrainConfig:
     fraction of the training images (the rest count only through :math:`\log p(x)`);
     ``augment`` crops and flips the training images; the learning rate is multiplied by
     ``lr_gamma`` at each step of ``lr_milestones``; ``optimizer`` "sgd" has momentum 0.9.
+
+    ``compile`` runs the training step through ``torch.compile`` (a first-order graph, see
+    :mod:`iresnet.jacobian`; the first steps pay the compilation). ``precision`` "bf16" runs the
+    branches' matrix products and convolutions in bfloat16 autocast on CUDA; the power iteration,
+    the log-det sums and the base density stay in float32.
     """
 
     preset: str = "toy"
@@ -58,6 +63,8 @@ class TrainConfig:
     log_every: int = 10
     eval_size: int = 20000
     tensorboard: bool = False
+    compile: bool = False
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
@@ -71,6 +78,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.task not in ("density", "classify", "hybrid"):
             raise ValueError(f"task must be 'density', 'classify' or 'hybrid', got {self.task!r}")
+        if self.precision not in ("float32", "bf16"):
+            raise ValueError(f"precision must be 'float32' or 'bf16', got {self.precision!r}")
         if self.optimizer not in ("adam", "adamax", "sgd"):
             raise ValueError(f"optimizer must be 'adam', 'adamax' or 'sgd', got {self.optimizer!r}")
         steps = [0, *self.lr_milestones]

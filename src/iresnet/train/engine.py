@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..blocks import initialize_from_data
 from ..data.preprocess import bits_per_dim
 from ..models.build import build_model
 from .checkpoint import RunFiles, atomic_save, default_run_directory, save_config, save_weights
@@ -120,6 +121,11 @@ class _Trainer:
                 f"labelled_fraction {config.labelled_fraction} keeps {len(self.source.labelled)} labelled images, "
                 f"fewer than a batch of {config.batch_size}: raise the fraction or lower batch_size"
             )
+        if config.precision == "bf16" and procs.device.type != "cuda":
+            raise ValueError(
+                f"precision=bf16 runs on CUDA only (bfloat16 autocast of the branches), and this run is on "
+                f"{procs.device}: use precision=float32, or device=cuda on a machine with a GPU"
+            )
         self.model = build_model(config.task, config.data, config.model).to(procs.device)
         self.optimizer = _optimizer(config, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
@@ -216,32 +222,38 @@ class _Trainer:
             )
 
     # -- the loop ------------------------------------------------------------------------------
+    def step_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This step's inputs on the device and their labels (``None`` for a density model). With
+        a labelled fraction below 1 (and :math:`\\lambda > 0`), a hybrid's labelled batch is
+        joined by a batch of unlabelled images: the first ``len(labels)`` rows are labelled."""
+        config, procs = self.config, self.procs
+        if config.task == "density":
+            return self.source.batch(self.step, config.batch_size, procs.rank, procs.world).to(procs.device), None
+        x, y = self.source.labelled_batch(self.step, config.batch_size, procs.rank, procs.world)
+        if config.task == "hybrid" and config.labelled_fraction < 1 and config.hybrid_lambda > 0:
+            x = torch.cat([x, self.source.batch(self.step, config.batch_size, procs.rank, procs.world)])
+        return x.to(procs.device), y.to(procs.device)
+
     def objective(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This step's loss (mean NLL of the data, cross-entropy of the labels, or the hybrid
         objective) and what to log."""
-        config, procs = self.config, self.procs
-        if config.task == "hybrid":
+        if self.config.task == "hybrid":
             return self.hybrid_objective(model)
-        if config.task == "classify":
-            x, y = self.source.labelled_batch(self.step, config.batch_size, procs.rank, procs.world)
-            logits = model(x.to(procs.device))
-            y = y.to(procs.device)
+        x, y = self.step_batch()
+        if self.config.task == "classify":
+            logits = model(x)
             loss = nn.functional.cross_entropy(logits, y)
             return loss, {"cross_entropy": loss.detach(), "accuracy": (logits.argmax(1) == y).double().mean()}
-        x = self.source.batch(self.step, config.batch_size, procs.rank, procs.world)
-        loss = -model(x.to(procs.device)).mean()
+        loss = -model(x).mean()
         return loss, {"nll": loss.detach()}
 
     def hybrid_objective(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         r"""Cross-entropy of the labelled images plus :math:`\lambda` times the NLL per dimension
-        of all the step's images: with a labelled fraction below 1 (and :math:`\lambda > 0`), a
-        batch of unlabelled images joins the labelled batch."""
-        config, procs = self.config, self.procs
-        x, y = self.source.labelled_batch(self.step, config.batch_size, procs.rank, procs.world)
-        if config.labelled_fraction < 1 and config.hybrid_lambda > 0:
-            x = torch.cat([x, self.source.batch(self.step, config.batch_size, procs.rank, procs.world)])
-        logits, log_prob = model(x.to(procs.device))
-        logits, y = logits[: len(y)], y.to(procs.device)
+        of all the step's images (:meth:`step_batch`)."""
+        config = self.config
+        x, y = self.step_batch()
+        logits, log_prob = model(x)
+        logits = logits[: len(y)]
         cross_entropy = nn.functional.cross_entropy(logits, y)
         nll = -log_prob.mean()
         loss = cross_entropy + config.hybrid_lambda * nll / self.source.event_size
@@ -250,7 +262,9 @@ class _Trainer:
 
     def train_step(self, model: nn.Module) -> dict[str, float]:
         config = self.config
-        loss, logged = self.objective(model)
+        bf16 = config.precision == "bf16"
+        with torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, logged = self.objective(model)
         reported = {key: self.procs.mean(value).item() for key, value in logged.items()}
         for key in ("cross_entropy", "nll"):
             if key in reported and not math.isfinite(reported[key]):
@@ -330,6 +344,10 @@ class _Trainer:
         if self.procs.world > 1:
             model = nn.parallel.DistributedDataParallel(self.model)
         bar = tqdm(total=config.steps, initial=self.step, disable=not (self.progress and self.procs.main), unit="step")
+        if config.compile:
+            initialize_from_data(self.model, self.step_batch()[0])  # no data-dependent branch in the graph
+            model = torch.compile(model)
+            bar.write("compiling the training step: the first steps take longer (seconds to minutes)")
         steps: list[dict[str, float]] = []
         started = time.perf_counter()
         try:
@@ -377,6 +395,7 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> None:
     """A resumed run may change how long it trains and how it logs, not what it trains. A setting
     that the checkpoint lacks (it came later) had its default value."""
     free = {"steps", "out", "checkpoint_every", "eval_every", "log_every", "tensorboard", "device", "download"}
+    free |= {"compile", "precision"}  # how the same step is computed
     saved = {**TrainConfig(out=config.out).to_dict(), **saved}
     changed = [k for k, v in config.to_dict().items() if k not in free and saved.get(k) != v]
     if changed:

@@ -1,0 +1,200 @@
+"""torch.compile: the library's flows compile to first-order graphs that give eager's losses and
+gradients, the compiled roulette stays unbiased, and a compiled training step does not recompile
+when the roulette draws a new number of terms."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config as inductor_config
+from torch._dynamo.utils import counters
+
+import iresnet
+from helpers import binding, dense_branch
+from iresnet.logdet import _host_series
+from iresnet.models import image_flow, toy_flow
+from iresnet.train import resolve_config, train
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch, and Inductor draws random numbers as eager torch does
+    (same seed, same probes), so that compiled and eager results can be compared."""
+    torch._dynamo.reset()
+    counters.clear()
+    with inductor_config.patch(fallback_random=True):
+        yield
+    torch._dynamo.reset()
+
+
+def _loss_and_grads(model: torch.nn.Module, x: torch.Tensor, seed: int):
+    torch.manual_seed(seed)
+    loss = -model(x).mean()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), grads
+
+
+def _toy(logdet) -> tuple[torch.nn.Module, torch.Tensor]:
+    return toy_flow(2, blocks=2, hidden=16, logdet=logdet), torch.randn(64, 2)
+
+
+def _conv(logdet) -> tuple[torch.nn.Module, torch.Tensor]:
+    model = image_flow((1, 4, 4), scales=2, blocks=1, hidden=8, logdet=logdet, logit_alpha=None)
+    return model, torch.randint(0, 256, (16, 1, 4, 4)).float()
+
+
+@pytest.mark.parametrize(
+    "build, logdet",
+    [
+        (_toy, "exact"),
+        (_toy, {"name": "series", "n_terms": 4, "memory_efficient": True}),
+        (_conv, {"name": "series", "n_terms": 3, "probe": "basis", "memory_efficient": True}),
+    ],
+    ids=["toy-exact", "toy-neumann", "conv-neumann"],
+)
+def test_compiled_flow_matches_eager(device, build, logdet):
+    """In training mode (one power iteration per call, ActNorm initialised), the compiled model's
+    loss, parameter gradients and updated power-iteration vectors equal eager's within float32
+    rounding. (The conv flow draws dequantisation noise too, and compiled it draws its Gaussian
+    probes in another order: there the probes are the basis vectors, exact traces.)"""
+    torch.manual_seed(0)
+    model, x = build(logdet)
+    model, x = model.to(device), x.to(device)
+    iresnet.blocks.initialize_from_data(model, x)
+    twin = copy.deepcopy(model)
+    eager_loss, eager_grads = _loss_and_grads(model, x, seed=3)
+    compiled_loss, compiled_grads = _loss_and_grads(torch.compile(twin), x, seed=3)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert max(g.abs().max() for g in eager_grads if g is not None) > 1e-3
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(dict(twin.named_buffers())[name], buffer, rtol=1e-5, atol=1e-6)
+
+
+def _block(distribution: str, device) -> iresnet.ResidualBlock:
+    torch.manual_seed(1)
+    g = binding(dense_branch(2, 16, 0.9)).double().to(device)
+    estimator = iresnet.Roulette(n_exact_terms=1, distribution=distribution, p=0.6, rate=1.5, memory_efficient=True)
+    block = iresnet.ResidualBlock(g, estimator).eval()
+    iresnet.converge_spectral_norms(block.g)
+    return block
+
+
+@pytest.mark.parametrize("distribution", ["geometric", "poisson"])
+@pytest.mark.parametrize("neumann", [False, True])
+def test_device_series_equals_the_host_series(device, distribution, neumann):
+    """The compiled roulette's loop (tail length drawn on the device, terms in a while_loop) sums
+    the same weighted terms as the host loop for the same tail length."""
+    block = _block(distribution, device)
+    x = torch.randn(5, 2, dtype=torch.float64, device=device)
+    products = iresnet.linearize(block.g, x)
+    v = torch.randn_like(x)
+    for tail in (0, 1, 3, 7):
+        estimator = block.logdet
+        weights = [1.0] * estimator.n_exact_terms + [1 / estimator.survival(m) for m in range(1, tail + 1)]
+        expected = _host_series(products, v, weights, neumann)
+        estimator._device_tail_length = lambda like, tail=tail: torch.tensor(tail, device=like.device)
+        with torch.no_grad():
+            got = estimator.device_series(products, v, neumann)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_roulette_is_unbiased(device):
+    """Compiled, each roulette draws its tail length on the device: the mean of many estimates
+    equals the exact log-det within four standard errors, for both tail distributions."""
+    geometric, poisson = _block("geometric", device), _block("poisson", device)
+    x = torch.randn(3, 2, dtype=torch.float64, device=device)
+    exact = torch.stack([iresnet.ResidualBlock(b.g, "exact")(x)[1] for b in (geometric, poisson)]).detach()
+
+    @torch.compile
+    def both(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([geometric(x)[1], poisson(x)[1]])
+
+    with torch.no_grad():
+        draws = torch.stack([both(x) for _ in range(3000)])
+    error = draws.mean(0) - exact
+    standard_error = draws.std(0) / math.sqrt(len(draws))
+    assert (error.abs() <= 4 * standard_error).all(), (error, standard_error)
+    assert (draws.std(0) > 1e-4).all()  # the estimates are random: the draws differ
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _training_steps(model: torch.nn.Module, x: torch.Tensor, steps: int) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        (-model(x).mean()).backward()
+        opt.step()
+
+
+def test_device_roulette_training_never_recompiles(device):
+    """With the Neumann gradient the roulette draws on the device: after the first step, 200
+    steps with fresh tail lengths compile nothing more."""
+    torch.manual_seed(0)
+    model, x = _toy({"name": "roulette", "memory_efficient": True})
+    model, x = model.to(device), x.to(device)
+    iresnet.blocks.initialize_from_data(model, x)
+    compiled = torch.compile(model, backend="aot_eager")
+    _training_steps(compiled, x, 2)
+    warm = _graphs()
+    _training_steps(compiled, x, 200)
+    assert _graphs() == warm >= 1
+    assert not counters["graph_break"]
+
+
+@torch._dynamo.config.patch(recompile_limit=10_000)
+def test_bucketed_roulette_recompiles_at_most_once_per_bucket(device):
+    """A differentiated roulette series draws on the host, padded with zero weights to the next
+    power of two: 200 steps compile at most one graph per bucket and block (parametrize gives
+    every block's layers classes of their own), not one per draw. No cap on recompilations hides
+    a recompilation at every step."""
+    torch.manual_seed(0)
+    model, x = _toy({"name": "roulette", "p": 0.5})
+    model, x = model.to(device), x.to(device)
+    tails: list[int] = []
+    for block in model.modules():
+        if isinstance(block, iresnet.ResidualBlock):
+            draw = block.logdet.draw_tail_length
+            block.logdet.draw_tail_length = lambda draw=draw: tails.append(draw()) or tails[-1]
+    iresnet.blocks.initialize_from_data(model, x)
+    compiled = torch.compile(model, backend="aot_eager")
+    _training_steps(compiled, x, 2)
+    warm, buckets_seen = _graphs(), {_bucket(t) for t in tails}
+    _training_steps(compiled, x, 200)
+    buckets = {_bucket(t) for t in tails}
+    assert len(buckets) >= 3  # the draws did vary
+    blocks = sum(isinstance(m, iresnet.ResidualBlock) for m in model.modules())
+    assert _graphs() - warm <= blocks * len(buckets - buckets_seen)
+
+
+def _bucket(tail: int) -> int:
+    return 0 if tail == 0 else 1 << (tail - 1).bit_length()
+
+
+def test_train_compile_gives_the_eager_run(tmp_path: Path):
+    """`iresnet train compile=true` trains the same model as the eager run: the same losses,
+    step by step, within float32 rounding (the toy preset's exact log-det has no randomness)."""
+    tiny = {"model": {"blocks": 2, "hidden": 16}, "batch_size": 64, "eval_size": 200, "log_every": 1, "steps": 6}
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / str(compiled)
+        train(resolve_config("toy", None, [tiny, {"out": str(run), "compile": compiled}]), progress=False)
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        losses[compiled] = [r["nll"] for r in map(json.loads, lines) if r["split"] == "train"]
+    assert len(losses[True]) == 6
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
