@@ -4,6 +4,7 @@ draws, the training step, the weight copy and the report's header, rows and note
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import math
 import statistics
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 import iresnet
 from iresnet.memory import SavedTensorMeter
 
-MIB, LIBRARIES = 2**20, ("iresnet", "normflows")
+MIB, LIBRARIES, COMPILED = 2**20, ("iresnet", "normflows"), "iresnet compiled"
 T = TypeVar("T")
 
 
@@ -31,6 +32,7 @@ def benchmark_parser(doc: str, steps: int, steps_help: str) -> argparse.Argument
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--steps", type=int, default=steps, help=steps_help)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--compile", action="store_true", help="add iresnet under torch.compile as a third contender")
     return p
 
 
@@ -93,20 +95,26 @@ class FlowPair:
     opt: dict[str, torch.optim.Optimizer]
     power_iterations: int
 
-    def to_training(self, device: str, lr: float) -> None:
-        """Move the models and the batch to ``device``, iresnet into training mode, and make the Adam optimisers."""
+    def to_training(self, device: str, lr: float, compile: bool = False) -> None:
+        """Move the models and the batch to ``device``, iresnet into training mode, and make the Adam optimisers.
+        With ``compile``, a copy of iresnet's model under ``torch.compile`` is a third contender (``COMPILED``)."""
         self.x, self.nf, self.ir = self.x.to(device), self.nf.to(device), self.ir.to(device)
         self.ir.train()
         self.opt = {"iresnet": torch.optim.Adam(self.ir.parameters(), lr)}
         self.opt["normflows"] = torch.optim.Adam(self.nf.parameters(), lr)
+        if compile:
+            twin = copy.deepcopy(self.ir)
+            iresnet.initialize_from_data(twin, self.x)
+            self.compiled = torch.compile(twin)
+            self.opt[COMPILED] = torch.optim.Adam(twin.parameters(), lr)
 
     def step(self, library: str, opt: torch.optim.Optimizer | None = None) -> float:
         """One step on the negative log-likelihood (standard normal base) with ``opt`` or the library's
         optimiser; normflows then runs its power iterations. Returns the loss."""
         opt = opt or self.opt[library]
         opt.zero_grad(set_to_none=True)
-        if library == "iresnet":
-            z, logdet = self.ir(self.x)
+        if library != "normflows":
+            z, logdet = (self.ir if library == "iresnet" else self.compiled)(self.x)
             loss = (0.5 * z.pow(2).sum(1) + 0.5 * z.shape[1] * math.log(2 * math.pi) - logdet).mean()
         else:
             loss = self.nf.forward_kld(self.x)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from common import (
+    COMPILED,
     LIBRARIES,
     MIB,
     FlowPair,
@@ -45,6 +46,7 @@ from common import (
     row,
     step_memory,
     time_training,
+    timed,
     versions,
 )
 from torch import Tensor, nn
@@ -183,7 +185,7 @@ class Pair(FlowPair):
 
     power_iterations = POWER_ITERATIONS
 
-    def __init__(self, device: str, batch: int) -> None:
+    def __init__(self, device: str, batch: int, compile: bool = False) -> None:
         torch.manual_seed(SEED)
         self.x = mnist_like(batch)
         self.nf = build_normflows()
@@ -199,7 +201,7 @@ class Pair(FlowPair):
             z = nf_map(self.nf, self.x)
             self.difference, self.z_scale = (ir_map(self.ir, self.x) - z).abs().max().item(), z.abs().max().item()
         np.random.seed(SEED)
-        self.to_training(device, LR)
+        self.to_training(device, LR, compile)
 
     def nf_draws(self) -> list[int]:
         """normflows' tail lengths of its last step, in iresnet's block order."""
@@ -214,20 +216,28 @@ def main() -> None:
     print(versions(args.device), flush=True)
     print(f"{SCALES} scales x {BLOCKS} x [ActNorm, residual block], hidden {HIDDEN}, batch {args.batch_size}\n")
 
-    pair = Pair(args.device, args.batch_size)
-    steps = {k: partial(pair.step, k) for k in LIBRARIES}
+    pair = Pair(args.device, args.batch_size, args.compile)
+    steps = {k: partial(pair.step, k) for k in (*LIBRARIES, *[COMPILED] * args.compile)}
+    warmup = timed(steps[COMPILED], args.device)[0] if args.compile else None
     times, losses, draws_match = time_training(steps, args.steps, WARMUP, args.device, pair.draws, pair.nf_draws)
     peaks = {k: step_memory(step, args.device) for k, step in steps.items()}
 
     print("| measurement | iresnet | normflows | ratio iresnet / normflows |\n|---|---|---|---|")
-    ms = [f"{1e3 * statistics.median(v):.1f}" for v in times.values()]
-    row(f"training step, median of {args.steps} (ms)", *ms, paired_ratio(*times.values()), None)
+    contenders = [k for k in times if k != "normflows"]
+    for library in contenders:
+        pair_times = [times[library], times["normflows"]]
+        label = f"training step{', compiled' if library == COMPILED else ''}, median of {args.steps} (ms)"
+        row(label, *(f"{1e3 * statistics.median(v):.1f}" for v in pair_times), paired_ratio(*pair_times), None)
+    if warmup is not None:
+        row("compile warm-up: the first compiled step (s)", f"{warmup:.1f}", "", None, None)
     memory = {"autograd saved tensors (parameters included), peak in a step": 0}
     if args.device == "cuda":
         memory["CUDA max_memory_allocated increase in a step"] = 1
     for label, i in memory.items():
-        a, b = peaks["iresnet"][i], peaks["normflows"][i]
-        row(f"{label} (MiB)", f"{a / MIB:.1f}", f"{b / MIB:.1f}", a / b, None)
+        for library in contenders:
+            a, b = peaks[library][i], peaks["normflows"][i]
+            name = f"{label}{', compiled' if library == COMPILED else ''} (MiB)"
+            row(name, f"{a / MIB:.1f}", f"{b / MIB:.1f}", a / b, None)
     notes = [
         "the ratio is the median of back-to-back ratios; step min / max (ms): "
         + ", ".join(f"{k} {1e3 * min(v):.1f} / {1e3 * max(v):.1f}" for k, v in times.items()),

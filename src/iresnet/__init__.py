@@ -8,7 +8,7 @@ References:
 """
 
 from .activations import LipSwish
-from .blocks import ActNorm, ResidualBlock, Sequential, Squeeze
+from .blocks import ActNorm, ResidualBlock, Sequential, Squeeze, initialize_from_data
 from .distributions import Flow, ModuleTransform, as_transform
 from .inverse import InversionError, InversionReport, solve_fixed_point
 from .jacobian import Linearization, linearize, register_linearization
@@ -43,6 +43,7 @@ __all__ = [
     "as_transform",
     "circular_conv_bound",
     "converge_spectral_norms",
+    "initialize_from_data",
     "linearize",
     "lipschitz_bound",
     "operator_norm_bound",

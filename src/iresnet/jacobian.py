@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as global_hooks
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 
 from .activations import LipSwish
 from .lipschitz import records_input_shape
@@ -282,10 +283,16 @@ class Linearization:
         a compiled graph keeps the tangent pass in the graph and leaves what to save to the
         partitioner."""
         if torch.compiler.is_compiling():
-            surrogate = (w * self.jvp(v)).flatten(1).sum(1)
+            surrogate = checkpoint(self._surrogate, w, v, use_reentrant=False)
             return surrogate - surrogate.detach()
         tensors = [t for layer in self.layers for t in layer.graph_tensors()]
         return _SurrogateGradient.apply(self.layers, w, v, *tensors)
+
+    def _surrogate(self, w: Tensor, v: Tensor) -> Tensor:
+        """:math:`\\langle w, J v \\rangle` per sample from layers rebuilt here, without caches."""
+        for layer in self.layers:
+            v = layer.rebuilt(iter(layer.graph_tensors())).jvp(v)
+        return (w * v).flatten(1).sum(1)
 
 
 class _SurrogateGradient(torch.autograd.Function):
