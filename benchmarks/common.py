@@ -33,6 +33,9 @@ def benchmark_parser(doc: str, steps: int, steps_help: str) -> argparse.Argument
     p.add_argument("--steps", type=int, default=steps, help=steps_help)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--compile", action="store_true", help="add iresnet under torch.compile as a third contender")
+    p.add_argument(
+        "--precision", choices=["float32", "bf16"], default="float32", help="iresnet's steps in bf16 autocast (CUDA)"
+    )
     return p
 
 
@@ -41,6 +44,8 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "precision", "float32") == "bf16" and args.device != "cuda":
+        parser.error("--precision bf16 is for --device cuda (bfloat16 autocast of the branches)")
     return args
 
 
@@ -95,10 +100,13 @@ class FlowPair:
     opt: dict[str, torch.optim.Optimizer]
     power_iterations: int
 
-    def to_training(self, device: str, lr: float, compile: bool = False) -> None:
+    bf16 = False  # iresnet's forward passes in bfloat16 autocast
+
+    def to_training(self, device: str, lr: float, compile: bool = False, bf16: bool = False) -> None:
         """Move the models and the batch to ``device``, iresnet into training mode, and make the Adam optimisers.
         With ``compile``, a copy of iresnet's model under ``torch.compile`` is a third contender (``COMPILED``)."""
         self.x, self.nf, self.ir = self.x.to(device), self.nf.to(device), self.ir.to(device)
+        self.bf16 = bf16
         self.ir.train()
         self.opt = {"iresnet": torch.optim.Adam(self.ir.parameters(), lr)}
         self.opt["normflows"] = torch.optim.Adam(self.nf.parameters(), lr)
@@ -114,7 +122,8 @@ class FlowPair:
         opt = opt or self.opt[library]
         opt.zero_grad(set_to_none=True)
         if library != "normflows":
-            z, logdet = (self.ir if library == "iresnet" else self.compiled)(self.x)
+            with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                z, logdet = (self.ir if library == "iresnet" else self.compiled)(self.x)
             loss = (0.5 * z.pow(2).sum(1) + 0.5 * z.shape[1] * math.log(2 * math.pi) - logdet).mean()
         else:
             loss = self.nf.forward_kld(self.x)

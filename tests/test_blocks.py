@@ -281,3 +281,49 @@ def test_sequential_logdet_is_none_if_any_layer_has_none(device):
     model = iresnet.Sequential(iresnet.ActNorm(2), iresnet.ResidualBlock(mlp_branch(2, 0.5), None)).to(device)
     _, logdet = model(torch.randn(3, 2, device=device))
     assert logdet is None
+
+
+def test_initialize_from_data_initialises_actnorm_and_nothing_else():
+    """ActNorm takes its data-dependent initialisation; the random state, the power-iteration
+    vectors, BatchNorm statistics and every module's mode are as before."""
+    torch.manual_seed(0)
+    g = nn.Sequential(
+        iresnet.spectral_norm(nn.Linear(3, 8), 0.9), nn.ELU(), iresnet.spectral_norm(nn.Linear(8, 3), 0.9)
+    )
+    frozen = nn.BatchNorm1d(3).eval()  # a module deliberately left in eval mode
+    model = iresnet.Sequential(iresnet.ActNorm(3), iresnet.ResidualBlock(g, "exact"))
+    model.add_module("frozen", _Through(frozen))
+    x = torch.randn(64, 3) * 5 + 2
+    before = {k: v.clone() for k, v in model.state_dict().items() if "initialized" not in k}
+    rng = torch.get_rng_state()
+    iresnet.initialize_from_data(model, x)
+    assert bool(model[0].initialized)
+    torch.testing.assert_close(model[0](x)[0].mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for key, value in model.state_dict().items():
+        if key in before and not key.startswith("0."):
+            assert torch.equal(value, before[key]), key
+    assert model.training and model[1].training and not frozen.training
+
+
+class _Through(nn.Module):
+    """Applies a module and returns a zero log-det: an invertible layer for the test's purpose."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module(x), x.new_zeros(x.shape[0])
+
+
+def test_actnorm_reads_a_loaded_state_anew():
+    """After load_state_dict of an uninitialised state, ActNorm initialises again at its next
+    training call, although it had seen itself initialised before."""
+    fresh = iresnet.ActNorm(2).state_dict()
+    actnorm = iresnet.ActNorm(2)
+    actnorm(torch.randn(16, 2) * 3 + 1)
+    actnorm.load_state_dict(fresh)
+    x = torch.randn(32, 2) * 7 - 4
+    y, _ = actnorm(x)
+    torch.testing.assert_close(y.mean(0), torch.zeros(2), atol=1e-5, rtol=0)

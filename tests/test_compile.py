@@ -104,9 +104,8 @@ def test_device_series_equals_the_host_series(device, distribution, neumann):
         estimator = block.logdet
         weights = [1.0] * estimator.n_exact_terms + [1 / estimator.survival(m) for m in range(1, tail + 1)]
         expected = _host_series(products, v, weights, neumann)
-        estimator._device_tail_length = lambda like, tail=tail: torch.tensor(tail, device=like.device)
         with torch.no_grad():
-            got = estimator.device_series(products, v, neumann)
+            got = estimator.device_series(products, v, neumann, torch.tensor(tail, device=device))
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -191,10 +190,66 @@ def test_train_compile_gives_the_eager_run(tmp_path: Path):
     step by step, within float32 rounding (the toy preset's exact log-det has no randomness)."""
     tiny = {"model": {"blocks": 2, "hidden": 16}, "batch_size": 64, "eval_size": 200, "log_every": 1, "steps": 6}
     losses = {}
-    for compiled in (False, True):
+    for compiled in (True, False):
         run = tmp_path / str(compiled)
         train(resolve_config("toy", None, [tiny, {"out": str(run), "compile": compiled}]), progress=False)
         lines = (run / "metrics.jsonl").read_text().splitlines()
         losses[compiled] = [r["nll"] for r in map(json.loads, lines) if r["split"] == "train"]
+        if compiled:
+            assert _graphs() >= 1 and not counters["graph_break"]  # it did compile, in one piece
     assert len(losses[True]) == 6
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def _fixed_tail(model: torch.nn.Module, tail: int) -> None:
+    """Every roulette in ``model`` draws ``tail``: on the host, and on the device."""
+    for block in model.modules():
+        if isinstance(block, iresnet.ResidualBlock):
+            block.logdet.draw_tail_length = lambda: tail
+            block.logdet._device_tail_length = lambda like: torch.tensor(tail, device=like.device)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["bucketed", "device-loop"])
+def test_compiled_roulette_equals_eager_for_the_same_draw(device, memory_efficient):
+    """For the same tail length (3, padded to a bucket of 4 on the bucketed path), the compiled
+    roulette gives eager's loss and gradients: the padding adds nothing, and the device loop sums
+    the same terms with the same weights."""
+    torch.manual_seed(0)
+    roulette = {
+        "name": "roulette",
+        "n_exact_terms": 1,
+        "p": 0.5,
+        "probe": "basis",
+        "memory_efficient": memory_efficient,
+    }
+    model, x = _toy(roulette)  # basis probes: no randomness but the (fixed) tail length
+    model, x = model.to(device), x.to(device)
+    iresnet.initialize_from_data(model, x)
+    model.eval()  # the same weights for both: no power-iteration step
+    twin = copy.deepcopy(model)
+    _fixed_tail(model, 3), _fixed_tail(twin, 3)
+    eager_loss, eager_grads = _loss_and_grads(model, x, seed=4)
+    compiled_loss, compiled_grads = _loss_and_grads(torch.compile(twin, backend="aot_eager"), x, seed=4)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_device_tail_length_is_drawn_in_float64(monkeypatch: pytest.MonkeyPatch):
+    """A float32 uniform would cap the geometric tail near 25 terms; drawn in float64, the largest
+    uniform below 1 gives a tail of 54 for p = 1/2, whatever the model's dtype."""
+    estimator = iresnet.Roulette(p=0.5)
+    largest = 1 - 2.0**-53
+    monkeypatch.setattr(torch, "rand", lambda *shape, dtype=None, device=None: torch.tensor(largest, dtype=dtype))
+    assert int(estimator._device_tail_length(torch.zeros(2, dtype=torch.float32))) == 54
+
+
+@pytest.mark.parametrize("distribution", ["geometric", "poisson"])
+def test_device_tail_lengths_follow_the_survival_function(distribution):
+    """The device draws' frequencies of N >= m match the survival function the weights divide by."""
+    estimator = iresnet.Roulette(distribution=distribution, p=0.4, rate=2.5)
+    like = torch.zeros(1)
+    draws = torch.stack([estimator._device_tail_length(like) for _ in range(20000)]).double()
+    for m in range(1, 7):
+        assert (draws >= m).double().mean().item() == pytest.approx(estimator.survival(m), abs=0.015)

@@ -511,3 +511,20 @@ def test_geometric_survival():
     roulette = iresnet.Roulette(p=0.3)
     for m in range(1, 41):
         assert roulette.survival(m) == pytest.approx(float(Fraction(7, 10) ** (m - 1)), rel=1e-12, abs=0), m
+
+
+def test_hooks_added_after_construction_turn_auto_to_autograd(device):
+    """The path is decided at each call: a hook registered after the block was built (a profiler,
+    a FLOP counter) makes "auto" use autograd, with the right log-det, instead of raising."""
+    torch.manual_seed(0)
+    g = nn.Sequential(sn(nn.Linear(3, 8)), nn.ELU(), sn(nn.Linear(8, 3))).to(device, DTYPE)
+    block = iresnet.ResidualBlock(g, "exact").eval()  # no power-iteration step between the two log-dets
+    x = torch.randn(4, 3, dtype=DTYPE, device=device)
+    assert block.jacobian_path == "explicit"
+    handle = g[0].register_forward_hook(lambda module, args, out: 0.5 * out)
+    try:
+        assert block.jacobian_path == "autograd"
+        torch.testing.assert_close(block(x)[1], brute_force_logdet(g, x), rtol=1e-10, atol=1e-12)
+    finally:
+        handle.remove()
+    assert block.jacobian_path == "explicit"

@@ -110,15 +110,15 @@ class ResidualBlock(nn.Module):
         self.event_shape = None if event_shape is None else tuple(event_shape)
         self.last_inversion: InversionReport | None = None
         self.jacobian = jacobian
-        self._refusal = linearization_refusal(g)
-        if jacobian == "explicit" and self._explicit_refusal() is not None:
-            raise ValueError(
-                f"jacobian='explicit' is not possible: {self._explicit_refusal()}; use 'auto' or 'autograd'"
-            )
+        if jacobian == "explicit":
+            self.jacobian_path  # noqa: B018 -- raises now, at construction, for a branch it cannot take
 
     def _explicit_refusal(self) -> str | None:
-        if self._refusal is not None:
-            return self._refusal
+        """Why the explicit path cannot serve this block now (read at every call: hooks may come
+        and go, the branch or the estimator may be replaced), or ``None``."""
+        refusal = linearization_refusal(self.g)
+        if refusal is not None:
+            return refusal
         if self.logdet is not None and not self.logdet.explicit_jacobian:
             return f"the estimator {type(self.logdet).__name__} has no from_products"
         return None
@@ -130,7 +130,7 @@ class ResidualBlock(nn.Module):
             return "autograd"
         refusal = self._explicit_refusal()
         if refusal is not None and self.jacobian == "explicit":
-            raise ValueError(f"jacobian='explicit' is not possible: {refusal}")
+            raise ValueError(f"jacobian='explicit' is not possible: {refusal}; use 'auto' or 'autograd'")
         return "autograd" if refusal is not None else "explicit"
 
     def _check(self, x: Tensor, name: str) -> None:
@@ -219,7 +219,7 @@ class ResidualBlock(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        path = "autograd" if self.jacobian == "autograd" or self._explicit_refusal() else "explicit"
+        path = "autograd" if self.jacobian == "autograd" or self._explicit_refusal() else "explicit"  # never raises
         return f"logdet={self.logdet!r}, jacobian={path!r}, inverse_method={self.inverse_method!r}"
 
 
@@ -292,13 +292,19 @@ class ActNorm(nn.Module):
 
 @torch.no_grad()
 def initialize_from_data(model: nn.Module, *inputs: Any) -> None:
-    """Give every :class:`ActNorm` in ``model`` its data-dependent initialisation from ``inputs``
-    (a no-op for those already initialised), changing nothing else: the other modules run in
-    eval mode (no power iteration, no BatchNorm statistics) and the random state is restored.
-    Before ``torch.compile``, so that the compiled graph holds no data-dependent branch."""
+    """Give every :class:`ActNorm` in a training-mode ``model`` its data-dependent initialisation
+    from ``inputs`` (a no-op for those already initialised, and in eval mode, where ActNorm does
+    not initialise), and fix the shapes the layers learn from their first input. Before
+    ``torch.compile``, so that the compiled graph holds no data-dependent branch.
+
+    Nothing else changes: the other modules run in eval mode (no power-iteration step, no
+    BatchNorm statistics), every module's mode is restored, and so is the random state (a
+    convolution's spectral norm met here for the first time starts its power iteration from the
+    forked stream). The ActNorms see their inputs as eval-mode layers before them make them."""
     actnorms = [m for m in model.modules() if isinstance(m, ActNorm)]
-    if not actnorms or not model.training:
+    if not model.training:
         return
+    modes = {m: m.training for m in model.modules()}
     devices = [t.device for t in inputs if isinstance(t, Tensor) and t.device.type == "cuda"]
     with torch.random.fork_rng(devices=devices):
         model.eval()
@@ -307,7 +313,8 @@ def initialize_from_data(model: nn.Module, *inputs: Any) -> None:
         try:
             model(*inputs)
         finally:
-            model.train()
+            for m, mode in modes.items():
+                m.train(mode)
 
 
 class Squeeze(nn.Module):

@@ -191,9 +191,12 @@ _RULES: dict[type[nn.Module], Rule] = {}
 
 def register_linearization(module_type: type[nn.Module], rule: Rule) -> None:
     """Teach :func:`linearize` a module type (matched exactly, not its subclasses): ``rule(module,
-    h)`` returns the module's output at ``h`` and its Jacobian there, an object with ``jvp`` and
-    ``vjp`` (see :class:`LayerJacobian`). The output must equal ``module(h)``; the Jacobian's
-    factors must carry the graph to the parameters and to ``h``."""
+    h)`` returns the module's output at ``h`` and its Jacobian there, an object with the methods
+    of :class:`LayerJacobian` (``jvp``, ``vjp``, and for the Neumann gradient ``graph_tensors``,
+    ``rebuilt`` and ``factor_gradients``), or ``None`` for the identity. The output must equal
+    ``module(h)``; the factors must carry the graph to the parameters and to ``h``; ``jvp`` and
+    ``vjp`` must not change Python state after their first call (they run inside a compiled
+    ``while_loop``)."""
     _RULES[module_type] = rule
 
 
@@ -280,8 +283,7 @@ class Linearization:
 
         Eagerly its backward pass recomputes the tangent pass from the pre-activations and
         weights, which the forward pass keeps anyway, so the surrogate holds no memory of its own;
-        a compiled graph keeps the tangent pass in the graph and leaves what to save to the
-        partitioner."""
+        a compiled graph recomputes it in the backward pass too (``torch.utils.checkpoint``)."""
         if torch.compiler.is_compiling():
             surrogate = checkpoint(self._surrogate, w, v, use_reentrant=False)
             return surrogate - surrogate.detach()
@@ -342,7 +344,7 @@ def _parts(g: nn.Module) -> list[nn.Module]:
 def _own_hooks(module: nn.Module) -> bool:
     # a spectral norm's own pre-hook only records the input size
     pre_hooks = [h for h in module._forward_pre_hooks.values() if not records_input_shape(h)]
-    return bool(pre_hooks or module._forward_hooks)
+    return bool(pre_hooks or module._forward_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
 def _refusal(module: nn.Module) -> str | None:
@@ -363,8 +365,9 @@ def _refusal(module: nn.Module) -> str | None:
 def linearization_refusal(g: nn.Module) -> str | None:
     """Why :func:`linearize` cannot take ``g`` (the first module it does not know or that has
     hooks), or ``None``."""
-    if global_hooks._global_forward_hooks or global_hooks._global_forward_pre_hooks:
-        return "global module forward hooks are registered, which the explicit products would skip"
+    hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
+    if any(getattr(global_hooks, name, None) for name in hooks + ("_global_backward_pre_hooks",)):
+        return "global module hooks are registered, which the explicit products would skip"
     return _refusal(g)
 
 

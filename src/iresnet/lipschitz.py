@@ -132,7 +132,7 @@ class SpectralNorm(nn.Module):
         """Start the power iteration for a convolution on inputs of ``shape`` and converge it."""
         if self.input_shape == tuple(shape):
             return
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):  # vectors in the weight's dtype
             u = weight.new_empty((1, *shape)).normal_()
             v = F.conv2d(u, weight, None, self.stride, self.padding, self.dilation)
             self.u = _unit(u)
@@ -142,7 +142,12 @@ class SpectralNorm(nn.Module):
     @torch.no_grad()
     def power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None = None) -> int:
         r"""Update ``u``, ``v`` in place for ``max_steps`` steps, or until :math:`\hat\sigma`
-        changes by less than ``tolerance`` (relative). Returns the steps taken."""
+        changes by less than ``tolerance`` (relative). Returns the steps taken. Never in autocast:
+        a bfloat16 estimate stops on rounding noise, several per cent below the norm."""
+        with torch.autocast(weight.device.type, enabled=False):
+            return self._power_iterate(weight, max_steps, tolerance)
+
+    def _power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None) -> int:
         previous = None
         for step in range(1, max_steps + 1):
             self.v.copy_(_unit(self.apply_operator(weight, self.u)))

@@ -164,13 +164,16 @@ class _Series(LogDetEstimator):
         """Draw the number of terms; return the weight of each term ``k = 1..n``."""
         raise NotImplementedError
 
-    def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | None]:
-        """Each Hutchinson sample's term weights (:meth:`term_weights`); ``graph_free`` says that
-        the series will be computed without a graph."""
+    def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | Tensor]:
+        """Each Hutchinson sample's term weights (:meth:`term_weights`), or a tail length drawn on
+        the device (see :class:`Roulette`); ``graph_free`` says that the series will be computed
+        without a graph."""
         return [self.term_weights() for _ in range(self.n_samples)]
 
-    def device_series(self, products: Linearization, v: Tensor, neumann: bool) -> tuple[Tensor, Tensor]:
-        """The series and the Neumann vector with the number of terms drawn on the device."""
+    def device_series(
+        self, products: Linearization, v: Tensor, neumann: bool, tail_length: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The series and the Neumann vector for a tail length drawn on the device."""
         raise NotImplementedError
 
     explicit_jacobian = True
@@ -189,8 +192,8 @@ class _Series(LogDetEstimator):
         for weights in draws:
             for v in _probes(x, self.probe):
                 with torch.set_grad_enabled(differentiable and not neumann):
-                    if weights is None:
-                        series, neumann_vector = self.device_series(products, v, neumann)
+                    if isinstance(weights, Tensor):  # a tail length drawn on the device
+                        series, neumann_vector = self.device_series(products, v, neumann, weights)
                     else:
                         series, neumann_vector = _host_series(products, v, weights, neumann)
                     value = value + _per_sample_dot(series, v)
@@ -342,54 +345,62 @@ class Roulette(_Series):
     def _device_tail_length(self, like: Tensor) -> Tensor:
         """A draw of ``N`` as a 0-d integer tensor on ``like``'s device, without a host sync:
         geometric by inversion, :math:`N = \\lfloor \\log V / \\log(1 - p) \\rfloor + 1` with
-        :math:`V` uniform on :math:`(0, 1]`."""
+        :math:`V` uniform on :math:`(0, 1]`. In float64 whatever ``like``'s dtype: a float32 uniform
+        would cap ``N`` near 25 (its smallest step is :math:`2^{-24}`), truncating the series."""
         if self.distribution == "geometric":
-            v = 1 - torch.rand((), dtype=like.dtype, device=like.device)
+            v = 1 - torch.rand((), dtype=torch.float64, device=like.device)
             return (torch.log(v) / math.log1p(-self.p)).floor().long() + 1
-        return torch.poisson(torch.full((), self.rate, dtype=like.dtype, device=like.device)).long()
+        return torch.poisson(torch.full((), self.rate, dtype=torch.float64, device=like.device)).long()
 
-    def device_series(self, products: Linearization, v: Tensor, neumann: bool) -> tuple[Tensor, Tensor]:
-        """The sums of :meth:`_Series.from_products` for one probe, with ``N`` drawn on the device
-        and the terms in a ``while_loop``: one compiled graph serves every draw, with no host sync.
-        Only for a series without a graph (the Neumann path, or no gradient)."""
-        n_terms = self.n_exact_terms + self._device_tail_length(v)
+    def device_series(
+        self, products: Linearization, v: Tensor, neumann: bool, tail_length: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The sums of :meth:`_Series.from_products` for one probe with the tail length drawn on
+        the device (:meth:`draw`) and the terms in a ``while_loop``: one compiled graph serves
+        every draw, with no host sync. Only for a series without a graph (the Neumann path, or no
+        gradient). The weights are computed in float64."""
+        n_terms = self.n_exact_terms + tail_length
         products.cache_factors()  # the loop's body must not change Python state
 
         def more_terms(k: Tensor, u: Tensor, series: Tensor, *neumann_vector: Tensor) -> Tensor:
             return k <= n_terms
 
         def term(k: Tensor, u: Tensor, series: Tensor, *neumann_vector: Tensor) -> tuple[Tensor, ...]:
-            m = (k - self.n_exact_terms).to(v.dtype)
+            m = (k - self.n_exact_terms).double()
             weight = torch.where(m >= 1, 1 / self.survival_tensor(m.clamp(min=1)), 1.0)
-            signed = torch.where(k % 2 == 1, weight, -weight)
+            signed = torch.where(k % 2 == 1, weight, -weight).to(v.dtype)
             neumann_vector = tuple(w + signed * u for w in neumann_vector)
             u = products.vjp(u)
             return k + 1, u, series + signed / k * u, *neumann_vector
 
         # the Neumann vector is carried only when wanted: a carry returned unchanged would alias
         start = (torch.ones((), dtype=torch.long, device=v.device), v.clone(), torch.zeros_like(v))
-        _, _, series, *neumann_vector = while_loop(more_terms, term, start + (torch.zeros_like(v),) * neumann)
+        if neumann:
+            start += (torch.zeros_like(v),)
+        _, _, series, *neumann_vector = while_loop(more_terms, term, start)
         return series, neumann_vector[0] if neumann else torch.zeros_like(v)
 
     def term_weights(self) -> list[float]:
         tail = self.draw_tail_length()
         return [1.0] * self.n_exact_terms + [1.0 / self.survival(m) for m in range(1, tail + 1)]
 
-    def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | None]:
+    def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | Tensor]:
         """Each Hutchinson sample's term weights. Under ``torch.compile``, for a series computed
-        without a graph (``graph_free``), ``None``: :meth:`device_series` draws on the device.
-        Otherwise the weights are drawn outside the graph, as tensors, with each tail padded with
-        zero weights to the next power of two, so that one compiled graph serves every draw of
-        its bucket instead of one graph per draw. Terms of weight zero add nothing: the estimate
-        stays unbiased, unlike a cap on the number of terms."""
+        without a graph (``graph_free``), each sample's tail length as a 0-d tensor drawn on the
+        device, in the graph (:meth:`device_series` sums the terms). Otherwise the weights are
+        drawn outside the graph, as tensors, with each tail padded with zero weights to the next
+        power of two, so that one compiled graph serves every draw of its bucket instead of one
+        graph per draw. Terms of weight zero add nothing: the estimate stays unbiased, unlike a
+        cap on the number of terms."""
         if not torch.compiler.is_compiling():
             return super().draw(like)
         if graph_free:
-            return [None] * self.n_samples
+            return [self._device_tail_length(like) for _ in range(self.n_samples)]
         return self._bucketed_draw(like)
 
     @torch.compiler.disable
     def _bucketed_draw(self, like: Tensor) -> tuple[tuple[Tensor, ...], ...]:
+        """The host's draws, each padded to its bucket (see :meth:`draw`)."""
         draws = []
         for weights in super().draw(like):
             tail = len(weights) - self.n_exact_terms

@@ -29,8 +29,9 @@ def check_input(
         raise ValueError(f"{name}: expected a batch of shape (batch, ...), got shape {tuple(x.shape)}")
     if event_shape is not None and tuple(x.shape[1:]) != tuple(event_shape):
         raise ValueError(f"{name}: expected shape (batch, {', '.join(map(str, event_shape))}), got {tuple(x.shape)}")
-    # a compiled model skips this check, which would stop the graph and wait for the device;
-    # training checks its loss instead
-    if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+    if torch.compiler.is_compiling():  # checked on the device: no graph break, no wait for the host
+        torch._assert_async(torch.isfinite(x).all(), f"{name}: the input holds NaN or inf")
+        return
+    if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         raise ValueError(f"{name}: {bad} of {x.shape[0]} samples hold NaN or inf")

@@ -30,8 +30,9 @@ class TrainConfig:
     ``augment`` crops and flips the training images; the learning rate is multiplied by
     ``lr_gamma`` at each step of ``lr_milestones``; ``optimizer`` "sgd" has momentum 0.9.
 
-    ``compile`` runs the training step through ``torch.compile`` (a first-order graph, see
-    :mod:`iresnet.jacobian`; the first steps pay the compilation). ``precision`` "bf16" runs the
+    ``compile`` runs the model's forward and backward passes through ``torch.compile`` (a
+    first-order graph, see :mod:`iresnet.jacobian`; the first steps pay the compilation; the
+    optimiser step stays eager). ``precision`` "bf16" runs the
     branches' matrix products and convolutions in bfloat16 autocast on CUDA; the power iteration,
     the log-det sums and the base density stay in float32.
     """
