@@ -253,3 +253,55 @@ def test_device_tail_lengths_follow_the_survival_function(distribution):
     draws = torch.stack([estimator._device_tail_length(like) for _ in range(20000)]).double()
     for m in range(1, 7):
         assert (draws >= m).double().mean().item() == pytest.approx(estimator.survival(m), abs=0.015)
+
+
+@pytest.mark.parametrize("build", [_toy, _conv], ids=["dense", "conv"])
+def test_compiled_inverse_equals_the_eager_inverse(device, build):
+    """With compile_inverse every block's iterations evaluate g through one compiled function per
+    architecture: the same preimages within the stopping tolerance, and one graph for all blocks
+    of the same architecture."""
+    torch.manual_seed(0)
+    model, x = build("exact")
+    model, x = model.to(device), x.to(device)
+    iresnet.initialize_from_data(model, x)
+    model.eval()
+    iresnet.converge_spectral_norms(model)
+    blocks = [m for m in model.modules() if isinstance(m, iresnet.ResidualBlock)]
+    flow = model.flow()
+    z = flow.transform(x)
+    eager = flow.transform.inv(z)
+    for block in blocks:
+        block.compile_inverse = True
+    compiled = model.flow().transform.inv(z)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled, x, rtol=1e-3, atol=1e-3)
+    assert not counters["graph_break"]
+    graphs = _graphs()
+    model.flow().transform.inv(z + 0.01)
+    assert _graphs() == graphs  # a later inversion compiles nothing
+
+
+def test_compiled_inverse_compiles_per_architecture_not_per_block():
+    """Doubling the number of identical blocks adds no compiled graph."""
+    counts = []
+    for blocks in (2, 4):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = toy_flow(2, blocks=blocks, hidden=16, logdet="exact")
+        x = torch.randn(64, 2)
+        iresnet.initialize_from_data(model, x)
+        model.eval()
+        for block in model.modules():
+            if isinstance(block, iresnet.ResidualBlock):
+                block.compile_inverse = True
+        model.flow().transform.inv(x)
+        counts.append(_graphs())
+    assert counts[1] == counts[0] >= 1
+
+
+def test_compile_inverse_refuses_a_branch_it_cannot_express():
+    g = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
+    block = iresnet.ResidualBlock(g, "exact", compile_inverse=True)
+    with pytest.raises(TypeError, match="Tanh"):
+        block.inverse(torch.randn(3, 2))

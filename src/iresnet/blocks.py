@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .compiled import compiled_branch
 from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
 from .jacobian import linearization_refusal, linearize
 from .lipschitz import frozen_power_iteration
@@ -64,6 +65,9 @@ class ResidualBlock(nn.Module):
             branch or estimator it cannot serve. ``"autograd"``: vector-Jacobian products by
             ``torch.autograd.grad``, whose gradient is a double backward; works for any ``g``.
             ``"auto"`` (default): explicit where possible. ``repr(block)`` names the path taken.
+        compile_inverse: evaluate ``g`` in the inverse's iterations through one compiled function
+            per branch architecture (:func:`iresnet.compiled.compiled_branch`): the first
+            inversion pays the compilation, later ones run the iterations faster.
 
     References:
         Behrmann et al., "Invertible Residual Networks", ICML 2019,
@@ -94,6 +98,7 @@ class ResidualBlock(nn.Module):
         anderson_memory: int = 5,
         event_shape: tuple[int, ...] | None = None,
         jacobian: str = "auto",
+        compile_inverse: bool = False,
     ) -> None:
         super().__init__()
         if inverse_method not in ("fixed_point", "anderson"):
@@ -110,6 +115,7 @@ class ResidualBlock(nn.Module):
         self.event_shape = None if event_shape is None else tuple(event_shape)
         self.last_inversion: InversionReport | None = None
         self.jacobian = jacobian
+        self.compile_inverse = compile_inverse
         if jacobian == "explicit":
             self.jacobian_path  # noqa: B018 -- raises now, at construction, for a branch it cannot take
 
@@ -179,9 +185,10 @@ class ResidualBlock(nn.Module):
         )
         with parametrize.cached(), frozen_power_iteration(self.g):
             _cache_parametrizations(self.g)
+            g = compiled_branch(self.g) if self.compile_inverse else self.g
             with torch.no_grad():
                 x, self.last_inversion = solve_fixed_point(
-                    self.g,
+                    g,
                     y,
                     method or self.inverse_method,
                     self.atol,

@@ -335,9 +335,10 @@ def _rule_type(module: nn.Module) -> type[nn.Module]:
     return type(module)
 
 
-def _parts(g: nn.Module) -> list[nn.Module]:
+def parts(g: nn.Module) -> list[nn.Module]:
+    """The layers of a branch in order, plain ``nn.Sequential`` chains opened."""
     if type(g).forward is nn.Sequential.forward:  # nn.Sequential or a subclass keeping its forward
-        return [part for child in g for part in _parts(child)]
+        return [part for child in g for part in parts(child)]
     return [g]
 
 
@@ -381,7 +382,7 @@ def linearize(g: nn.Module, x: Tensor) -> Linearization:
     layers: list[LayerJacobian] = []
     with parametrize.cached():
         h = x
-        for part in _parts(g):
+        for part in parts(g):
             h, jacobian = _RULES[_rule_type(part)](part, h)
             if jacobian is not None:
                 layers.append(jacobian)
