@@ -165,7 +165,7 @@ class ResidualBlock(nn.Module):
                 return x + self._branch(x), None
             differentiable = torch.is_grad_enabled()
             if explicit:
-                products = linearize(self.g, x)
+                products = linearize(self.g, x, checked=True)  # jacobian_path has just checked g
                 self._check_branch_shape(x, products.output)
                 return x + products.output, self.logdet.from_products(products, x, differentiable, draws)
             with torch.enable_grad():

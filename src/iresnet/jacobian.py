@@ -372,11 +372,12 @@ def linearization_refusal(g: nn.Module) -> str | None:
     return _refusal(g)
 
 
-def linearize(g: nn.Module, x: Tensor) -> Linearization:
+def linearize(g: nn.Module, x: Tensor, *, checked: bool = False) -> Linearization:
     """Run ``g`` on ``x`` and keep its Jacobian's factors (see the module's docstring).
 
-    Raises ``TypeError`` for a branch it cannot linearise (:func:`linearization_refusal`)."""
-    refusal = linearization_refusal(g)
+    Raises ``TypeError`` for a branch it cannot linearise (:func:`linearization_refusal`);
+    ``checked`` skips that check, for a caller that has just made it."""
+    refusal = None if checked else linearization_refusal(g)
     if refusal is not None:
         raise TypeError(f"cannot linearise the branch: {refusal}")
     layers: list[LayerJacobian] = []
