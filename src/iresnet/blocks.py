@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .compiled import compiled_branch
+from .compiled import compiled_iteration
 from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
 from .jacobian import linearization_refusal, linearize
 from .lipschitz import frozen_power_iteration
@@ -66,8 +66,9 @@ class ResidualBlock(nn.Module):
             ``torch.autograd.grad``, whose gradient is a double backward; works for any ``g``.
             ``"auto"`` (default): explicit where possible. ``repr(block)`` names the path taken.
         compile_inverse: evaluate ``g`` in the inverse's iterations through one compiled function
-            per branch architecture (:func:`iresnet.compiled.compiled_branch`): the first
-            inversion pays the compilation, later ones run the iterations faster.
+            per branch architecture, the stopping rule's arithmetic fused with it
+            (:func:`iresnet.compiled.compiled_iteration`): the first inversion pays the
+            compilation, later ones run the iterations faster.
 
     References:
         Behrmann et al., "Invertible Residual Networks", ICML 2019,
@@ -185,16 +186,22 @@ class ResidualBlock(nn.Module):
         )
         with parametrize.cached(), frozen_power_iteration(self.g):
             _cache_parametrizations(self.g)
-            g = compiled_branch(self.g) if self.compile_inverse else self.g
+            iteration = None
+            if self.compile_inverse:
+                default_atol, default_rtol = default_tolerances(y.dtype)
+                atol = default_atol if self.atol is None else self.atol
+                rtol = default_rtol if self.rtol is None else self.rtol
+                iteration = compiled_iteration(self.g, atol, rtol)
             with torch.no_grad():
                 x, self.last_inversion = solve_fixed_point(
-                    g,
+                    self.g,
                     y,
                     method or self.inverse_method,
                     self.atol,
                     self.rtol,
                     self.max_iter,
                     self.anderson_memory,
+                    iteration,
                 )
             if differentiable:
                 x = self._implicit_gradient(x, y)

@@ -2,16 +2,17 @@ r"""A residual branch as a pure function of its tensors, compiled once per archi
 
 ``torch.compile`` on a module specialises on that module (and ``parametrize`` gives each
 parametrized layer a class of its own), so sixteen identical blocks would compile sixteen times,
-past dynamo's limit. :func:`compiled_branch` describes ``g`` instead by a static tuple of layer
-kinds and settings plus the list of its tensors (weights as the layers use them, biases, activation
-parameters); one compiled function, with a dynamic batch size, evaluates every branch of the same
-architecture. For the inverse's fixed-point iteration, which calls ``g`` many times on a shrinking
-set of samples.
+past dynamo's limit. :func:`compiled_iteration` describes ``g`` instead by a static tuple of
+layer kinds and settings plus the list of its tensors (weights as the layers use them, biases,
+activation parameters); one compiled function, with a dynamic batch size, runs a fixed-point
+iteration of every branch of the same architecture: ``g``, the update and the stopping rule's
+arithmetic, fused. For the inverse, which iterates many times on a shrinking set of samples.
 
 Example:
     >>> g = nn.Sequential(nn.Linear(2, 8), LipSwish(), nn.Linear(8, 2))
-    >>> x = torch.randn(5, 2)
-    >>> bool(torch.allclose(compiled_branch(g)(x), g(x), atol=1e-6))
+    >>> x, y = torch.randn(5, 2), torch.randn(5, 2)
+    >>> fx, largest_step, converged = compiled_iteration(g, atol=1e-5, rtol=1e-5)(x, y)
+    >>> bool(torch.allclose(fx, y - g(x), atol=1e-6))
     True
 """
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from .activations import LipSwish
 from .jacobian import linearization_refusal, parts
 
-__all__ = ["compiled_branch"]
+__all__ = ["compiled_iteration"]
 
 Spec = tuple[tuple, ...]
 
@@ -73,14 +74,16 @@ def _evaluate(x: Tensor, tensors: list[Tensor], spec: Spec) -> Tensor:
     return x
 
 
-_compiled_evaluate = torch.compile(_evaluate, dynamic=True)
+def _iteration(x: Tensor, y: Tensor, tensors: list[Tensor], spec: Spec, atol: float, rtol: float):
+    fx = y - _evaluate(x, tensors, spec)
+    step = (fx - x).flatten(1).abs()
+    return fx, step.amax(1), (step <= atol + rtol * fx.flatten(1).abs()).all(1)
 
 
-def compiled_branch(g: nn.Module) -> Callable[[Tensor], Tensor]:
-    """``x -> g(x)`` through one compiled function per architecture, with ``g``'s tensors as they
-    are now (call inside ``parametrize.cached()`` and with the power iteration frozen, as an
-    inversion does, so that the weights stay fixed). Raises ``TypeError`` for a branch of other
-    modules than :func:`iresnet.linearize` takes."""
+_compiled_iteration = torch.compile(_iteration, dynamic=True)
+
+
+def _described(g: nn.Module) -> tuple[list[Tensor], Spec]:
     refusal = linearization_refusal(g)
     if refusal is not None:
         raise TypeError(f"cannot compile the branch as a function: {refusal}")
@@ -89,5 +92,15 @@ def compiled_branch(g: nn.Module) -> Callable[[Tensor], Tensor]:
         static, own = _describe(part)
         spec.append(static)
         tensors += own
-    frozen = tuple(spec)
-    return lambda x: _compiled_evaluate(x, tensors, frozen)
+    return tensors, tuple(spec)
+
+
+def compiled_iteration(g: nn.Module, atol: float, rtol: float) -> Callable[[Tensor, Tensor], tuple]:
+    """One fixed-point iteration for :func:`iresnet.solve_fixed_point` through one compiled
+    function per architecture: ``(x, y) -> (y - g(x), max |update| per sample, converged per
+    sample)``, converged meaning :math:`|f(x) - x| \\le atol + rtol |f(x)|` elementwise. ``g``'s
+    tensors are taken as they are now: call inside ``parametrize.cached()`` with the power
+    iteration frozen, as an inversion does. Raises ``TypeError`` for a branch of other modules
+    than :func:`iresnet.linearize` takes."""
+    tensors, spec = _described(g)
+    return lambda x, y: _compiled_iteration(x, y, tensors, spec, atol, rtol)

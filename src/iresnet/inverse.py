@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -62,6 +63,7 @@ def solve_fixed_point(
     rtol: float | None = None,
     max_iter: int = 100,
     memory: int = 5,
+    iteration: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, InversionReport]:
     """Solve :math:`x + g(x) = y` per sample; ``g`` must act on each sample independently.
 
@@ -72,6 +74,9 @@ def solve_fixed_point(
         atol, rtol: the stopping rule's tolerances (defaults from :func:`default_tolerances`).
         max_iter: the most evaluations of ``g`` per sample.
         memory: Anderson's history length.
+        iteration: ``(x, y) -> (f(x), max |f(x) - x| per sample, converged per sample)`` with
+            :math:`f(x) = y - g(x)` and the stopping rule above, in place of the eager one (for
+            example one compiled function, :func:`iresnet.compiled.compiled_iteration`).
 
     Returns:
         The solution and an :class:`InversionReport`.
@@ -93,14 +98,13 @@ def solve_fixed_point(
     index = torch.arange(batch, device=y.device)
     x, target = y, y
     worst = y.new_full((batch,), float("inf"))
+    step_of = iteration or partial(_iteration, g, atol=atol, rtol=rtol)
     evaluations = sample_evaluations = iteration = 0
     while index.numel() and iteration < max_iter:
         iteration += 1
-        fx = target - g(x)
+        fx, worst, converged = step_of(x, target)
         evaluations += 1
         sample_evaluations += index.numel()
-        step = (fx - x).flatten(1).abs()
-        worst = step.amax(1)
         if not torch.isfinite(worst).all():
             raise InversionError(
                 f"fixed-point inversion ({method}) diverged for "
@@ -108,7 +112,6 @@ def solve_fixed_point(
                 f"{iteration}: the iterate is not finite. Lip(g) may be >= 1 "
                 "(call iresnet.converge_spectral_norms first)."
             )
-        converged = (step <= atol + rtol * fx.flatten(1).abs()).all(1)
         if converged.any():
             done = converged.nonzero().squeeze(1)
             solution[index[done]] = fx[done]
@@ -130,6 +133,14 @@ def solve_fixed_point(
         method, iteration, evaluations, sample_evaluations, residual.max().item() if batch else 0.0
     )
     return solution, report
+
+
+def _iteration(g: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, atol: float, rtol: float):
+    """:math:`f(x) = y - g(x)`, the largest update per sample, and whether each sample converged:
+    :math:`|f(x) - x| \\le atol + rtol |f(x)|` elementwise."""
+    fx = y - g(x)
+    step = (fx - x).flatten(1).abs()
+    return fx, step.amax(1), (step <= atol + rtol * fx.flatten(1).abs()).all(1)
 
 
 class _Banach:
