@@ -4,6 +4,7 @@ draws, the training step, the weight copy and the report's header, rows and note
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import math
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import iresnet
+from iresnet.compiled import memory_lean
 from iresnet.memory import SavedTensorMeter
 
 MIB, LIBRARIES, COMPILED = 2**20, ("iresnet", "normflows"), "iresnet compiled"
@@ -122,7 +124,8 @@ class FlowPair:
         opt = opt or self.opt[library]
         opt.zero_grad(set_to_none=True)
         if library != "normflows":
-            with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            lean = memory_lean() if library == COMPILED else contextlib.nullcontext()
+            with lean, torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 z, logdet = (self.ir if library == "iresnet" else self.compiled)(self.x)
             loss = (0.5 * z.pow(2).sum(1) + 0.5 * z.shape[1] * math.log(2 * math.pi) - logdet).mean()
         else:

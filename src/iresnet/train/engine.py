@@ -5,6 +5,7 @@ EMA for evaluation, and ``torchrun`` data parallelism."""
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import dataclasses
 import json
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..blocks import initialize_from_data
+from ..compiled import memory_lean
 from ..data.preprocess import bits_per_dim
 from ..models.build import build_model
 from .checkpoint import RunFiles, atomic_save, default_run_directory, save_config, save_weights
@@ -263,7 +265,8 @@ class _Trainer:
     def train_step(self, model: nn.Module) -> dict[str, float]:
         config = self.config
         bf16 = config.precision == "bf16"
-        with torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        lean = memory_lean() if config.compile else contextlib.nullcontext()
+        with lean, torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss, logged = self.objective(model)
         reported = {key: self.procs.mean(value).item() for key, value in logged.items()}
         for key in ("cross_entropy", "nll"):
