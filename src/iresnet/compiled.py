@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import LipSwish
+from .inverse import iteration_step
 from .jacobian import linearization_refusal, parts
 
 __all__ = ["compiled_iteration", "memory_lean"]
@@ -88,9 +89,7 @@ def _evaluate(x: Tensor, tensors: list[Tensor], spec: Spec) -> Tensor:
 
 
 def _iteration(x: Tensor, y: Tensor, tensors: list[Tensor], spec: Spec, atol: float, rtol: float):
-    fx = y - _evaluate(x, tensors, spec)
-    step = (fx - x).flatten(1).abs()
-    return fx, step.amax(1), (step <= atol + rtol * fx.flatten(1).abs()).all(1)
+    return iteration_step(lambda h: _evaluate(h, tensors, spec), x, y, atol, rtol)
 
 
 _compiled_iteration = torch.compile(_iteration, dynamic=True)

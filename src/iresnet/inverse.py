@@ -98,7 +98,7 @@ def solve_fixed_point(
     index = torch.arange(batch, device=y.device)
     x, target = y, y
     worst = y.new_full((batch,), float("inf"))
-    step_of = iteration or partial(_iteration, g, atol=atol, rtol=rtol)
+    step_of = iteration or partial(iteration_step, g, atol=atol, rtol=rtol)
     evaluations = sample_evaluations = iteration = 0
     while index.numel() and iteration < max_iter:
         iteration += 1
@@ -135,7 +135,9 @@ def solve_fixed_point(
     return solution, report
 
 
-def _iteration(g: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, atol: float, rtol: float):
+def iteration_step(
+    g: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, atol: float, rtol: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """:math:`f(x) = y - g(x)`, the largest update per sample, and whether each sample converged:
     :math:`|f(x) - x| \\le atol + rtol |f(x)|` elementwise."""
     fx = y - g(x)
