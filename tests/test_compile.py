@@ -326,3 +326,17 @@ def test_memory_lean_compiled_step_saves_no_more_than_eager(device):
             (-step().mean()).backward()
         peaks.append(meter.peak)
     assert 0 < peaks[1] <= peaks[0]
+
+
+def test_compiled_model_refuses_nan_inputs(device):
+    """Compiled, the finiteness check runs on the device (no host sync) and still raises, naming
+    the layer, instead of returning NaN log-likelihoods."""
+    torch.manual_seed(0)
+    model, x = _toy("exact")
+    model, x = model.to(device), x.to(device)
+    iresnet.initialize_from_data(model, x)
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(x)
+    x[3, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        compiled(x)
