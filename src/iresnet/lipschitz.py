@@ -31,6 +31,8 @@ References:
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -54,6 +56,7 @@ __all__ = [
 
 _CONVERGE_TOLERANCE = 1e-6
 _CONVERGE_STEPS = 2000
+_EXACT_PAIR_MAX_DIM = 1024
 
 
 class SpectralNorm(nn.Module):
@@ -61,8 +64,11 @@ class SpectralNorm(nn.Module):
 
     In training mode every evaluation of the weight runs ``n_power_iterations`` steps of power
     iteration, warm-started from the previous vectors. In eval mode the vectors are frozen and
-    :math:`\hat\sigma = v^\top W u` is read off them. The vectors are converged when created
-    and by :func:`converge_spectral_norms`, which evaluation and inversion should call first.
+    :math:`\hat\sigma = v^\top W u` is read off them, after they have been converged for the
+    weight as it is now: an eval-mode call on a weight changed since the last convergence (an
+    optimiser step, a loaded state dict) converges first (:meth:`converge`). Eval mode divides by
+    :math:`\hat\sigma (1 + 10\,\mathrm{tol})`, a margin over the convergence tolerance, so that
+    the frozen weight's norm is at most ``coeff``.
 
     Arguments:
         layer: the ``nn.Linear`` or ``nn.Conv2d`` whose weight is normalised.
@@ -82,6 +88,9 @@ class SpectralNorm(nn.Module):
         super().__init__()
         if not 0 < coeff:
             raise ValueError(f"coeff must be positive, got {coeff}")
+        self.frozen = False  # set by frozen_power_iteration: a training-mode layer that does not iterate
+        self.margin = 0.0
+        self._converged_for: tuple | None = None
         if n_power_iterations < 1:
             raise ValueError(f"n_power_iterations must be at least 1, got {n_power_iterations}")
         self.coeff = coeff
@@ -105,7 +114,7 @@ class SpectralNorm(nn.Module):
         else:
             self.register_buffer("u", _unit(weight.new_empty(weight.shape[1]).normal_()))
             self.register_buffer("v", _unit(weight.new_empty(weight.shape[0]).normal_()))
-            self.power_iterate(weight, _CONVERGE_STEPS, _CONVERGE_TOLERANCE)
+            self.converge(weight)
 
     # The operator and its adjoint --------------------------------------------------------
     def apply_operator(self, weight: Tensor, x: Tensor) -> Tensor:
@@ -137,7 +146,7 @@ class SpectralNorm(nn.Module):
             v = F.conv2d(u, weight, None, self.stride, self.padding, self.dilation)
             self.u = _unit(u)
             self.v = _unit(v.normal_())
-            self.power_iterate(weight, _CONVERGE_STEPS, _CONVERGE_TOLERANCE)
+            self.converge(weight)
 
     @torch.no_grad()
     def power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None = None) -> int:
@@ -148,17 +157,68 @@ class SpectralNorm(nn.Module):
             return self._power_iterate(weight, max_steps, tolerance)
 
     def _power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None) -> int:
+        changes: list[float] = []
         previous = None
         for step in range(1, max_steps + 1):
             self.v.copy_(_unit(self.apply_operator(weight, self.u)))
             adjoint = self.apply_adjoint(weight, self.v)
-            sigma = torch.linalg.vector_norm(adjoint).item() if tolerance is not None else None
             self.u.copy_(_unit(adjoint))
-            if tolerance is not None:
-                if previous is not None and abs(sigma - previous) <= tolerance * sigma:
+            if tolerance is None:
+                continue
+            sigma = torch.linalg.vector_norm(adjoint).item()
+            if previous is not None:
+                changes.append(abs(sigma - previous))
+                if _remaining_error(changes) <= tolerance * sigma:
                     return step
-                previous = sigma
+            previous = sigma
         return max_steps
+
+    @torch.no_grad()
+    def converge(self, weight: Tensor, tolerance: float = _CONVERGE_TOLERANCE, max_steps: int = _CONVERGE_STEPS) -> int:
+        r"""Converge the vectors for ``weight``: the exact top singular pair (an SVD in float64)
+        where the operator's matrix is small, else power iteration until the estimated distance
+        to :math:`\sigma` is below ``tolerance`` (relative). Eval mode then adds a margin of ten
+        times the tolerance. Returns the power-iteration steps taken (0 for the SVD)."""
+        with torch.autocast(weight.device.type, enabled=False):
+            steps = 0 if self._exact_singular_pair(weight) else self._power_iterate(weight, max_steps, tolerance)
+        if steps == max_steps:
+            warnings.warn(
+                f"the spectral norm's power iteration did not converge to {tolerance:g} in {max_steps} steps: "
+                "certify the layer with iresnet.lipschitz_bound",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.margin = 10 * tolerance
+        self._converged_for = _weight_state(weight)
+        return steps
+
+    def _exact_singular_pair(self, weight: Tensor) -> bool:
+        """Set ``u``, ``v`` to the operator's top singular vectors when its matrix has at most
+        :data:`_EXACT_PAIR_MAX_DIM` rows and columns; returns whether it did."""
+        if self.is_conv:
+            n_in = self.u.numel()
+            n_out = self.v.numel()
+            if max(n_in, n_out) > _EXACT_PAIR_MAX_DIM:
+                return False
+            basis = torch.eye(n_in, dtype=torch.float64, device=weight.device).view(n_in, *self.u.shape[1:])
+            rows = F.conv2d(basis, weight.double(), None, self.stride, self.padding, self.dilation)
+            matrix = rows.reshape(n_in, n_out).T  # the operator: W e_i is its column i
+        else:
+            matrix = weight.double()
+        left, _, right = torch.linalg.svd(matrix, full_matrices=False)
+        self.v.copy_(left[:, 0].view_as(self.v))
+        self.u.copy_(right[0].view_as(self.u))
+        return True
+
+    @torch.compiler.disable  # reads the weight's version: outside any compiled graph
+    def _converge_if_stale(self, weight: Tensor) -> None:
+        if self.is_stale(weight):
+            self.converge(weight.detach())
+
+    def is_stale(self, weight: Tensor) -> bool:
+        """Whether ``weight`` changed (in place, or for another tensor) since the last
+        :meth:`converge`, or the vectors moved since (a training-mode step)."""
+        return self._converged_for != _weight_state(weight)
 
     def sigma(self, weight: Tensor) -> Tensor:
         r""":math:`\hat\sigma = v^\top W u`, differentiable in ``weight``."""
@@ -177,8 +237,12 @@ class SpectralNorm(nn.Module):
                 "the spectral norm of this Conv2d needs its input shape: pass "
                 "input_shape=(C, H, W) to spectral_norm or call the layer once first"
             )
-        if self.training:
+        if not self.training:
+            self._converge_if_stale(weight)
+            return weight / torch.clamp(self.sigma(weight) * (1 + self.margin) / self.coeff, min=1.0)
+        if not self.frozen:
             self.power_iterate(weight, self.n_power_iterations)
+            self._converged_for = None
         return weight / torch.clamp(self.sigma(weight) / self.coeff, min=1.0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -191,6 +255,21 @@ class SpectralNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}, input_shape={self.input_shape}"
+
+
+def _remaining_error(changes: list[float]) -> float:
+    """The distance of a linearly converging sequence to its limit, estimated from its last
+    changes :math:`d_k`: with the rate :math:`q = d_k / d_{k-1}`, :math:`d_k q / (1 - q)`
+    (Aitken). Infinite until the rate is known and below 1."""
+    if len(changes) < 2 or changes[-2] == 0:
+        return 0.0 if changes and changes[-1] == 0 else math.inf
+    rate = changes[-1] / changes[-2]
+    return changes[-1] * rate / (1 - rate) if rate < 1 else math.inf
+
+
+def _weight_state(weight: Tensor) -> tuple:
+    """What identifies a weight's values without reading them: its storage and in-place version."""
+    return weight.data_ptr(), weight._version, weight.dtype, weight.device
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -252,9 +331,20 @@ def _spectral_norms(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralNorm]
 def converge_spectral_norms(
     model: nn.Module, tolerance: float = _CONVERGE_TOLERANCE, max_iterations: int = _CONVERGE_STEPS
 ) -> int:
-    """Run every spectral norm's power iteration in ``model`` until its estimate changes by
-    less than ``tolerance`` (relative). Call it before evaluation and inversion so that the
-    frozen eval-mode weights obey the coefficient. Returns the number of layers converged."""
+    """Converge every spectral norm in ``model`` for its current weight (:meth:`SpectralNorm.converge`:
+    the exact singular pair of small operators, else power iteration until the estimated error is
+    below ``tolerance``), so that the frozen eval-mode weights obey their coefficient. Eval-mode
+    calls also do this for a weight that changed; calling it first keeps the cost out of the first
+    call. Returns the number of layers converged.
+
+    Example:
+        >>> layer = spectral_norm(nn.Linear(8, 8), coeff=0.9)
+        >>> with torch.no_grad():
+        ...     _ = layer.parametrizations.weight.original.mul_(3)  # as an optimiser step might
+        >>> _ = layer.eval(), converge_spectral_norms(layer)
+        >>> bool(torch.linalg.matrix_norm(layer.weight.double(), ord=2) <= 0.9)
+        True
+    """
     count = 0
     for module, p in _spectral_norms(model):
         if p.input_shape is None:
@@ -262,15 +352,16 @@ def converge_spectral_norms(
                 f"{module} has not seen an input yet, so its operator is unknown: "
                 "run the model once or pass input_shape to spectral_norm"
             )
-        p.power_iterate(module.parametrizations.weight.original, max_iterations, tolerance)
+        p.converge(module.parametrizations.weight.original, tolerance, max_iterations)
         count += 1
     return count
 
 
 def frozen_power_iteration(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """Within the context no spectral norm in ``model`` updates its estimate, as in eval mode,
-    so that repeated evaluations (an inversion's iterations) see one fixed function."""
-    return attribute_set((p for _, p in _spectral_norms(model)), "training", False)
+    """Within the context no training-mode spectral norm in ``model`` updates its estimate, so
+    that repeated evaluations (an inversion's iterations) see one fixed function: the one of the
+    last training-mode call. Eval-mode layers are fixed already."""
+    return attribute_set((p for _, p in _spectral_norms(model)), "frozen", True)
 
 
 @contextlib.contextmanager
