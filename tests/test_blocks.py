@@ -8,6 +8,7 @@ from torch import nn
 
 import iresnet
 from helpers import binding, conv_branch, dense_branch, jacobian_logdet
+from iresnet.models import toy_flow
 
 
 def mlp_branch(dim: int, coeff: float, hidden: int = 32) -> nn.Sequential:
@@ -327,3 +328,17 @@ def test_actnorm_reads_a_loaded_state_anew():
     x = torch.randn(32, 2) * 7 - 4
     y, _ = actnorm(x)
     torch.testing.assert_close(y.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("coeff", [1.0, 1.5])
+def test_block_refuses_a_branch_allowed_to_expand(coeff):
+    """The audit: coeff 1.5 was accepted, every block's certified Lip(g) was 1.8-3.4, and the series
+    returned -2.944 where the exact log-det was -1.567."""
+    g = nn.Sequential(
+        iresnet.spectral_norm(nn.Linear(2, 8), coeff), iresnet.LipSwish(), iresnet.spectral_norm(nn.Linear(8, 2), coeff)
+    )
+    with pytest.raises(ValueError, match="Lip\\(g\\) < 1"):
+        iresnet.ResidualBlock(g)
+    with pytest.raises(ValueError, match="Lip\\(g\\) < 1"):
+        toy_flow(2, blocks=1, hidden=8, coeff=coeff)
+    iresnet.ResidualBlock(nn.Sequential(iresnet.spectral_norm(nn.Linear(2, 2), 0.99)))  # just below 1 is a flow

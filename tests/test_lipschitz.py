@@ -326,3 +326,59 @@ def test_power_iteration_ignores_autocast():
         estimates.append(p.sigma(conv.parametrizations.weight.original).item())
     assert estimates[1] == estimates[0]
     assert estimates[0] == pytest.approx(iresnet.operator_norm_bound(conv, (4, 6, 6)), rel=5e-3)
+
+
+def _true_conv_norm(conv: nn.Conv2d, input_shape: tuple[int, ...]) -> float:
+    """The operator norm of the layer as it runs (padding mode included), bias removed."""
+    n = torch.Size(input_shape).numel()
+    basis = torch.eye(n, dtype=torch.float64).view(n, *input_shape)
+    with torch.no_grad():
+        columns = conv(basis) - conv(torch.zeros_like(basis[:1]))
+    return torch.linalg.matrix_norm(columns.reshape(n, -1), ord=2).item()
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular", "reflect", "replicate"])
+@pytest.mark.parametrize("size", [6, 24])  # 6: the exact SVD; 24: the bound for large operators
+def test_bound_follows_the_padding_mode(mode, size):
+    """The audit: lipschitz_bound certified 1.098 for a conv whose true norm was 1.18 (circular),
+    1.40 (reflect) or 1.25 (replicate), because it ignored padding_mode."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode=mode).double()
+    with torch.no_grad():
+        conv.weight.abs_()  # positive kernels: the copied border entries add up
+    shape = (2, size, size)
+    truth = _true_conv_norm(conv, shape)
+    bound = iresnet.lipschitz_bound(conv, shape)
+    assert bound >= truth * (1 - 1e-9)
+    if size == 6:
+        assert bound == pytest.approx(truth, rel=1e-9)
+
+
+def test_bound_refuses_a_sequential_with_its_own_forward():
+    """The audit: a Sequential subclass that doubled its output was certified at 0.6 (truth 1.2)."""
+
+    class Doubled(nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    g = Doubled(iresnet.spectral_norm(nn.Linear(3, 3), coeff=0.6))
+    with pytest.raises(TypeError, match="Sequential subclass with its own forward"):
+        iresnet.lipschitz_bound(g, (3,))
+    assert iresnet.lipschitz.design_bound(g) is None
+
+
+def test_bound_refuses_a_module_with_a_forward_hook():
+    layer = nn.Linear(3, 3)
+    layer.register_forward_hook(lambda module, args, out: 10 * out)
+    with pytest.raises(TypeError, match="forward hooks"):
+        iresnet.lipschitz_bound(nn.Sequential(layer, nn.ReLU()), (3,))
+
+
+def test_design_bound_is_the_product_of_coefficients_and_activation_constants():
+    g = nn.Sequential(
+        iresnet.spectral_norm(nn.Linear(2, 4), coeff=0.9),
+        nn.ELU(alpha=1.5),
+        iresnet.spectral_norm(nn.Linear(4, 2), coeff=0.5),
+    )
+    assert iresnet.lipschitz.design_bound(g) == pytest.approx(0.9 * 1.5 * 0.5)
+    assert iresnet.lipschitz.design_bound(nn.Sequential(nn.Linear(2, 2))) is None  # not normalised: no promise

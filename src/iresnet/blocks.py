@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 from .compiled import compiled_iteration
 from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
 from .jacobian import linearization_refusal, linearize
-from .lipschitz import frozen_power_iteration
+from .lipschitz import design_bound, frozen_power_iteration
 from .logdet import LogDetEstimator, make_estimator
 from .validation import check_input
 
@@ -49,7 +49,11 @@ class ResidualBlock(nn.Module):
 
     Arguments:
         g: the residual branch, Lipschitz below 1 (see :func:`~iresnet.spectral_norm`); it must
-            act on each sample independently and keep the shape.
+            act on each sample independently and keep the shape. A chain of spectral-normalised
+            layers whose coefficients allow :math:`\mathrm{Lip}(g) \ge 1`
+            (:func:`~iresnet.lipschitz.design_bound`) is refused with ``ValueError``: nothing can
+            check an arbitrary ``g``, and for one that is not contractive the inverse and the
+            log-det series are wrong.
         logdet: ``"exact"``, ``"series"``, ``"roulette"``, a mapping of a name and options
             (``{"name": "series", "n_terms": 10}``), an estimator from :mod:`iresnet.logdet`, or
             ``None`` (no log-det, for classifiers).
@@ -106,6 +110,13 @@ class ResidualBlock(nn.Module):
             raise ValueError(f"inverse_method must be 'fixed_point' or 'anderson', got {inverse_method!r}")
         if jacobian not in ("auto", "explicit", "autograd"):
             raise ValueError(f"jacobian must be 'auto', 'explicit' or 'autograd', got {jacobian!r}")
+        promised = design_bound(g)
+        if promised is not None and promised >= 1:
+            raise ValueError(
+                f"the branch's coefficients allow Lip(g) up to {promised:.4g}, and a residual block is invertible "
+                "(its log-det series convergent) only for Lip(g) < 1: choose spectral-norm coefficients whose "
+                "product with the activations' Lipschitz constants is below 1"
+            )
         self.g = g
         self.logdet = make_estimator(logdet)
         self.inverse_method = inverse_method
