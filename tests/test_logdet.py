@@ -270,3 +270,32 @@ def test_make_estimator_from_a_mapping() -> None:
         make_estimator({"n_terms": 3})
     with pytest.raises(TypeError):
         make_estimator({"name": "series", "terms": 3})
+
+
+@pytest.mark.parametrize("jacobian", ["explicit", "autograd"])
+@pytest.mark.parametrize("logdet", ["exact", "series", "roulette"])
+def test_empty_batch_gives_an_empty_logdet(jacobian, logdet, device):
+    """The audit: an empty batch through Exact raised IndexError."""
+    torch.manual_seed(0)
+    block = iresnet.ResidualBlock(dense_branch(2, 8, 0.9).to(device), logdet, jacobian=jacobian)
+    x = torch.randn(0, 2, device=device, requires_grad=True)
+    y, logdet_value = block(x)
+    assert y.shape == (0, 2) and logdet_value.shape == (0,)
+    logdet_value.sum().backward()  # differentiable, with nothing to add
+
+
+@pytest.mark.parametrize("jacobian", ["explicit", "autograd"])
+def test_poisson_roulette_without_exact_terms_stays_in_the_graph(jacobian, device):
+    """The audit: Roulette(0, "poisson") draws no term with probability exp(-2) and returned zeros
+    without a graph, so backward() through a loss of it alone raised."""
+    torch.manual_seed(0)
+    estimator = iresnet.logdet.Roulette(0, "poisson")
+    block = iresnet.ResidualBlock(dense_branch(2, 8, 0.9).to(device), estimator, jacobian=jacobian)
+    empty_draws = 0
+    for _ in range(40):
+        x = torch.randn(4, 2, device=device, requires_grad=True)
+        _, logdet_value = block(x)
+        assert logdet_value.requires_grad
+        logdet_value.sum().backward()
+        empty_draws += bool((logdet_value == 0).all())
+    assert empty_draws > 0  # the case was met (P = exp(-2) per call)

@@ -75,11 +75,14 @@ class Exact(LogDetEstimator):
     evaluation."""
 
     def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
+        if x.shape[0] == 0:  # no samples: vmap has nothing to map over
+            return _in_graph(x.new_zeros(0), gx) if differentiable else x.new_zeros(0)
+
         def g_single(sample: Tensor) -> Tensor:
             return g(sample.unsqueeze(0)).squeeze(0)
 
         jacobian = vmap(jacrev(g_single))(x if differentiable else x.detach())
-        d = x[0].numel()
+        d = x.shape[1:].numel()
         jacobian = jacobian.reshape(x.shape[0], d, d)
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         return torch.linalg.slogdet(eye + jacobian).logabsdet
@@ -88,7 +91,7 @@ class Exact(LogDetEstimator):
 
     def from_products(self, products: Linearization, x: Tensor, differentiable: bool, draws: Any) -> Tensor:
         """The Jacobian column by column, :math:`J e_i` by ``d`` tangent passes, then ``slogdet``."""
-        d = x[0].numel()
+        d = x.shape[1:].numel()
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         with torch.set_grad_enabled(differentiable):
             columns = [products.jvp(e.view(1, *x.shape[1:]).expand_as(x)).flatten(1) for e in eye]
@@ -106,7 +109,7 @@ def _probes(x: Tensor, kind: str) -> Iterator[Tensor]:
     elif kind == "rademacher":
         yield torch.randint_like(x, 2).mul_(2).sub_(1)
     else:
-        for i in range(x[0].numel()):
+        for i in range(x.shape[1:].numel()):
             v = torch.zeros_like(x).flatten(1)
             v[:, i] = 1
             yield v.view_as(x)
@@ -201,7 +204,7 @@ class _Series(LogDetEstimator):
                     surrogate = surrogate + products.surrogate_gradient(neumann_vector, v)
         value = value / self.n_samples
         if not neumann:
-            return value if differentiable else value.detach()
+            return _in_graph(value, products.output) if differentiable else value.detach()
         return value.detach() + surrogate / self.n_samples
 
     def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
@@ -226,11 +229,19 @@ class _Series(LogDetEstimator):
                     surrogate = surrogate + _per_sample_dot(jt_w, v)
         value = value / self.n_samples
         if not neumann:
-            return value if differentiable else value.detach()
+            return _in_graph(value, gx) if differentiable else value.detach()
         inputs = ([x] if x.requires_grad else []) + params
         grads = torch.autograd.grad(surrogate.sum() / self.n_samples, inputs, retain_graph=True, allow_unused=True)
         grads = list(grads) if x.requires_grad else [None, *grads]
         return _StoredGradient.apply(value.detach(), grads, x, *params)
+
+
+def _in_graph(value: Tensor, gx: Tensor) -> Tensor:
+    """``value``, joined to the branch's graph with a zero gradient where no term was drawn (a
+    Poisson tail of length 0 without exact terms): a log-det that ``backward`` can pass through."""
+    if value.grad_fn is not None or not gx.requires_grad:
+        return value
+    return value + 0 * gx.flatten(1).sum(1)
 
 
 def _host_series(
