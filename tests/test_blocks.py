@@ -342,3 +342,52 @@ def test_block_refuses_a_branch_allowed_to_expand(coeff):
     with pytest.raises(ValueError, match="Lip\\(g\\) < 1"):
         toy_flow(2, blocks=1, hidden=8, coeff=coeff)
     iresnet.ResidualBlock(nn.Sequential(iresnet.spectral_norm(nn.Linear(2, 2), 0.99)))  # just below 1 is a flow
+
+
+def test_actnorm_initialises_exactly_far_from_the_origin(device):
+    """The audit: a one-pass float32 variance gave an output std of 0.12 instead of 1 for data with
+    mean 100 and std 0.01. Here mean 1000 and std 0.1: x^2 / var = 1e8, beyond float32's digits."""
+    torch.manual_seed(0)
+    norm = iresnet.ActNorm(3).to(device)
+    x = 1000 + 0.1 * torch.randn(4096, 3, device=device)
+    y, _ = norm(x)
+    assert torch.allclose(
+        y.double().std(0, unbiased=False), torch.ones(3, dtype=torch.float64, device=device), atol=2e-3
+    )
+    assert y.double().mean(0).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_actnorm_refuses_to_initialise_from_too_few_samples(device, batch):
+    """The audit: an empty first batch left a NaN bias; one sample scaled by 1000 (1 / sqrt(eps))."""
+    norm = iresnet.ActNorm(2).to(device)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        norm(torch.randn(batch, 2, device=device))
+    assert not bool(norm.initialized)
+    y, _ = norm(torch.randn(8, 2, device=device))  # the module still works once given a batch
+    assert torch.isfinite(norm.bias).all() and torch.isfinite(y).all()
+
+
+def test_actnorm_keeps_the_scale_of_a_constant_channel(device):
+    norm = iresnet.ActNorm(2).double().to(device)
+    x = torch.randn(16, 2, dtype=torch.float64, device=device)
+    x[:, 1] = 5.0
+    y, _ = norm(x)
+    assert norm.log_scale[1].item() == 0.0
+    torch.testing.assert_close(y[:, 1], torch.zeros(16, dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (3, 2, 3), (3, 1, 4, 4)])
+def test_fresh_dense_block_names_a_wrong_shape(shape, device):
+    """The audit: a fresh block passed torch's 'mat1 and mat2 shapes cannot be multiplied' on."""
+    block = iresnet.ResidualBlock(dense_branch(2, 8, 0.9).to(device))
+    with pytest.raises(ValueError, match="does not fit the branch"):
+        block(torch.randn(*shape, device=device))
+    assert block.event_shape is None  # nothing learned from the refused input
+    block(torch.randn(3, 2, device=device))
+
+
+def test_fresh_conv_block_names_a_wrong_channel_count(device):
+    block = iresnet.ResidualBlock(conv_branch(3, 8, 0.9).to(device))
+    with pytest.raises(ValueError, match="first Conv2d takes \\(batch, 3, H, W\\)"):
+        block(torch.randn(2, 4, 6, 6, device=device))

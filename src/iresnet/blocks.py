@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .activations import LipSwish
 from .compiled import compiled_iteration
 from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
 from .jacobian import linearization_refusal, linearize
@@ -34,6 +35,27 @@ def _cache_parametrizations(module: nn.Module) -> None:
         if parametrize.is_parametrized(m):
             for name in m.parametrizations:
                 getattr(m, name)
+
+
+def _first_layer_mismatch(g: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why one input of ``shape`` cannot enter the branch's first ``Linear`` or ``Conv2d`` (read
+    through a plain ``nn.Sequential``, elementwise activations and ``Flatten``), or ``None``."""
+    flattened = False
+    for layer in g if type(g) is nn.Sequential else (g,):
+        if isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1:
+            flattened = True
+        elif isinstance(layer, nn.Linear):
+            size = torch.Size(shape).numel() if flattened else shape[-1]
+            if size != layer.in_features:
+                return f"its first Linear takes {layer.in_features} features, the input gives {size}"
+            return None
+        elif isinstance(layer, nn.Conv2d):
+            if flattened or len(shape) != 3 or shape[0] != layer.in_channels:
+                return f"its first Conv2d takes (batch, {layer.in_channels}, H, W)"
+            return None
+        elif not isinstance(layer, (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity, LipSwish)):
+            return None  # a layer whose input it cannot read: the branch itself will tell
+    return None
 
 
 class ResidualBlock(nn.Module):
@@ -154,6 +176,9 @@ class ResidualBlock(nn.Module):
     def _check(self, x: Tensor, name: str) -> None:
         check_input(x, name, self.event_shape, _parameter_dtype(self.g))
         if self.event_shape is None:
+            mismatch = _first_layer_mismatch(self.g, tuple(x.shape[1:]))
+            if mismatch is not None:
+                raise ValueError(f"{name}: shape {tuple(x.shape)} does not fit the branch: {mismatch}")
             self.event_shape = tuple(x.shape[1:])
 
     def _branch(self, x: Tensor) -> Tensor:
@@ -251,7 +276,10 @@ class ResidualBlock(nn.Module):
 class ActNorm(nn.Module):
     r"""Per-channel affine map :math:`y = (x + b) \odot e^{s}` on dimension 1, initialised from
     the first training batch to zero mean and unit variance per channel (across processes
-    under ``torch.distributed``). :math:`\log|\det| = (\prod_{i \ge 2} n_i) \sum_c s_c`.
+    under ``torch.distributed``): :math:`b = -\mu`, :math:`s = -\frac12 \log(\sigma^2 + \epsilon)`,
+    the statistics by two passes in float64; a channel constant in that batch keeps
+    :math:`s = 0`. A first batch with fewer than two values per channel raises ``ValueError``.
+    :math:`\log|\det| = (\prod_{i \ge 2} n_i) \sum_c s_c`.
 
     References:
         Kingma, Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
@@ -279,16 +307,29 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def _initialise(self, x: Tensor) -> None:
+        """Zero mean and unit variance per channel, by two passes in float64 (a one-pass float32
+        variance loses every digit for data with mean 100 and std 0.01). A channel without
+        variance in the batch is centred and keeps its scale."""
         dims = [0, *range(2, x.dim())]
-        stats = torch.stack([x.sum(dims), x.pow(2).sum(dims)])
-        count = torch.tensor(float(x.numel() // self.num_features), dtype=x.dtype, device=x.device)
+        count = torch.tensor(float(x.numel() // self.num_features), dtype=torch.float64, device=x.device)
+        total = x.double().sum(dims)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stats)
             dist.all_reduce(count)
-        mean = stats[0] / count
-        var = (stats[1] / count - mean.pow(2)).clamp_min(0)
+            dist.all_reduce(total)
+        if count < 2:
+            raise ValueError(
+                f"ActNorm initialises from its first training batch, which holds {int(count)} value(s) per channel: "
+                "pass a batch of at least 2 samples (or call iresnet.initialize_from_data with one)"
+            )
+        mean = total / count
+        squares = (x.double() - self._broadcast(mean, x)).pow(2).sum(dims)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(squares)
+        variance = squares / count
+        constant = variance <= (1e-12 * mean.abs().clamp_min(1.0)) ** 2
+        log_scale = torch.where(constant, 0.0, -0.5 * torch.log(variance + self.eps))
         self.bias.copy_(-mean)
-        self.log_scale.copy_(-0.5 * torch.log(var + self.eps))
+        self.log_scale.copy_(log_scale)
         self.initialized.fill_(True)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
