@@ -515,6 +515,8 @@ def design_bound(g: nn.Module) -> float | None:
         layers = list(_chain(g))
     except TypeError:
         return None
+    if not any(isinstance(layer, (nn.Linear, nn.Conv2d)) for layer in layers):
+        return None  # no weight, no coefficient: nothing was promised
     for layer in layers:
         norms = [p for _, p in _spectral_norms(layer)]
         if isinstance(layer, (nn.Linear, nn.Conv2d)):

@@ -192,17 +192,20 @@ class _Series(LogDetEstimator):
         neumann = self.memory_efficient and differentiable
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
+        watched = products if differentiable else _ExpansionWatch(products)
         for weights in draws:
             for v in _probes(x, self.probe):
                 with torch.set_grad_enabled(differentiable and not neumann):
                     if isinstance(weights, Tensor):  # a tail length drawn on the device
                         series, neumann_vector = self.device_series(products, v, neumann, weights)
                     else:
-                        series, neumann_vector = _host_series(products, v, weights, neumann)
+                        series, neumann_vector = _host_series(watched, v, weights, neumann)
                     value = value + _per_sample_dot(series, v)
                 if neumann:
                     surrogate = surrogate + products.surrogate_gradient(neumann_vector, v)
         value = value / self.n_samples
+        if not differentiable:
+            watched.check()
         if not neumann:
             return _in_graph(value, products.output) if differentiable else value.detach()
         return value.detach() + surrogate / self.n_samples
@@ -213,6 +216,7 @@ class _Series(LogDetEstimator):
         create_graph = differentiable and not neumann
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
+        expansion = _ExpansionWatch()
         for _ in range(self.n_samples):
             weights = self.term_weights()
             for v in _probes(x, self.probe):
@@ -222,18 +226,55 @@ class _Series(LogDetEstimator):
                     sign = 1.0 if k % 2 else -1.0
                     if neumann:
                         neumann_vector += sign * weight * vjp
+                    previous = vjp
                     (vjp,) = torch.autograd.grad(gx, x, vjp, create_graph=create_graph, retain_graph=True)
+                    if not differentiable:
+                        expansion.observe(previous, vjp)
                     value = value + sign * weight / k * _per_sample_dot(vjp, v)
                 if neumann:
                     (jt_w,) = torch.autograd.grad(gx, x, neumann_vector, create_graph=True, retain_graph=True)
                     surrogate = surrogate + _per_sample_dot(jt_w, v)
         value = value / self.n_samples
+        if not differentiable:
+            expansion.check()
         if not neumann:
             return _in_graph(value, gx) if differentiable else value.detach()
         inputs = ([x] if x.requires_grad else []) + params
         grads = torch.autograd.grad(surrogate.sum() / self.n_samples, inputs, retain_graph=True, allow_unused=True)
         grads = list(grads) if x.requires_grad else [None, *grads]
         return _StoredGradient.apply(value.detach(), grads, x, *params)
+
+
+class _ExpansionWatch:
+    r"""Watches the series' products :math:`u_k = J^\top u_{k-1}` for proof that ``g`` is not
+    contractive: :math:`\|u_k\| / \|u_{k-1}\| \le \|J_g(x)\| \le \mathrm{Lip}(g)`, so a ratio
+    above 1 shows :math:`\mathrm{Lip}(g) > 1`, where the series diverges or means nothing.
+    :meth:`check` raises then. Wraps ``products`` (for :func:`_host_series`) or is fed pairs."""
+
+    def __init__(self, products: Linearization | None = None) -> None:
+        self.products = products
+        self.largest: Tensor | None = None
+
+    def vjp(self, u: Tensor) -> Tensor:
+        out = self.products.vjp(u)
+        self.observe(u, out)
+        return out
+
+    def observe(self, before: Tensor, after: Tensor) -> None:
+        ratio = after.flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1).clamp_min(1e-30)
+        self.largest = ratio if self.largest is None else torch.maximum(self.largest, ratio)
+
+    def check(self) -> None:
+        if self.largest is None or torch.compiler.is_compiling():
+            return
+        expanding = self.largest > 1 + 1e-4  # above float rounding; a contractive g stays <= Lip(g) < 1
+        if expanding.any():
+            raise ValueError(
+                f"the residual branch is not contractive at {int(expanding.sum())} of {len(expanding)} samples: "
+                f"J_g^T stretched a vector by {self.largest.max().item():.4g} > 1, so Lip(g) > 1 and the log-det "
+                "series diverges there. Converge the spectral norms (iresnet.converge_spectral_norms) or use "
+                "coefficients below 1"
+            )
 
 
 def _in_graph(value: Tensor, gx: Tensor) -> Tensor:
