@@ -391,3 +391,26 @@ def test_fresh_conv_block_names_a_wrong_channel_count(device):
     block = iresnet.ResidualBlock(conv_branch(3, 8, 0.9).to(device))
     with pytest.raises(ValueError, match="first Conv2d takes \\(batch, 3, H, W\\)"):
         block(torch.randn(2, 4, 6, 6, device=device))
+
+
+def test_anderson_warns_when_the_iterates_prove_g_expanding(device):
+    """The audit: Anderson returned a root for a non-contractive g without a word."""
+    g = nn.Linear(3, 3, bias=False).double().to(device)
+    with torch.no_grad():
+        g.weight.copy_(-1.5 * torch.eye(3, dtype=torch.float64))  # Lip(g) = 1.5; x + g(x) = -x / 2
+    y = torch.randn(4, 3, dtype=torch.float64, device=device)
+    with pytest.warns(RuntimeWarning, match="stretched the distance between two iterates by 1.5"):
+        x, _ = iresnet.solve_fixed_point(g, y, "anderson")
+    torch.testing.assert_close(x, -2 * y)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+def test_inverse_of_a_contraction_does_not_warn(method, device):
+    import warnings
+
+    torch.manual_seed(0)
+    g = dense_branch(3, 16, 0.99, depth=1).double().to(device)
+    y = 5 * torch.randn(64, 3, dtype=torch.float64, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iresnet.solve_fixed_point(g, y, method)

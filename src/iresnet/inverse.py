@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -100,11 +101,13 @@ def solve_fixed_point(
     worst = y.new_full((batch,), float("inf"))
     step_of = iteration or partial(iteration_step, g, atol=atol, rtol=rtol)
     evaluations = sample_evaluations = iteration = 0
+    stretch = _StretchWatch(batch, atol, rtol)
     while index.numel() and iteration < max_iter:
         iteration += 1
         fx, worst, converged = step_of(x, target)
         evaluations += 1
         sample_evaluations += index.numel()
+        stretch.observe(index, x, fx)
         if not torch.isfinite(worst).all():
             raise InversionError(
                 f"fixed-point inversion ({method}) diverged for "
@@ -119,6 +122,7 @@ def solve_fixed_point(
             keep = (~converged).nonzero().squeeze(1)
             index, x, fx, target, worst = (t.index_select(0, keep) for t in (index, x, fx, target, worst))
             solver.keep(keep)
+            stretch.keep(keep)
         if index.numel():
             x = solver.next_iterate(x, fx)
     if index.numel():
@@ -129,10 +133,53 @@ def solve_fixed_point(
             f"{' ...' if index.numel() > 5 else ''} against atol={atol:g}, rtol={rtol:g}. "
             "Lip(g) may be >= 1 (call iresnet.converge_spectral_norms first) or max_iter too low."
         )
+    stretch.warn(method)
     report = InversionReport(
         method, iteration, evaluations, sample_evaluations, residual.max().item() if batch else 0.0
     )
     return solution, report
+
+
+class _StretchWatch:
+    r"""Proof from the iterates that ``g`` is not a contraction: with :math:`f(x) = y - g(x)`,
+    :math:`\|f(x_k) - f(x_j)\| / \|x_k - x_j\| \le \mathrm{Lip}(g)` for any two iterates of a
+    sample. The last two are compared, where they differ by more than rounding could explain
+    (a hundred times the stopping tolerance). A root found for a ``g`` that stretches may be one
+    of several preimages: the solver then warns."""
+
+    def __init__(self, batch: int, atol: float, rtol: float) -> None:
+        self.atol, self.rtol = atol, rtol
+        self.previous: tuple[Tensor, Tensor] | None = None
+        self.largest = 0.0
+        self.samples: set[int] = set()
+
+    def observe(self, index: Tensor, x: Tensor, fx: Tensor) -> None:
+        if self.previous is not None and not torch.compiler.is_compiling():
+            before_x, before_fx = self.previous
+            dx = (x - before_x).flatten(1)
+            tolerance = 100 * (self.atol + self.rtol * x.flatten(1).abs())
+            apart = (dx.abs() > tolerance).any(1)
+            ratio = (fx - before_fx).flatten(1).norm(dim=1) / dx.norm(dim=1).clamp_min(1e-300)
+            stretched = apart & (ratio > 1 + 1e-3)  # above rounding in g
+            if stretched.any():
+                self.largest = max(self.largest, ratio[stretched].max().item())
+                self.samples.update(index[stretched].tolist())
+        self.previous = (x, fx)
+
+    def keep(self, rows: Tensor) -> None:
+        if self.previous is not None:
+            self.previous = tuple(t.index_select(0, rows) for t in self.previous)
+
+    def warn(self, method: str) -> None:
+        if self.samples:
+            warnings.warn(
+                f"the {method} inversion converged, but g stretched the distance between two iterates by "
+                f"{self.largest:.4g} > 1 for {len(self.samples)} sample(s): g is not a contraction there, so the "
+                "preimage found may not be the only one. Converge the spectral norms "
+                "(iresnet.converge_spectral_norms) or use coefficients below 1",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def iteration_step(
