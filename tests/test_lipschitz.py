@@ -382,3 +382,25 @@ def test_design_bound_is_the_product_of_coefficients_and_activation_constants():
     )
     assert iresnet.lipschitz.design_bound(g) == pytest.approx(0.9 * 1.5 * 0.5)
     assert iresnet.lipschitz.design_bound(nn.Sequential(nn.Linear(2, 2))) is None  # not normalised: no promise
+
+
+def test_eval_mode_model_certifies_and_samples_after_weights_moved_without_converging(device):
+    """The audit: an eval-mode block with stale vectors certified Lip(g) = 16, and
+    DensityModel.sample did not converge the norms first."""
+    from iresnet.models import toy_flow
+
+    torch.manual_seed(0)
+    model = toy_flow(2, blocks=2, hidden=16, coeff=0.9).double().to(device)
+    model(torch.randn(64, 2, dtype=torch.float64, device=device))  # ActNorm's initialisation
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("original"):
+                p.mul_(20).add_(torch.randn_like(p))  # far from where the vectors converged
+    for block in model.transform:
+        if isinstance(block, iresnet.ResidualBlock):
+            assert iresnet.lipschitz_bound(block.g, (2,)) <= 0.9**3
+    x = model.sample(32)
+    z, _ = model.transform(x)
+    assert torch.isfinite(x).all()
+    torch.testing.assert_close(model.transform.inverse(z), x)
