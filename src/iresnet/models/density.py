@@ -97,7 +97,8 @@ class DensityModel(nn.Module):
     def sample(self, n: int, labels: Tensor | None = None) -> Tensor:
         r"""``n`` draws by inverting the transform (in eval mode, where every spectral norm is
         converged for its weights before use; in training mode the inverse is that of the
-        training-mode function as it stands); with ``labels`` (``n`` classes, for a class-conditional prior), draws of :math:`p(x \mid y)`."""
+        training-mode function as it stands); with ``labels`` (``n`` classes, for a
+        class-conditional prior), draws of :math:`p(x \mid y)`."""
         if labels is None:
             return self.flow().sample((n,))
         if self.class_means is None:
