@@ -117,3 +117,32 @@ def test_presets_build(name: str) -> None:
 def test_bad_model_option_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="hidden"):
         build_density_model("8gaussians", {"hiden": 3})
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(PRESETS) if PRESETS[n]["data"] in ("mnist", "cifar10")])
+def test_paper_presets_count_epochs_one_way(name: str) -> None:
+    """The audit: steps per epoch were 390 in one preset and 391 in another for the same data and
+    batch. Every schedule is now whole epochs of ceil(N / B) steps."""
+    from iresnet.models.presets import steps_per_epoch
+
+    preset = PRESETS[name]
+    epoch = steps_per_epoch(preset["data"], preset["batch_size"])
+    assert epoch == -(-{"mnist": 60_000, "cifar10": 50_000}[preset["data"]] // preset["batch_size"])
+    for key in ("steps", "eval_every", "checkpoint_every"):  # Residual Flows warms up for 1,000 steps, not epochs
+        assert preset[key] % epoch == 0, key
+    assert all(m % epoch == 0 for m in preset.get("lr_milestones", []))
+
+
+def test_squeeze_then_split_keeps_what_split_then_squeeze_keeps() -> None:
+    """The audit: ours squeezes then splits, the i-ResNet code splits then squeezes. Both keep the
+    squeeze of the first C/2 channels and factor out the other half's values, permuted."""
+    from iresnet.blocks import Squeeze
+
+    squeeze = Squeeze()
+    x = torch.randn(3, 6, 4, 4)
+    squeezed, _ = squeeze(x)
+    kept_ours, out_ours = squeezed[:, :12], squeezed[:, 12:]
+    kept_theirs, _ = squeeze(x[:, :3])
+    torch.testing.assert_close(kept_ours, kept_theirs, rtol=0, atol=0)
+    out_theirs = x[:, 3:].flatten(1)
+    torch.testing.assert_close(out_ours.flatten(1).sort(1).values, out_theirs.sort(1).values, rtol=0, atol=0)

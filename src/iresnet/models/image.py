@@ -42,6 +42,14 @@ class MultiScale(nn.Module):
         squeeze_first: squeeze before the first stage (a 1-channel image gets 4 channels).
         factor_out: factor half the channels out at each squeeze (else keep them all, as the
             Residual Flows image models do).
+
+    The order of squeeze and split: the i-ResNet code splits a stage's ``C`` channels in half,
+    factors one half out and squeezes the other; this squeezes all ``C`` first, then splits the
+    ``4C``. Squeezing keeps each channel's four sub-pixels together (output channel
+    ``4c + 2i + j``), so both keep the same values: the squeeze of the stage's first ``C/2``
+    channels. The factored-out half holds the same values in another order, a fixed
+    permutation of latent coordinates with log-det 0: the same densities, and under a learned
+    per-coordinate prior the same model class.
     """
 
     def __init__(

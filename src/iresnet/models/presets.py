@@ -8,13 +8,23 @@ configuration (then a config file, then command-line flags).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-__all__ = ["PRESETS"]
+__all__ = ["PRESETS", "steps_per_epoch"]
+
+_TRAINING_IMAGES = {"cifar10": 50_000, "mnist": 60_000}
 
 
-def _residual_flows(data: str, logit_alpha: float, steps_per_epoch: int) -> dict[str, Any]:
-    """The Residual Flows image density model and its training settings, for 350 epochs."""
+def steps_per_epoch(data: str, batch_size: int) -> int:
+    r"""Optimiser steps in one pass over a training set: :math:`\lceil N / B \rceil`, as a data
+    loader that keeps the last, smaller batch gives (the papers' code does)."""
+    return math.ceil(_TRAINING_IMAGES[data] / batch_size)
+
+
+def _residual_flows(data: str, logit_alpha: float) -> dict[str, Any]:
+    """The Residual Flows image density model and its training settings: 350 epochs at batch 64."""
+    epoch = steps_per_epoch(data, 64)
     model = {
         "scales": 3,
         "blocks": 16,
@@ -28,9 +38,12 @@ def _residual_flows(data: str, logit_alpha: float, steps_per_epoch: int) -> dict
         "fc_hidden": 128,
     }
     training = {"batch_size": 64, "lr": 1e-3, "warmup_steps": 1000, "grad_clip": 1.0, "ema_decay": 0.999}
-    schedule = {"steps": 350 * steps_per_epoch, "eval_every": 10 * steps_per_epoch, "checkpoint_every": steps_per_epoch}
+    schedule = {"steps": 350 * epoch, "eval_every": 10 * epoch, "checkpoint_every": epoch}
     return {"data": data, "model": model, **training, **schedule, "eval_size": 10_000}
 
+
+_CIFAR10_EPOCH = steps_per_epoch("cifar10", 128)  # 391
+_MNIST_EPOCH = steps_per_epoch("mnist", 128)  # 469
 
 _DIGITS_FLOW = {
     "scales": 2,
@@ -99,7 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # the i-ResNet classifier of Behrmann et al. (2019) on CIFAR-10: 13 zero channels padded, 3 stages of 13 blocks
     # (bottleneck widths of the released code's classify_cifar.sh), squeezes to 256 x 8 x 8; SGD 0.1, momentum 0.9,
-    # weight decay 5e-4, batch 128, 200 epochs of 390 steps, a 10-epoch warm-up, the rate x 0.2 after epochs 60, 120
+    # weight decay 5e-4, batch 128, 200 epochs of 391 steps, a 10-epoch warm-up, the rate x 0.2 after epochs 60, 120
     # and 160; crops and flips
     "cifar10-classifier-paper": {
         "task": "classify",
@@ -117,18 +130,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 0.1,
         "weight_decay": 5e-4,
         "batch_size": 128,
-        "steps": 200 * 390,
-        "warmup_steps": 10 * 390,
-        "lr_milestones": [60 * 390, 120 * 390, 160 * 390],
+        "steps": 200 * _CIFAR10_EPOCH,
+        "warmup_steps": 10 * _CIFAR10_EPOCH,
+        "lr_milestones": [60 * _CIFAR10_EPOCH, 120 * _CIFAR10_EPOCH, 160 * _CIFAR10_EPOCH],
         "lr_gamma": 0.2,
-        "eval_every": 10 * 390,
-        "checkpoint_every": 390,
+        "eval_every": 10 * _CIFAR10_EPOCH,
+        "checkpoint_every": _CIFAR10_EPOCH,
         "eval_size": 10_000,
     },
     # Residual Flows (Chen et al., 2019): README commands of rtqichen/residual-flows, train_img.py defaults;
     # 350 epochs at batch 64 (782 steps per CIFAR-10 epoch, 938 per MNIST epoch)
-    "cifar10-paper": _residual_flows("cifar10", logit_alpha=0.05, steps_per_epoch=782),
-    "mnist-paper": _residual_flows("mnist", logit_alpha=1e-6, steps_per_epoch=938),
+    "cifar10-paper": _residual_flows("cifar10", logit_alpha=0.05),
+    "mnist-paper": _residual_flows("mnist", logit_alpha=1e-6),
     # i-ResNet (Behrmann et al., 2019), appendix C: 3 scales of 32 blocks, ELU, c = 0.9, power series,
     # learned prior, Adamax 0.003, 200 epochs (batch 128: 391 steps per CIFAR-10 epoch, 469 per MNIST epoch)
     "cifar10-iresnet-paper": {
@@ -145,13 +158,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "squeeze_first": True,
             "learned_prior": True,
         },
-        "steps": 78_200,
+        "steps": 200 * _CIFAR10_EPOCH,
         "batch_size": 128,
         "lr": 3e-3,
         "optimizer": "adamax",
-        "warmup_steps": 391,
-        "eval_every": 3910,
-        "checkpoint_every": 391,
+        "warmup_steps": _CIFAR10_EPOCH,
+        "eval_every": 10 * _CIFAR10_EPOCH,
+        "checkpoint_every": _CIFAR10_EPOCH,
         "eval_size": 10_000,
     },
     "mnist-iresnet-paper": {
@@ -167,13 +180,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "logit_alpha": None,
             "learned_prior": True,
         },
-        "steps": 93_800,
+        "steps": 200 * _MNIST_EPOCH,
         "batch_size": 128,
         "lr": 3e-3,
         "optimizer": "adamax",
-        "warmup_steps": 469,
-        "eval_every": 4690,
-        "checkpoint_every": 469,
+        "warmup_steps": _MNIST_EPOCH,
+        "eval_every": 10 * _MNIST_EPOCH,
+        "checkpoint_every": _MNIST_EPOCH,
         "eval_size": 10_000,
     },
 }
