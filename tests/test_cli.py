@@ -143,6 +143,14 @@ def test_classifier_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "only density and hybrid models can be sampled" in capsys.readouterr().err
 
 
+def test_threads_flag(capsys: pytest.CaptureFixture) -> None:
+    from iresnet.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--threads", "2"]).threads == 2
+    assert run_cli("train", "--threads", "0") == 2
+    assert "must be at least 1" in capsys.readouterr().err
+
+
 def test_unknown_arguments_are_refused(capsys: pytest.CaptureFixture) -> None:
     assert run_cli("train", "--stepz", "3") == 2
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err

@@ -345,3 +345,29 @@ def test_settings_of_the_wrong_type_are_named() -> None:
 def test_too_few_labels_for_a_batch_is_a_message(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="labelled_fraction 0.01 keeps 16 labelled images, fewer than a batch of 32"):
         train(hybrid_config(tmp_path / "run", labelled_fraction=0.01), progress=False)
+
+
+def test_threads_sets_torchs_thread_count_while_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``threads`` (default 1) is torch's thread count during the steps, and is free on resume;
+    afterwards torch's count is what it was."""
+    from iresnet.train.engine import _Trainer
+
+    seen: list[int] = []
+    original = _Trainer.train_step
+
+    def spying(self, model):
+        seen.append(torch.get_num_threads())
+        return original(self, model)
+
+    monkeypatch.setattr(_Trainer, "train_step", spying)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        train(config(tmp_path / "run", steps=2), progress=False)
+        train(config(tmp_path / "run", steps=4, threads=2), resume=True, progress=False)
+        assert seen == [1, 1, 2, 2]
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be at least 1 or null, got 0"):
+        config(tmp_path / "run", threads=0)

@@ -58,6 +58,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    train.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="CPU threads for torch in each process (default 1)"
+    )
     train.add_argument("--out", help="the run directory (default runs/PRESET)")
     train.add_argument("--tensorboard", action="store_const", const=True, help="also write TensorBoard logs")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -123,6 +126,7 @@ def _train(args: argparse.Namespace) -> int:
         "labelled_fraction",
         "seed",
         "device",
+        "threads",
         "out",
         "tensorboard",
     )

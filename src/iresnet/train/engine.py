@@ -398,7 +398,7 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> None:
     """A resumed run may change how long it trains and how it logs, not what it trains. A setting
     that the checkpoint lacks (it came later) had its default value."""
     free = {"steps", "out", "checkpoint_every", "eval_every", "log_every", "tensorboard", "device", "download"}
-    free |= {"compile", "precision"}  # how the same step is computed
+    free |= {"compile", "precision", "threads"}  # how the same step is computed
     saved = {**TrainConfig(out=config.out).to_dict(), **saved}
     changed = [k for k, v in config.to_dict().items() if k not in free and saved.get(k) != v]
     if changed:
@@ -420,7 +420,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train the model ``config`` describes into ``config.out``; under ``torchrun``, with
-    ``DistributedDataParallel`` over the processes (each takes a share of every batch)."""
+    ``DistributedDataParallel`` over the processes (each takes a share of every batch). Torch's
+    CPU thread count is ``config.threads`` while it runs (then back to what it was)."""
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     procs = start_processes(config.device)
     try:
         if config.out is None:  # every process takes the main process's choice
@@ -443,6 +447,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation, procs.main)
     finally:
         procs.close()
+        torch.set_num_threads(threads)
 
 
 def _tensorboard(path: Path):
