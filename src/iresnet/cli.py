@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainingError, parse_override, resolve_config, train
+    from .train import RunInUseError, TrainingError, parse_override, resolve_config, train
 
     flags = (
         "task",
@@ -138,6 +138,9 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingError as error:
         print(f"iresnet: {error}", file=sys.stderr)
         return 1
+    except RunInUseError as error:
+        print(f"iresnet train: error: {error}", file=sys.stderr)
+        return 2
     if not result.main:
         return 130 if result.interrupted else 0
     if result.interrupted:

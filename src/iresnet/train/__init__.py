@@ -1,6 +1,6 @@
 """Training, evaluation and run directories."""
 
-from .checkpoint import RunFiles, load_run
+from .checkpoint import RunFiles, RunInUseError, load_run
 from .config import TrainConfig, parse_override, resolve_config
 from .engine import TrainingError, TrainResult, train
 from .evaluate import (
@@ -20,6 +20,7 @@ __all__ = [
     "Evaluation",
     "HybridEvaluation",
     "RunFiles",
+    "RunInUseError",
     "TrainConfig",
     "TrainResult",
     "TrainingError",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from torch import nn
 from ..models.build import build_model
 from .config import TrainConfig
 
-__all__ = ["RunFiles", "atomic_save", "save_weights", "load_run", "default_run_directory"]
+__all__ = ["RunFiles", "RunInUseError", "atomic_save", "save_weights", "load_run", "default_run_directory", "run_lock"]
 
 
 class RunFiles:
@@ -31,14 +33,58 @@ class RunFiles:
 
 
 def default_run_directory(preset: str, resume: bool, root: str | os.PathLike = "runs") -> Path:
-    """``runs/PRESET``, ``runs/PRESET-2``, ``-3``, ...: the first that does not exist for a new run,
-    the one before it to ``resume``, so that no run overwrites another."""
-    previous, index = None, 1
+    """``runs/PRESET``, ``runs/PRESET-2``, ``-3``, ...: for a new run the first that does not exist,
+    created here (by ``mkdir``, which fails for all but one of several processes that try the same
+    name at once: the others take the next), so that no run overwrites another; to ``resume``, the
+    last that exists (or ``runs/PRESET`` where none does)."""
+
+    def path(index: int) -> Path:
+        return Path(root) / (preset if index == 1 else f"{preset}-{index}")
+
+    index = 1
+    if resume:
+        while path(index + 1).exists():
+            index += 1
+        return path(index)
     while True:
-        path = Path(root) / (preset if index == 1 else f"{preset}-{index}")
-        if not path.exists():
-            return previous if resume and previous is not None else path
-        previous, index = path, index + 1
+        try:
+            path(index).mkdir(parents=True)
+            return path(index)
+        except FileExistsError:
+            index += 1
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+@contextmanager
+def run_lock(root: str | os.PathLike) -> Iterator[None]:
+    """Hold ``ROOT/.lock`` exclusively (``flock``, without waiting) while the block runs: a second
+    process that trains in the same directory gets :class:`RunInUseError` instead of mixing its
+    records and checkpoints with the first's. The operating system releases the lock when the
+    process ends, however it ends. (Where ``fcntl`` is missing, on Windows, nothing is locked.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(root) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise RunInUseError(
+                f"{root} is being trained by another process (pid {holder}): wait for it to end, or stop it, "
+                "or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _replace_atomically(path: Path, write) -> None:

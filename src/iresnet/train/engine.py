@@ -25,7 +25,15 @@ from ..blocks import initialize_from_data
 from ..compiled import memory_lean
 from ..data.preprocess import bits_per_dim
 from ..models.build import build_model
-from .checkpoint import RunFiles, atomic_save, default_run_directory, save_config, save_weights
+from .checkpoint import (
+    RunFiles,
+    RunInUseError,
+    atomic_save,
+    default_run_directory,
+    run_lock,
+    save_config,
+    save_weights,
+)
 from .config import TrainConfig
 from .distributed import Processes, start_processes
 from .ema import ExponentialMovingAverage
@@ -427,27 +435,68 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         torch.set_num_threads(config.threads)
     procs = start_processes(config.device)
     try:
+        created = False  # whether this process made the run directory (then it removes it if setup fails)
         if config.out is None:  # every process takes the main process's choice
             chosen = default_run_directory(config.preset, resume) if procs.main else None
             config = dataclasses.replace(config, out=str(procs.gather(chosen)[0]))
-        trainer = _Trainer(config, procs, progress)
-        trainer.restore(resume)
-        if procs.main:
-            parameters = sum(p.numel() for p in trainer.model.parameters())
-            resuming = f", resuming at step {trainer.step}" if trainer.step else ""
-            print(f"{config.preset} preset on {config.data}: {parameters:,} parameters; run {config.out}{resuming}")
-            trainer.files.root.mkdir(parents=True, exist_ok=True)
-            save_config(config, trainer.files.config)
-            if config.tensorboard:
-                trainer.writer = _tensorboard(trainer.files.root / "tensorboard")
-        with _StopRequests().installed() as stop:
-            interrupted = trainer.loop(stop)
-        if not interrupted:
-            trainer.finish()
-        return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation, procs.main)
+            created = not resume
+        with contextlib.ExitStack() as held:
+            if procs.main:
+                created = _make_directory(Path(config.out)) or created
+            _hold(Path(config.out), procs, held)
+            try:
+                trainer = _Trainer(config, procs, progress)
+                trainer.restore(resume)
+            except BaseException:
+                if created and procs.main:
+                    _remove_if_empty(Path(config.out))
+                raise
+            if procs.main:
+                parameters = sum(p.numel() for p in trainer.model.parameters())
+                resuming = f", resuming at step {trainer.step}" if trainer.step else ""
+                print(f"{config.preset} preset on {config.data}: {parameters:,} parameters; run {config.out}{resuming}")
+                save_config(config, trainer.files.config)
+                if config.tensorboard:
+                    trainer.writer = _tensorboard(trainer.files.root / "tensorboard")
+            with _StopRequests().installed() as stop:
+                interrupted = trainer.loop(stop)
+            if not interrupted:
+                trainer.finish()
+            return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation, procs.main)
     finally:
         procs.close()
         torch.set_num_threads(threads)
+
+
+def _make_directory(root: Path) -> bool:
+    """Create ``root`` (and its parents); whether this call created it."""
+    try:
+        root.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
+
+
+def _hold(root: Path, procs: Processes, held: contextlib.ExitStack) -> None:
+    """The main process locks the run directory until ``held`` closes; every process raises
+    :class:`RunInUseError` if another run holds it."""
+    refused = None
+    if procs.main:
+        try:
+            held.enter_context(run_lock(root))
+        except RunInUseError as error:
+            refused = str(error)
+    refused = procs.gather(refused)[0]
+    if refused is not None:
+        raise RunInUseError(refused)
+
+
+def _remove_if_empty(root: Path) -> None:
+    """Remove a run directory this process created when the run failed before writing anything."""
+    with contextlib.suppress(OSError):  # never in the way of the error that ended the run
+        if {p.name for p in root.iterdir()} <= {".lock"}:
+            (root / ".lock").unlink(missing_ok=True)
+            root.rmdir()
 
 
 def _tensorboard(path: Path):

@@ -1,0 +1,107 @@
+"""Runs that meet the world: two at once, kills, signals, full disks and damaged files. Most
+tests start ``iresnet train`` as a process of its own and act on it from outside."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import iresnet
+from iresnet.train import resolve_config, train
+from iresnet.train.checkpoint import default_run_directory
+
+SOURCE = str(Path(iresnet.__file__).resolve().parents[1])  # this checkout's, also from another directory
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SOURCE, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+SMALL = ["--no-progress", "model.blocks=2", "model.hidden=16", "eval_size=500", "log_every=1"]
+ENDLESS = ["--steps", "1000000", "checkpoint_every=1000000", "eval_every=1000000"]
+
+
+def start(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "iresnet", "train", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=ENV)
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the run ended or hung first: {process.communicate()}")
+        time.sleep(0.02)
+
+
+def records(run: Path, split: str = "train") -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def logged(run: Path, n: int) -> Callable[[], bool]:
+    """Whether ``run`` has logged at least ``n`` lines of metrics."""
+    path = run / "metrics.jsonl"
+    return lambda: path.exists() and path.read_text().count("\n") >= n
+
+
+# -- two runs at once ------------------------------------------------------------------------
+
+
+def test_default_run_directories_are_claimed_atomically(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        chosen = list(pool.map(lambda _: default_run_directory("toy", False, tmp_path), range(16)))
+    assert len(set(chosen)) == 16 and all(path.is_dir() for path in chosen)
+    assert default_run_directory("toy", True, tmp_path) == tmp_path / "toy-16"
+
+
+def test_two_runs_started_together_get_a_directory_each(tmp_path: Path) -> None:
+    runs = [start("--data", data, "--steps", "5", *SMALL, cwd=tmp_path) for data in ("8gaussians", "moons")]
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    data = {json.loads((tmp_path / "runs" / name / "config.json").read_text())["data"] for name in ("toy", "toy-2")}
+    assert data == {"8gaussians", "moons"}
+    for name in ("toy", "toy-2"):
+        assert [r["step"] for r in records(tmp_path / "runs" / name)] == [1, 2, 3, 4, 5]
+
+
+def test_a_second_process_in_a_run_directory_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = start("--out", str(out), *ENDLESS, *SMALL)
+    try:
+        wait_until(logged(out, 3), first)
+        for resume in ([], ["--resume"]):
+            second = subprocess.run(
+                [sys.executable, "-m", "iresnet", "train", "--out", str(out), "--steps", "3", *SMALL, *resume],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=ENV,
+            )
+            assert second.returncode == 2, second.stderr
+            assert f"{out} is being trained by another process (pid {first.pid})" in second.stderr
+            assert "Traceback" not in second.stderr
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 130, err
+    finally:
+        first.kill()
+    steps = [r["step"] for r in records(out)]
+    assert steps == list(range(1, len(steps) + 1))  # one run's records, each step once
+
+
+def test_a_run_that_fails_before_it_starts_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Otherwise the next ``--resume`` would pick the empty directory as the latest run."""
+    monkeypatch.chdir(tmp_path)
+    unlabelled = [{"task": "classify", "model": {}, "steps": 2}]
+    with pytest.raises(ValueError, match="needs labelled image data"):
+        train(resolve_config("toy", None, unlabelled), progress=False)
+    with pytest.raises(ValueError, match="needs labelled image data"):
+        train(resolve_config("toy", None, [*unlabelled, {"out": "mine"}]), progress=False)
+    assert not (tmp_path / "runs/toy").exists() and not (tmp_path / "mine").exists()
