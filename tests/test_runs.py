@@ -105,3 +105,96 @@ def test_a_run_that_fails_before_it_starts_leaves_no_directory(tmp_path: Path, m
     with pytest.raises(ValueError, match="needs labelled image data"):
         train(resolve_config("toy", None, [*unlabelled, {"out": "mine"}]), progress=False)
     assert not (tmp_path / "runs/toy").exists() and not (tmp_path / "mine").exists()
+
+
+# -- damaged files and a full disk -----------------------------------------------------------
+
+TINY = {"model": {"blocks": 2, "hidden": 16}, "batch_size": 64, "eval_size": 500, "log_every": 1}
+
+
+def config(out: Path, **settings):
+    return resolve_config("toy", None, [TINY, {"out": str(out)}, settings])
+
+
+def run_cli(*args: str) -> int:
+    from iresnet.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a checkpoint"])
+def test_a_damaged_checkpoint_is_named_on_resume(tmp_path: Path, damage: str, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    run = tmp_path / "run"
+    train(config(run, steps=2), progress=False)
+    path = run / "checkpoint.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        torch.save({"weights": torch.zeros(2)}, path)
+    capsys.readouterr()
+    assert run_cli("train", "--out", str(run), "--resume", "--steps", "3", "--no-progress") == 2
+    err = capsys.readouterr().err
+    expected = "cannot be read" if damage == "truncated" else "is not a training checkpoint of iresnet"
+    assert err.startswith(f"iresnet train: error: {path} {expected}") and err.count("\n") == 1
+
+
+def test_a_half_written_last_metrics_line_is_dropped_on_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(config(run, steps=3), progress=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "split": "tra')  # killed while writing
+    with pytest.warns(UserWarning, match="dropped its last line, written only in part"):
+        train(config(run, steps=5), resume=True, progress=False)
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4, 5]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 2, is not a record of the run \('garbage'\)"):
+        train(config(run, steps=6), resume=True, progress=False)
+
+
+FULL_DISK = [OSError(28, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:672] . pos 7")]
+
+
+@pytest.mark.parametrize("failure", FULL_DISK)
+def test_a_full_disk_keeps_the_last_checkpoint_and_removes_the_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, failure: Exception
+) -> None:
+    import torch
+
+    run = tmp_path / "run"
+    train(config(run, steps=2), progress=False)
+    before = (run / "checkpoint.pt").read_bytes()
+
+    def failing_save(state, path):
+        Path(path).write_bytes(before[: len(before) // 2])  # half written when the disk filled up
+        raise failure
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    capsys.readouterr()
+    assert run_cli("train", "--out", str(run), "--resume", "--steps", "3", "--batch-size", "64", *SMALL) == 1
+    err = capsys.readouterr().err
+    assert f"could not write {run / 'checkpoint.pt'}" in err and "the disk may be full" in err
+    assert "The previous checkpoint.pt is intact, and the partial checkpoint.pt.tmp was removed" in err
+    assert "Traceback" not in err
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert not list(run.glob("*.tmp"))
+
+
+def test_a_full_disk_while_logging_is_a_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from iresnet.train import engine
+    from iresnet.train.checkpoint import WriteError
+
+    def full(path, mode="r", *args, **kwargs):
+        if mode == "a":
+            raise OSError(28, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "open", full, raising=False)
+    with pytest.raises(WriteError, match=r"metrics.jsonl \(No space left on device\): the disk may be full. No chec"):
+        train(config(tmp_path / "run", steps=2), progress=False)

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from .train import RunInUseError, TrainingError, parse_override, resolve_config, train
+    from .train.checkpoint import WriteError
 
     flags = (
         "task",
@@ -138,9 +139,9 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingError as error:
         print(f"iresnet: {error}", file=sys.stderr)
         return 1
-    except RunInUseError as error:
+    except (RunInUseError, WriteError) as error:
         print(f"iresnet train: error: {error}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(error, RunInUseError) else 1
     if not result.main:
         return 130 if result.interrupted else 0
     if result.interrupted:

@@ -18,7 +18,17 @@ from torch import nn
 from ..models.build import build_model
 from .config import TrainConfig
 
-__all__ = ["RunFiles", "RunInUseError", "atomic_save", "save_weights", "load_run", "default_run_directory", "run_lock"]
+__all__ = [
+    "RunFiles",
+    "RunInUseError",
+    "WriteError",
+    "atomic_save",
+    "default_run_directory",
+    "load_run",
+    "read_checkpoint",
+    "run_lock",
+    "save_weights",
+]
 
 
 class RunFiles:
@@ -87,15 +97,70 @@ def run_lock(root: str | os.PathLike) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _first_sentence(error: BaseException) -> str:
+    """The start of an error's message (torch's run over several lines), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(error).__name__
+
+
+class WriteError(OSError):
+    """A file of the run could not be written, most often because the disk is full."""
+
+
+def write_error(path: Path, error: BaseException, kept: str) -> WriteError:
+    """A :class:`WriteError` naming ``path`` and saying what ``kept`` as it was."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_sentence(error)
+    failure = WriteError(f"could not write {path} ({reason}): the disk may be full. {kept}")
+    failure.errno = getattr(error, "errno", None)
+    return failure
+
+
 def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)``, then rename the temporary file onto ``path``: the old file stays until the
+    new one is complete and on disk. On any failure the temporary file is removed; a failure to
+    write (``torch.save`` reports a short write as a ``RuntimeError``) becomes a
+    :class:`WriteError`."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # a full disk may show only here
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)):
+            kept = f"The previous {path.name} is intact" if path.exists() else f"No {path.name} was written"
+            raise write_error(path, error, f"{kept}, and the partial {tmp.name} was removed.") from error
+        raise
 
 
 def atomic_save(state: dict[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file, then rename: a crash leaves the old file intact."""
     _replace_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+_CHECKPOINT_KEYS = {"step", "model", "optimizer", "scheduler", "ema", "rng", "config"}
+
+
+def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The training state in ``path``; a file that cannot be read, or that does not hold a
+    training state, raises ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        reason = _first_sentence(error)
+        raise ValueError(
+            f"{path} cannot be read ({reason}): it is damaged. The run cannot continue from it: put back a copy "
+            "of the file if you have one, or start a new run (another --out). If the run had finished, its "
+            "model.safetensors still serves iresnet eval and sample"
+        ) from error
+    missing = _CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else _CHECKPOINT_KEYS
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint of iresnet: it lacks {', '.join(sorted(missing))}")
+    return state
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
@@ -106,8 +171,13 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     _replace_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp)))
 
 
+def save_text(text: str, path: str | os.PathLike) -> None:
+    """``text`` into ``path``, atomically."""
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text))
+
+
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    _replace_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
+    save_text(json.dumps(config.to_dict(), indent=2) + "\n", path)
 
 
 def load_config(run: str | os.PathLike) -> TrainConfig:

@@ -30,9 +30,12 @@ from .checkpoint import (
     RunInUseError,
     atomic_save,
     default_run_directory,
+    read_checkpoint,
     run_lock,
     save_config,
+    save_text,
     save_weights,
+    write_error,
 )
 from .config import TrainConfig
 from .distributed import Processes, start_processes
@@ -141,6 +144,7 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or read
         self.evaluation: Evaluation | ClassifierEvaluation | HybridEvaluation | None = None
         self.writer = None
 
@@ -163,13 +167,14 @@ class _Trainer:
         state = self.state()  # collective under torch.distributed: every process takes part
         if self.procs.main:
             atomic_save(state, self.files.checkpoint)
+        self.saved_step = self.step
 
     def restore(self, resume: bool) -> None:
         if not self.files.checkpoint.exists():
             if resume:
                 raise FileNotFoundError(f"nothing to resume: {self.files.checkpoint} does not exist")
             return
-        state = torch.load(self.files.checkpoint, map_location=self.procs.device, weights_only=True)
+        state = read_checkpoint(self.files.checkpoint, self.procs.device)
         if not resume:
             raise FileExistsError(
                 f"{self.files.root} already holds a run (checkpoint at step {state['step']}): pass --resume to "
@@ -192,7 +197,7 @@ class _Trainer:
             torch.set_rng_state(rng["torch"].cpu())
             if "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), self.procs.device)
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         if self.procs.main:
             _truncate_metrics(self.files.metrics, self.step)
 
@@ -200,8 +205,12 @@ class _Trainer:
     def record(self, entry: dict[str, Any]) -> None:
         if not self.procs.main:
             return
-        with open(self.files.metrics, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        try:
+            with open(self.files.metrics, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError as error:
+            kept = f"{self.kept()}: free some space, then continue with --resume."
+            raise write_error(self.files.metrics, error, kept) from error
         if self.writer is not None:
             for key, value in entry.items():
                 if isinstance(value, float):
@@ -292,6 +301,12 @@ class _Trainer:
             self.ema.update(self.model)
         self.step += 1
         return {**reported, "grad_norm": grad_norm}
+
+    def kept(self) -> str:
+        """What is left to continue from."""
+        if self.saved_step is None:
+            return "No checkpoint had been written yet"
+        return f"The last checkpoint, {self.files.checkpoint} (step {self.saved_step}), is intact"
 
     def _failure(self, what: str) -> str:
         kept = f"the last checkpoint, {self.files.checkpoint}, is intact"
@@ -418,12 +433,26 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> None:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records of steps after the checkpoint (written before a crash), so a resumed run
-    does not log them twice."""
+    does not log them twice, and a last line written only in part (a warning says so)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record["step"] <= step:
+                kept.append(line)
+        except (ValueError, TypeError, KeyError):
+            if number < len(lines):
+                raise ValueError(
+                    f"{path}, line {number}, is not a record of the run ({line[:60]!r}): repair or remove that line, "
+                    "then resume again"
+                ) from None
+            warnings.warn(f"{path}: dropped its last line, written only in part ({line[:60]!r})", stacklevel=2)
+    save_text("".join(line + "\n" for line in kept), path)
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
