@@ -371,3 +371,37 @@ def test_threads_sets_torchs_thread_count_while_training(tmp_path: Path, monkeyp
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="threads must be at least 1 or null, got 0"):
         config(tmp_path / "run", threads=0)
+
+
+def stop_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Press Ctrl-C (a real SIGINT to this process) as step ``step`` ends."""
+    import signal
+
+    from iresnet.train.engine import _Trainer
+
+    original = _Trainer.train_step
+
+    def stepping(self, model):
+        logged = original(self, model)
+        if self.step == step:
+            signal.raise_signal(signal.SIGINT)
+        return logged
+
+    monkeypatch.setattr(_Trainer, "train_step", stepping)
+
+
+def test_a_stop_between_records_resumes_record_for_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps since the last record travel in the checkpoint: the record after a resume
+    averages over the same steps as the uninterrupted run's."""
+    settings = {"steps": 12, "log_every": 5, "ema_decay": 0.9, "warmup_steps": 3}
+    train(config(tmp_path / "straight", **settings), progress=False)
+    stop_after(monkeypatch, 7)
+    stopped = train(config(tmp_path / "split", **settings), progress=False)
+    assert stopped.interrupted and stopped.step == 7
+    monkeypatch.undo()
+    train(config(tmp_path / "split", **settings), resume=True, progress=False)
+    a, b = records(tmp_path / "straight"), records(tmp_path / "split")
+    assert [r["step"] for r in b] == [5, 10, 12]
+    for straight, split in zip(a, b):
+        assert straight.pop("steps_per_s") > 0 and split.pop("steps_per_s") > 0
+    assert a == b

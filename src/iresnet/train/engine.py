@@ -145,6 +145,9 @@ class _Trainer:
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
         self.saved_step: int | None = None  # the step of the last checkpoint written or read
+        self.pending: list[dict[str, float]] = []  # what the steps since the last train record logged
+        self.pending_seconds = 0.0  # their time, from a checkpoint
+        self.logged_at = time.perf_counter()  # when the last train record was written
         self.evaluation: Evaluation | ClassifierEvaluation | HybridEvaluation | None = None
         self.writer = None
 
@@ -161,6 +164,8 @@ class _Trainer:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": self.procs.gather(rng),
             "config": self.config.to_dict(),
+            # the next train record averages over these steps too, resumed or not
+            "pending": {"steps": list(self.pending), "seconds": time.perf_counter() - self.logged_at},
         }
 
     def save_checkpoint(self) -> None:
@@ -198,6 +203,8 @@ class _Trainer:
             if "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), self.procs.device)
         self.step = self.saved_step = state["step"]
+        pending = state.get("pending", {"steps": [], "seconds": 0.0})  # older checkpoints: none
+        self.pending, self.pending_seconds = list(pending["steps"]), pending["seconds"]
         if self.procs.main:
             _truncate_metrics(self.files.metrics, self.step)
 
@@ -374,18 +381,17 @@ class _Trainer:
             initialize_from_data(self.model, self.step_batch()[0])  # no data-dependent branch in the graph
             model = torch.compile(model)
             bar.write("compiling the training step: the first steps take longer (seconds to minutes)")
-        steps: list[dict[str, float]] = []
-        started = time.perf_counter()
+        self.logged_at = time.perf_counter() - self.pending_seconds
         try:
             while self.step < config.steps:
-                steps.append(self.train_step(model))
+                self.pending.append(self.train_step(model))
                 bar.update(1)
                 if self.step % config.log_every == 0 or self.step == config.steps:
-                    entry = self.train_metrics(steps, time.perf_counter() - started)
+                    entry = self.train_metrics(self.pending, time.perf_counter() - self.logged_at)
                     self.record(entry)
                     shown = ("nll", "bits_per_dim", "accuracy")
                     bar.set_postfix({k: f"{entry[k]:.4f}" for k in shown if k in entry})
-                    steps, started = [], time.perf_counter()
+                    self.pending, self.logged_at = [], time.perf_counter()
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     if self.procs.main:
                         self.evaluation = self.run_evaluation()
