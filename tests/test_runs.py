@@ -44,6 +44,12 @@ def records(run: Path, split: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
+def last_step(run: Path) -> int:
+    """The step of the last complete record of a run that may be writing one now."""
+    lines = (run / "metrics.jsonl").read_text().split("\n")[:-1]  # what follows the last newline is partial
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
 def logged(run: Path, n: int) -> Callable[[], bool]:
     """Whether ``run`` has logged at least ``n`` lines of metrics."""
     path = run / "metrics.jsonl"
@@ -198,3 +204,40 @@ def test_a_full_disk_while_logging_is_a_message(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(engine, "open", full, raising=False)
     with pytest.raises(WriteError, match=r"metrics.jsonl \(No space left on device\): the disk may be full. No chec"):
         train(config(tmp_path / "run", steps=2), progress=False)
+
+
+# -- kills -----------------------------------------------------------------------------------
+
+
+def test_a_killed_run_keeps_a_checkpoint_by_the_clock_and_resumes(tmp_path: Path) -> None:
+    """kill -9 long before the step-based checkpoint: the one written by the clock remains, and
+    the resumed run logs every step once."""
+    import torch
+
+    out = tmp_path / "run"
+    run = start("--out", str(out), *ENDLESS, *SMALL, "checkpoint_seconds=0.5")
+    checkpoint = out / "checkpoint.pt"
+    wait_until(checkpoint.exists, run)
+    wait_until(lambda: last_step(out) > torch.load(checkpoint, weights_only=True)["step"], run)
+    run.kill()
+    run.communicate()
+    saved = torch.load(checkpoint, weights_only=True)["step"]
+    assert saved >= 1
+    more = ["--steps", str(saved + 2), "checkpoint_every=1000000", "eval_every=1000000"]
+    assert run_cli("train", "--out", str(out), "--resume", *more, *SMALL) == 0
+    assert [r["step"] for r in records(out)] == list(range(1, saved + 3))
+
+
+def test_a_new_run_does_not_add_to_the_records_of_one_without_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(config(run, steps=3), progress=False)
+    (run / "checkpoint.pt").unlink()  # as if killed before its first checkpoint
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="holds metrics.jsonl of an earlier run that stopped before its first"):
+        train(config(run, steps=3), progress=False)
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(its run stopped before its first checkpoint\)"):
+        train(config(run, steps=3), resume=True, progress=False)
+    assert (run / "metrics.jsonl").read_text() == before
+    (run / "metrics.jsonl").unlink()
+    train(config(run, steps=2), progress=False)
+    assert [r["step"] for r in records(run)] == [1, 2]

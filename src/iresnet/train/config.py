@@ -36,6 +36,10 @@ class TrainConfig:
     branches' matrix products and convolutions in bfloat16 autocast on CUDA; the power iteration,
     the log-det sums and the base density stay in float32.
 
+    A checkpoint is written every ``checkpoint_every`` steps and, between them, once
+    ``checkpoint_seconds`` have passed since the last (``None``: by steps alone), so that a killed
+    run loses at most about that much time.
+
     ``threads`` is the number of CPU threads torch uses in each process while training
     (``torch.set_num_threads``; ``None`` keeps torch's default, one per core). One thread is as fast
     as two for the toy and digits models, and stays fast beside other busy processes, where
@@ -65,6 +69,7 @@ class TrainConfig:
     device: str = "cpu"
     out: str | None = None  # None: runs/PRESET, runs/PRESET-2, ... (a new one, or the latest to resume)
     checkpoint_every: int = 500
+    checkpoint_seconds: float | None = 60.0
     eval_every: int = 500
     log_every: int = 10
     eval_size: int = 20000
@@ -106,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
+        if self.checkpoint_seconds is not None and not self.checkpoint_seconds > 0:
+            raise ValueError(f"checkpoint_seconds must be positive or null, got {self.checkpoint_seconds}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1 or null, got {self.threads}")
         if self.grad_clip is not None and not self.grad_clip > 0:

@@ -148,6 +148,7 @@ class _Trainer:
         self.pending: list[dict[str, float]] = []  # what the steps since the last train record logged
         self.pending_seconds = 0.0  # their time, from a checkpoint
         self.logged_at = time.perf_counter()  # when the last train record was written
+        self.saved_at = time.monotonic()  # when the last checkpoint was written (or the loop began)
         self.evaluation: Evaluation | ClassifierEvaluation | HybridEvaluation | None = None
         self.writer = None
 
@@ -172,12 +173,31 @@ class _Trainer:
         state = self.state()  # collective under torch.distributed: every process takes part
         if self.procs.main:
             atomic_save(state, self.files.checkpoint)
-        self.saved_step = self.step
+        self.saved_step, self.saved_at = self.step, time.monotonic()
+
+    def checkpoint_due(self) -> bool:
+        """Whether the step count, or the time since the last checkpoint, calls for one now (the
+        same answer on every process)."""
+        config = self.config
+        if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+            return True
+        if config.checkpoint_seconds is None:
+            return False
+        return self.procs.any(time.monotonic() - self.saved_at >= config.checkpoint_seconds)
 
     def restore(self, resume: bool) -> None:
         if not self.files.checkpoint.exists():
+            logged = self.files.metrics.exists() and self.files.metrics.read_text().strip()
             if resume:
-                raise FileNotFoundError(f"nothing to resume: {self.files.checkpoint} does not exist")
+                early = " (its run stopped before its first checkpoint)" if logged else ""
+                raise FileNotFoundError(f"nothing to resume: {self.files.checkpoint} does not exist{early}")
+            if logged:
+                raise FileExistsError(
+                    f"{self.files.root} holds {self.files.metrics.name} of an earlier run that stopped before its "
+                    "first checkpoint: it cannot be resumed, and a new run there would add its records to the old "
+                    f"ones. Choose another --out, or remove {self.files.root} (or move its metrics.jsonl away) to "
+                    "start again there"
+                )
             return
         state = read_checkpoint(self.files.checkpoint, self.procs.device)
         if not resume:
@@ -382,6 +402,7 @@ class _Trainer:
             model = torch.compile(model)
             bar.write("compiling the training step: the first steps take longer (seconds to minutes)")
         self.logged_at = time.perf_counter() - self.pending_seconds
+        self.saved_at = time.monotonic()
         try:
             while self.step < config.steps:
                 self.pending.append(self.train_step(model))
@@ -397,10 +418,11 @@ class _Trainer:
                         self.evaluation = self.run_evaluation()
                         self.record(self.test_metrics(self.evaluation))
                         bar.write(f"step {self.step}: {self.evaluation}")
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                if self.checkpoint_due():
                     self.save_checkpoint()
                 if self.procs.any(stop.requested):
-                    self.save_checkpoint()
+                    if self.saved_step != self.step:
+                        self.save_checkpoint()
                     bar.write(f"stopped at step {self.step}; checkpoint written to {self.files.checkpoint}")
                     return True
         finally:
@@ -426,7 +448,8 @@ class _Trainer:
 def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> None:
     """A resumed run may change how long it trains and how it logs, not what it trains. A setting
     that the checkpoint lacks (it came later) had its default value."""
-    free = {"steps", "out", "checkpoint_every", "eval_every", "log_every", "tensorboard", "device", "download"}
+    free = {"steps", "out", "checkpoint_every", "checkpoint_seconds", "eval_every", "log_every", "tensorboard"}
+    free |= {"device", "download"}
     free |= {"compile", "precision", "threads"}  # how the same step is computed
     saved = {**TrainConfig(out=config.out).to_dict(), **saved}
     changed = [k for k, v in config.to_dict().items() if k not in free and saved.get(k) != v]
