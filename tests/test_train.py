@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import stop_after
 from iresnet.models.density import DensityModel
 from iresnet.models.presets import PRESETS
 from iresnet.train import TrainingError, evaluate, load_run, make_source, parse_override, resolve_config, train
@@ -371,23 +372,6 @@ def test_threads_sets_torchs_thread_count_while_training(tmp_path: Path, monkeyp
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="threads must be at least 1 or null, got 0"):
         config(tmp_path / "run", threads=0)
-
-
-def stop_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Press Ctrl-C (a real SIGINT to this process) as step ``step`` ends."""
-    import signal
-
-    from iresnet.train.engine import _Trainer
-
-    original = _Trainer.train_step
-
-    def stepping(self, model):
-        logged = original(self, model)
-        if self.step == step:
-            signal.raise_signal(signal.SIGINT)
-        return logged
-
-    monkeypatch.setattr(_Trainer, "train_step", stepping)
 
 
 def test_a_stop_between_records_resumes_record_for_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -63,7 +64,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--out", help="the run directory (default runs/PRESET)")
     train.add_argument("--tensorboard", action="store_const", const=True, help="also write TensorBoard logs")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (default: the latest runs/PRESET) from its checkpoint, with the run's own "
+        "settings; flags and KEY=VALUE given here change them (steps, lr, grad_clip, ...)",
+    )
     train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. ema_decay=0.999")
 
@@ -113,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from .train import RunInUseError, TrainingError, parse_override, resolve_config, train
-    from .train.checkpoint import WriteError
+    from .train.checkpoint import WriteError, default_run_directory, load_config
 
     flags = (
         "task",
@@ -133,7 +139,11 @@ def _train(args: argparse.Namespace) -> int:
     )
     overrides: list[dict[str, Any]] = [{k: getattr(args, k) for k in flags if getattr(args, k) is not None}]
     overrides += [parse_override(text) for text in args.overrides]
-    config = resolve_config(args.preset, args.config, overrides)
+    saved = None
+    if args.resume:  # the run's own settings, then what this command line changes
+        run = args.out or default_run_directory(args.preset or "toy", resume=True)
+        saved = dataclasses.replace(load_config(run), out=str(run))
+    config = resolve_config(args.preset, args.config, overrides, saved=saved)
     try:
         result = train(config, resume=args.resume, progress=args.progress)
     except TrainingError as error:

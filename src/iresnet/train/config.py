@@ -174,18 +174,35 @@ def parse_override(text: str) -> dict[str, Any]:
 
 
 def resolve_config(
-    preset: str | None = None, config_file: str | os.PathLike | None = None, overrides: list[dict[str, Any]] = ()
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: list[dict[str, Any]] = (),
+    *,
+    saved: TrainConfig | None = None,
 ) -> TrainConfig:
     """The preset's settings, updated by the JSON ``config_file``, updated by ``overrides`` in
     order (later wins). ``preset=None`` takes the config file's preset, else ``"toy"``. Where the
     task or data set call for another model builder than the preset's (``--task classify`` from
-    the toy preset, say), the preset's model options are dropped: the builder's defaults apply."""
+    the toy preset, say), the preset's model options are dropped: the builder's defaults apply.
+
+    To resume a run, ``saved`` (its ``config.json``) takes the preset's place: the run goes on as
+    it was configured, changed only by ``config_file`` and ``overrides``; ``preset``, if given,
+    must be the run's."""
     from_file: dict[str, Any] = {}
     if config_file is not None:
         with open(config_file) as f:
             from_file = json.load(f)
         if not isinstance(from_file, dict):
             raise ValueError(f"{config_file}: expected a JSON object of settings")
+    if saved is not None:
+        if preset is not None and preset != saved.preset:
+            raise ValueError(
+                f"{saved.out} is a run of the {saved.preset!r} preset, not {preset!r}: leave out --preset to resume it"
+            )
+        settings = _merge(saved.to_dict(), from_file, str(config_file))
+        for override in overrides:
+            settings = _merge(settings, override, "command line")
+        return TrainConfig(**settings)
     name = preset or from_file.get("preset") or "toy"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
