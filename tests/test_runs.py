@@ -240,3 +240,26 @@ def test_a_new_run_does_not_add_to_the_records_of_one_without_checkpoint(tmp_pat
     (run / "metrics.jsonl").unlink()
     train(config(run, steps=2), progress=False)
     assert [r["step"] for r in records(run)] == [1, 2]
+
+
+# -- a diverging run -------------------------------------------------------------------------
+
+
+def test_a_diverging_run_says_where_and_resumes_with_a_lower_learning_rate(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """lr 100 overflows inside the toy flow at once (a layer's input check reports NaN): the
+    stop names the step and the checkpoint, and the run continues from it with a lower lr."""
+    out = tmp_path / "run"
+    first = ["--steps", "2", "warmup_steps=0", "eval_size=500", "log_every=1", "--no-progress"]
+    assert run_cli("train", "--out", str(out), *first) == 0
+    capsys.readouterr()
+    assert run_cli("train", "--out", str(out), "--resume", "--steps", "6", "lr=100", "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert "training stopped at step 4: values inside the model overflowed (ResidualBlock input: " in err
+    assert f"the last checkpoint, {out / 'checkpoint.pt'}, is intact (step 2)" in err
+    assert "Lower the learning rate (now 100) or set grad_clip, and continue from the checkpoint, e.g. iresnet " in err
+    assert "Traceback" not in err
+    assert run_cli("train", "--out", str(out), "--resume", "lr=0.001", "--no-progress") == 0
+    assert "lr 0.005 -> 0.001" in capsys.readouterr().out
+    assert [(r["step"], r["lr"]) for r in records(out)] == [(1, 0.005), (2, 0.005), *[(s, 0.001) for s in range(3, 7)]]

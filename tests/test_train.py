@@ -114,8 +114,8 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     assert (tmp_path / "run/checkpoint.pt").read_bytes() == before
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(config(tmp_path / "other", steps=2), resume=True, progress=False)
-    with pytest.raises(ValueError, match="lr"):
-        train(config(tmp_path / "run", steps=4, lr=0.1), resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"cannot resume with different settings for seed \(0 -> 1\)"):
+        train(config(tmp_path / "run", steps=4, seed=1), resume=True, progress=False)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
@@ -389,3 +389,14 @@ def test_a_stop_between_records_resumes_record_for_record(tmp_path: Path, monkey
     for straight, split in zip(a, b):
         assert straight.pop("steps_per_s") > 0 and split.pop("steps_per_s") > 0
     assert a == b
+
+
+def test_resume_with_another_learning_rate_follows_the_schedule(tmp_path: Path, capsys) -> None:
+    """lr and grad_clip are free on resume (the advice after a non-finite loss): the warm-up
+    goes on from the step reached, times the new rate."""
+    train(config(tmp_path / "run", steps=2, lr=0.01, warmup_steps=4), progress=False)
+    capsys.readouterr()
+    train(config(tmp_path / "run", steps=5, lr=0.002, warmup_steps=4, grad_clip=1.0), resume=True, progress=False)
+    assert "resuming at step 2; steps 2 -> 5; lr 0.01 -> 0.002; grad_clip None -> 1.0" in capsys.readouterr().out
+    lrs = [r["lr"] for r in records(tmp_path / "run")]
+    assert lrs == pytest.approx([0.005, 0.0075, 0.002, 0.002, 0.002])

@@ -144,6 +144,7 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
+        self.changed: dict[str, tuple[Any, Any]] = {}  # settings a resume changes: old and new values
         self.saved_step: int | None = None  # the step of the last checkpoint written or read
         self.pending: list[dict[str, float]] = []  # what the steps since the last train record logged
         self.pending_seconds = 0.0  # their time, from a checkpoint
@@ -205,7 +206,7 @@ class _Trainer:
                 f"{self.files.root} already holds a run (checkpoint at step {state['step']}): pass --resume to "
                 "continue it, or --out for a new run directory"
             )
-        _check_compatible(state["config"], self.config)
+        self.changed = _check_compatible(state["config"], self.config)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -223,10 +224,20 @@ class _Trainer:
             if "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), self.procs.device)
         self.step = self.saved_step = state["step"]
+        if state["config"].get("lr") != self.config.lr:
+            self._set_lr(self.config.lr)
         pending = state.get("pending", {"steps": [], "seconds": 0.0})  # older checkpoints: none
         self.pending, self.pending_seconds = list(pending["steps"]), pending["seconds"]
         if self.procs.main:
             _truncate_metrics(self.files.metrics, self.step)
+
+    def _set_lr(self, lr: float) -> None:
+        """Another learning rate for a resumed run: the schedule's factor at this step times ``lr``."""
+        factor = _schedule(self.config)(self.step)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * factor
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # -- records -----------------------------------------------------------------------------
     def record(self, entry: dict[str, Any]) -> None:
@@ -236,7 +247,8 @@ class _Trainer:
             with open(self.files.metrics, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         except OSError as error:
-            kept = f"{self.kept()}: free some space, then continue with --resume."
+            kept = self.kept()
+            kept = f"{kept[0].upper()}{kept[1:]}: free some space, then continue with --resume."
             raise write_error(self.files.metrics, error, kept) from error
         if self.writer is not None:
             for key, value in entry.items():
@@ -310,8 +322,13 @@ class _Trainer:
         config = self.config
         bf16 = config.precision == "bf16"
         lean = memory_lean() if config.compile else contextlib.nullcontext()
-        with lean, torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, logged = self.objective(model)
+        try:
+            with lean, torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, logged = self.objective(model)
+        except (ValueError, RuntimeError) as error:
+            if not _non_finite(error):
+                raise
+            raise TrainingError(self._failure(f"values inside the model overflowed ({error})")) from error
         reported = {key: self.procs.mean(value).item() for key, value in logged.items()}
         for key in ("cross_entropy", "nll"):
             if key in reported and not math.isfinite(reported[key]):
@@ -332,17 +349,24 @@ class _Trainer:
     def kept(self) -> str:
         """What is left to continue from."""
         if self.saved_step is None:
-            return "No checkpoint had been written yet"
-        return f"The last checkpoint, {self.files.checkpoint} (step {self.saved_step}), is intact"
+            return "no checkpoint had been written yet"
+        return f"the last checkpoint, {self.files.checkpoint}, is intact (step {self.saved_step})"
 
     def _failure(self, what: str) -> str:
-        kept = f"the last checkpoint, {self.files.checkpoint}, is intact"
-        if not self.files.checkpoint.exists():
-            kept = "no checkpoint had been written yet"
-        return (
-            f"training stopped at step {self.step + 1}: {what}. Nothing was saved from this step; {kept}. "
-            "Lower the learning rate or set grad_clip, then run again (with --resume to continue)."
-        )
+        """The message of a stop on non-finite values: the step, what was kept, and what to do."""
+        lower = f"lr={self.config.lr / 10:g}"
+        if self.saved_step is None:
+            advice = (
+                f"Nothing can be resumed: start again with a lower learning rate (now {self.config.lr:g}) or with "
+                f"grad_clip set, in another directory (--out) or after removing {self.files.root}."
+            )
+        else:
+            advice = (
+                f"Lower the learning rate (now {self.config.lr:g}) or set grad_clip, and continue from the "
+                f"checkpoint, e.g. iresnet train --out {self.files.root} --resume {lower}"
+            )
+        stopped = f"training stopped at step {self.step + 1}: {what}"
+        return f"{stopped}. Nothing was saved from this step; {self.kept()}. {advice}"
 
     def train_metrics(self, steps: list[dict[str, float]], seconds: float) -> dict[str, Any]:
         """Means over the steps since the last record (the largest gradient norm)."""
@@ -445,19 +469,29 @@ class _Trainer:
         draw_run(model, self.source, self.files, self.config.task)
 
 
-def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> None:
-    """A resumed run may change how long it trains and how it logs, not what it trains. A setting
-    that the checkpoint lacks (it came later) had its default value."""
+def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """A resumed run may change how long it trains, its learning rate and clipping (the advice
+    after a non-finite loss), how it logs and how its step is computed, not what it trains. A
+    setting that the checkpoint lacks (it came later) had its default value. Returns the changed
+    settings (but ``out``) with their old and new values."""
     free = {"steps", "out", "checkpoint_every", "checkpoint_seconds", "eval_every", "log_every", "tensorboard"}
-    free |= {"device", "download"}
+    free |= {"device", "download", "lr", "grad_clip"}
     free |= {"compile", "precision", "threads"}  # how the same step is computed
     saved = {**TrainConfig(out=config.out).to_dict(), **saved}
-    changed = [k for k, v in config.to_dict().items() if k not in free and saved.get(k) != v]
+    new = config.to_dict()
+    changed = [k for k, v in new.items() if k not in free and saved.get(k) != v]
     if changed:
         raise ValueError(
             "cannot resume with different settings for "
             + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})" for k in changed)
         )
+    return {k: (saved.get(k), v) for k, v in new.items() if k != "out" and saved.get(k) != v}
+
+
+def _non_finite(error: BaseException) -> bool:
+    """Whether an error raised inside a training step reports NaN or inf among a layer's inputs
+    (:func:`iresnet.validation.check_input`, eager or compiled): the weights have diverged."""
+    return "NaN or inf" in str(error)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -512,6 +546,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             if procs.main:
                 parameters = sum(p.numel() for p in trainer.model.parameters())
                 resuming = f", resuming at step {trainer.step}" if trainer.step else ""
+                resuming += "".join(f"; {k} {old!r} -> {new!r}" for k, (old, new) in trainer.changed.items())
                 print(f"{config.preset} preset on {config.data}: {parameters:,} parameters; run {config.out}{resuming}")
                 save_config(config, trainer.files.config)
                 if config.tensorboard:
