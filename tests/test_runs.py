@@ -21,6 +21,7 @@ from iresnet.train.checkpoint import default_run_directory
 
 SOURCE = str(Path(iresnet.__file__).resolve().parents[1])  # this checkout's, also from another directory
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([SOURCE, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+ENV["PYTHONUNBUFFERED"] = "1"  # each line as it is printed
 SMALL = ["--no-progress", "model.blocks=2", "model.hidden=16", "eval_size=500", "log_every=1"]
 ENDLESS = ["--steps", "1000000", "checkpoint_every=1000000", "eval_every=1000000"]
 
@@ -263,3 +264,131 @@ def test_a_diverging_run_says_where_and_resumes_with_a_lower_learning_rate(
     assert run_cli("train", "--out", str(out), "--resume", "lr=0.001", "--no-progress") == 0
     assert "lr 0.005 -> 0.001" in capsys.readouterr().out
     assert [(r["step"], r["lr"]) for r in records(out)] == [(1, 0.005), (2, 0.005), *[(s, 0.001) for s in range(3, 7)]]
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Two real SIGINTs in step 5 (checkpoints every 2 steps): one line, exit 130, the checkpoint
+    of step 4, and the printed command continues from it."""
+    from iresnet.train.engine import _Trainer
+
+    out = tmp_path / "run"
+    original = _Trainer.train_step
+
+    def twice(self, model):
+        logged = original(self, model)
+        if self.step == 5:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return logged
+
+    monkeypatch.setattr(_Trainer, "train_step", twice)
+    flags = ["--out", str(out), "--steps", "8", "checkpoint_every=2", *SMALL, "--batch-size", "64"]
+    assert run_cli("train", *flags) == 130
+    err = capsys.readouterr().err
+    assert err == (
+        f"iresnet train: stopped at once at step 5; the last checkpoint, {out / 'checkpoint.pt'}, is intact "
+        f"(step 4). Continue with: iresnet train --out {out} --resume\n"
+    )
+    monkeypatch.undo()
+    assert run_cli("train", "--out", str(out), "--resume") == 0
+    assert [r["step"] for r in records(out)] == list(range(1, 9))
+
+
+def read_until(process: subprocess.Popen, text: str) -> None:
+    """Read the run's standard output up to a line holding ``text``."""
+    for line in process.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"the run ended before printing {text!r}: {process.communicate()}")
+
+
+def deliver_together(process: subprocess.Popen, *signals: signal.Signals) -> None:
+    """Send ``signals`` while the process is stopped, then let it go on: it meets them all at
+    once, as a person pressing Ctrl-C twice in a second would (Python runs the handlers in the
+    order of the signal numbers: SIGINT, then SIGTERM)."""
+    process.send_signal(signal.SIGSTOP)
+    wait_until(lambda: Path(f"/proc/{process.pid}/stat").read_text().split(")")[-1].split()[0] == "T", process)
+    for each in signals:
+        process.send_signal(each)
+    process.send_signal(signal.SIGCONT)
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+PICTURES = ["--steps", "2", "--no-progress", "eval_size=500"]  # the toy preset's model: pictures take a second
+FINISHING = "writing the evaluation weights and the pictures"
+
+
+@needs_proc
+def test_a_second_signal_while_training_stops_at_once(tmp_path: Path) -> None:
+    import torch
+
+    out = tmp_path / "run"
+    run = start("--out", str(out), *ENDLESS, *SMALL, "checkpoint_seconds=0.2")
+    wait_until(lambda: (out / "checkpoint.pt").exists() and logged(out, 3)(), run)
+    deliver_together(run, signal.SIGINT, signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "stop requested: stopping after this step with a checkpoint; press Ctrl-C again" in err
+    assert "iresnet train: stopped at once at step " in err and ", is intact (step " in err
+    assert "Traceback" not in err
+    assert not list(out.glob("*.tmp"))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] >= 1
+
+
+@needs_proc
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_final_pictures_lets_them_finish(tmp_path: Path, first: signal.Signals) -> None:
+    out = tmp_path / "run"
+    run = start("--out", str(out), *PICTURES)
+    read_until(run, FINISHING)
+    deliver_together(run, first)
+    printed, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert "stop requested: finishing the final pictures first (seconds)" in err
+    assert "Traceback" not in err and "run written to" in printed
+    for name in ("model.safetensors", "curves.png", "density.png", "samples.png"):
+        assert (out / name).exists(), name
+
+
+@needs_proc
+def test_a_second_signal_during_the_final_pictures_says_what_is_missing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run = start("--out", str(out), *PICTURES)
+    wait_until((out / "model.safetensors").exists, run)  # the pictures come next, for about a second
+    deliver_together(run, signal.SIGINT, signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert "Traceback" not in err
+    message = err.split("iresnet train: ")[1]
+    assert message.startswith("stopped at once while writing the final files: training is complete and the last")
+    missing = message.split("not written: ")[1].split(". To write them")[0].split(", ")
+    final = ("model.safetensors", "curves.png", "density.png", "samples.png")
+    assert "samples.png" in missing
+    assert [name for name in final if not (out / name).exists()] == missing
+    assert not list(out.glob(".*partial*"))
+    assert run_cli("train", "--out", str(out), "--resume") == 0
+    assert all((out / name).exists() for name in final)
+
+
+def test_a_picture_that_cannot_be_drawn_is_reported_and_the_run_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A diverged model's inverse may fail: the run, its weights and the other pictures stay."""
+    from iresnet import plots
+    from iresnet.inverse import InversionError
+
+    def failing(*args, **kwargs):
+        raise InversionError("fixed-point inversion (fixed_point) failed for 5 of 2000 samples")
+
+    monkeypatch.setattr(plots, "density_map", failing)
+    result = train(config(tmp_path / "run", steps=2), progress=False)
+    assert "iresnet: density.png was not drawn: fixed-point inversion" in capsys.readouterr().err
+    assert result.step == 2 and not result.interrupted
+    assert not (tmp_path / "run/density.png").exists()
+    assert {path.name for path in (tmp_path / "run").glob(".*")} == {".lock"}  # no partial picture left
+    assert (tmp_path / "run/samples.png").exists() and (tmp_path / "run/model.safetensors").exists()

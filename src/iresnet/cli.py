@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import RunInUseError, TrainingError, parse_override, resolve_config, train
+    from .train import RunInUseError, TrainingError, parse_override, resolve_config
     from .train.checkpoint import WriteError, default_run_directory, load_config
 
     flags = (
@@ -145,13 +145,22 @@ def _train(args: argparse.Namespace) -> int:
         saved = dataclasses.replace(load_config(run), out=str(run))
     config = resolve_config(args.preset, args.config, overrides, saved=saved)
     try:
-        result = train(config, resume=args.resume, progress=args.progress)
+        return _train_and_report(args, config)
     except TrainingError as error:
         print(f"iresnet: {error}", file=sys.stderr)
         return 1
     except (RunInUseError, WriteError) as error:
         print(f"iresnet train: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, RunInUseError) else 1
+    except KeyboardInterrupt as error:  # a second Ctrl-C (its message says what was kept), or one outside training
+        print(f"iresnet train: {error or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+def _train_and_report(args: argparse.Namespace, config: TrainConfig) -> int:
+    from .train import train
+
+    result = train(config, resume=args.resume, progress=args.progress)
     if not result.main:
         return 130 if result.interrupted else 0
     if result.interrupted:

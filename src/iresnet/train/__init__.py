@@ -2,7 +2,7 @@
 
 from .checkpoint import RunFiles, RunInUseError, load_run
 from .config import TrainConfig, parse_override, resolve_config
-from .engine import TrainingError, TrainResult, train
+from .engine import StoppedAtOnce, TrainingError, TrainResult, train
 from .evaluate import (
     ClassifierEvaluation,
     Evaluation,
@@ -21,6 +21,7 @@ __all__ = [
     "HybridEvaluation",
     "RunFiles",
     "RunInUseError",
+    "StoppedAtOnce",
     "TrainConfig",
     "TrainResult",
     "TrainingError",

@@ -10,7 +10,9 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import signal
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -53,7 +55,7 @@ from .evaluate import (
 )
 from .sources import DataSource, make_source
 
-__all__ = ["TrainingError", "TrainResult", "train"]
+__all__ = ["StoppedAtOnce", "TrainingError", "TrainResult", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -69,17 +71,31 @@ class TrainResult:
     main: bool = True  # whether this is the process that writes (rank 0)
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: training stopped without finishing its step or its final
+    files; the last checkpoint is intact (the message says which files were written)."""
+
+
 class _StopRequests:
     """The first SIGINT / SIGTERM asks the loop to stop after the current step (it then writes a
-    checkpoint); a second SIGINT interrupts at once."""
+    checkpoint), or, while the final weights and pictures are written, lets them finish; the
+    next one raises :class:`StoppedAtOnce`. Each request says so at once on standard error."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.requested = False
+        self.finishing = False  # writing the final weights and pictures
+        self.quiet = quiet  # a process other than the main one
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.requested:
+            raise StoppedAtOnce
         self.requested = True
+        if self.quiet:
+            return
+        if self.finishing:
+            _notice("stop requested: finishing the final pictures first (seconds); press Ctrl-C again to stop at once")
+        else:
+            _notice("stop requested: stopping after this step with a checkpoint; press Ctrl-C again to stop at once")
 
     @contextmanager
     def installed(self):
@@ -93,6 +109,15 @@ class _StopRequests:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def _notice(text: str) -> None:
+    """A line on standard error from a signal handler: written to the file descriptor, since the
+    handler may interrupt a write to ``sys.stderr`` (a progress bar's), which cannot be reentered."""
+    try:
+        os.write(sys.stderr.fileno(), f"\n{text}\n".encode())
+    except (OSError, ValueError, AttributeError):  # no descriptor (captured output): nothing to say
+        pass
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -152,6 +177,7 @@ class _Trainer:
         self.saved_at = time.monotonic()  # when the last checkpoint was written (or the loop began)
         self.evaluation: Evaluation | ClassifierEvaluation | HybridEvaluation | None = None
         self.writer = None
+        self.unwritten: list[str] = []  # the final files not written yet
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -454,19 +480,46 @@ class _Trainer:
         return False
 
     def finish(self) -> None:
-        """The evaluation weights alone, and the pictures."""
+        """The evaluation weights alone, and the pictures (each written to a temporary file, then
+        renamed). A picture that cannot be drawn (a diverged model) is reported and skipped: the
+        run itself is complete."""
         if not self.procs.main:
             return
-        model = self.eval_model()
+        self.unwritten = [self.files.weights.name, "the pictures"]
+        print(f"writing the evaluation weights and the pictures to {self.files.root}", flush=True)
         from ..lipschitz import converge_spectral_norms
+        from .pictures import run_pictures
 
+        model = self.eval_model()
+        pictures = run_pictures(model, self.source, self.files, self.config.task)
+        self.unwritten = [self.files.weights.name, *(path.name for path in pictures)]
         converge_spectral_norms(model)
         if self.config.task == "classify":
             recalibrate_batch_norms(model, self.source.train)
         save_weights(model, self.files.weights)
-        from .pictures import draw_run
+        self.unwritten.remove(self.files.weights.name)
+        for path, draw in pictures.items():
+            partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+            try:
+                draw(partial)
+                os.replace(partial, path)
+                self.unwritten.remove(path.name)
+            except Exception as error:  # reported; the run stays complete
+                print(f"iresnet: {path.name} was not drawn: {error}", file=sys.stderr)
+            finally:
+                partial.unlink(missing_ok=True)
 
-        draw_run(model, self.source, self.files, self.config.task)
+    def stopped_at_once(self, finishing: bool) -> str:
+        """What a second signal left behind."""
+        if not finishing:
+            return (
+                f"stopped at once at step {self.step}; {self.kept()}. Continue with: "
+                f"iresnet train --out {self.files.root} --resume"
+            )
+        return (
+            f"stopped at once while writing the final files: training is complete and {self.kept()}; not written: "
+            f"{', '.join(self.unwritten)}. To write them: iresnet train --out {self.files.root} --resume"
+        )
 
 
 def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
@@ -551,10 +604,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 save_config(config, trainer.files.config)
                 if config.tensorboard:
                     trainer.writer = _tensorboard(trainer.files.root / "tensorboard")
-            with _StopRequests().installed() as stop:
-                interrupted = trainer.loop(stop)
-            if not interrupted:
-                trainer.finish()
+            stop = _StopRequests(quiet=not procs.main)
+            try:
+                with stop.installed():
+                    interrupted = trainer.loop(stop)
+                    if not interrupted:
+                        stop.finishing = True
+                        trainer.finish()
+            except StoppedAtOnce:
+                raise StoppedAtOnce(trainer.stopped_at_once(stop.finishing)) from None
             return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation, procs.main)
     finally:
         procs.close()
