@@ -228,6 +228,17 @@ def test_a_killed_run_keeps_a_checkpoint_by_the_clock_and_resumes(tmp_path: Path
     assert [r["step"] for r in records(out)] == list(range(1, saved + 3))
 
 
+def test_the_partial_files_of_a_killed_write_are_removed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    train(config(run, steps=2), progress=False)
+    (run / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    (run / ".samples.partial.png").write_bytes(b"half a picture")
+    capsys.readouterr()
+    train(config(run, steps=3), resume=True, progress=False)
+    assert "removed checkpoint.pt.tmp, .samples.partial.png in " in capsys.readouterr().out
+    assert {path.name for path in run.iterdir() if "tmp" in path.name or "partial" in path.name} == set()
+
+
 def test_a_new_run_does_not_add_to_the_records_of_one_without_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(config(run, steps=3), progress=False)

@@ -26,6 +26,7 @@ __all__ = [
     "default_run_directory",
     "load_run",
     "read_checkpoint",
+    "remove_leftovers",
     "run_lock",
     "save_weights",
 ]
@@ -95,6 +96,17 @@ def run_lock(root: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def remove_leftovers(files: RunFiles) -> list[str]:
+    """Remove what a write cut short by a kill left in a run directory: the temporary files of
+    the atomic writes and the pictures' partial files. Call it holding the directory's lock."""
+    names = (files.checkpoint, files.weights, files.config, files.metrics)
+    leftovers = [p for p in (path.with_name(path.name + ".tmp") for path in names) if p.exists()]
+    leftovers += files.root.glob(".*.partial.png")
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return [path.name for path in leftovers]
 
 
 def _first_sentence(error: BaseException) -> str:

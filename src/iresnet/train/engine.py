@@ -33,6 +33,7 @@ from .checkpoint import (
     atomic_save,
     default_run_directory,
     read_checkpoint,
+    remove_leftovers,
     run_lock,
     save_config,
     save_text,
@@ -589,6 +590,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             if procs.main:
                 created = _make_directory(Path(config.out)) or created
             _hold(Path(config.out), procs, held)
+            if procs.main and (removed := remove_leftovers(RunFiles(config.out))):
+                print(f"removed {', '.join(removed)} in {config.out}, left by a write that was cut short")
             try:
                 trainer = _Trainer(config, procs, progress)
                 trainer.restore(resume)
