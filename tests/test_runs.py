@@ -386,6 +386,20 @@ def test_a_second_signal_during_the_final_pictures_says_what_is_missing(tmp_path
     assert all((out / name).exists() for name in final)
 
 
+def test_ctrl_c_before_training_starts_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from iresnet.train import engine
+
+    def loading(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the data load, before the handlers are installed
+
+    monkeypatch.setattr(engine, "make_source", loading)
+    assert run_cli("train", "--out", str(tmp_path / "run"), "--no-progress") == 130
+    assert capsys.readouterr().err == "iresnet train: interrupted\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_picture_that_cannot_be_drawn_is_reported_and_the_run_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

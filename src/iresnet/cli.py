@@ -153,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"iresnet train: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, RunInUseError) else 1
     except KeyboardInterrupt as error:  # a second Ctrl-C (its message says what was kept), or one outside training
-        print(f"iresnet train: {error or 'interrupted'}", file=sys.stderr)
+        print(f"iresnet train: {str(error) or 'interrupted'}", file=sys.stderr)
         return 130
 
 
