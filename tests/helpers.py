@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+
+import pytest
 import torch
 from torch import nn
 
@@ -46,3 +49,18 @@ def jacobian_logdet(f, x: torch.Tensor) -> torch.Tensor:
         d = sample.numel()
         values.append(torch.linalg.slogdet(jacobian.reshape(d, d)).logabsdet)
     return torch.stack(values)
+
+
+def stop_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Press Ctrl-C (a real SIGINT to this process) as step ``step`` ends."""
+    from iresnet.train.engine import _Trainer
+
+    original = _Trainer.train_step
+
+    def stepping(self, model):
+        logged = original(self, model)
+        if self.step == step:
+            signal.raise_signal(signal.SIGINT)
+        return logged
+
+    monkeypatch.setattr(_Trainer, "train_step", stepping)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import stop_after
 from iresnet.cli import main
 
 TINY = ["--steps", "4", "--batch-size", "64", "--no-progress", "model.blocks=2", "model.hidden=16", "eval_size=500"]
@@ -100,6 +101,32 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     assert [s for s in steps if s > step] == [step + 1, step + 2, step + 3, step + 3]  # 3 train, 1 test
 
 
+def test_the_printed_hint_resumes_a_run_as_it_was_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``--resume`` reads the run's config.json: the bare hint continues a digits run with its own
+    steps, lr and model; a flag given with it changes that setting alone."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "digits"
+    small = ["model.blocks=1", "model.hidden=8", "model.fc_blocks=0", "eval_size=64", "log_every=1"]
+    small += ["--batch-size", "8"]
+    stop_after(monkeypatch, 3)
+    assert run_cli("train", "--preset", "digits", "--out", str(out), "--steps", "6", "lr=0.002", *small) == 130
+    monkeypatch.undo()
+    hint = capsys.readouterr().out.split("continue with: ")[1].split()
+    assert hint == ["iresnet", "train", "--out", str(out), "--resume"]
+    assert run_cli(*hint[1:], "--no-progress") == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["preset"], saved["steps"], saved["lr"], saved["batch_size"]) == ("digits", 6, 0.002, 8)
+    assert saved["model"]["hidden"] == 8
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][-2:] == [6, 6]
+    assert run_cli("train", "--out", str(out), "--resume", "--steps", "7", "--no-progress") == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["steps"], saved["lr"]) == (7, 0.002)
+    assert run_cli("train", "--out", str(out), "--resume", "--preset", "toy") == 2
+    assert "is a run of the 'digits' preset, not 'toy'" in capsys.readouterr().err
+
+
 def test_digits_run_reports_bits_per_dim_beside_baselines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("sklearn")
     out = tmp_path / "digits"
@@ -141,6 +168,14 @@ def test_classifier_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert report["n"] == 297 and 0 <= report["error_percent"] <= 100 and report["task"] == "classify"
     assert run_cli("sample", str(out)) == 2
     assert "only density and hybrid models can be sampled" in capsys.readouterr().err
+
+
+def test_threads_flag(capsys: pytest.CaptureFixture) -> None:
+    from iresnet.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--threads", "2"]).threads == 2
+    assert run_cli("train", "--threads", "0") == 2
+    assert "must be at least 1" in capsys.readouterr().err
 
 
 def test_unknown_arguments_are_refused(capsys: pytest.CaptureFixture) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import stop_after
 from iresnet.models.density import DensityModel
 from iresnet.models.presets import PRESETS
 from iresnet.train import TrainingError, evaluate, load_run, make_source, parse_override, resolve_config, train
@@ -113,8 +114,8 @@ def test_existing_run_is_not_overwritten(tmp_path: Path) -> None:
     assert (tmp_path / "run/checkpoint.pt").read_bytes() == before
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(config(tmp_path / "other", steps=2), resume=True, progress=False)
-    with pytest.raises(ValueError, match="lr"):
-        train(config(tmp_path / "run", steps=4, lr=0.1), resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"cannot resume with different settings for seed \(0 -> 1\)"):
+        train(config(tmp_path / "run", steps=4, seed=1), resume=True, progress=False)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
@@ -345,3 +346,57 @@ def test_settings_of_the_wrong_type_are_named() -> None:
 def test_too_few_labels_for_a_batch_is_a_message(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="labelled_fraction 0.01 keeps 16 labelled images, fewer than a batch of 32"):
         train(hybrid_config(tmp_path / "run", labelled_fraction=0.01), progress=False)
+
+
+def test_threads_sets_torchs_thread_count_while_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``threads`` (default 1) is torch's thread count during the steps, and is free on resume;
+    afterwards torch's count is what it was."""
+    from iresnet.train.engine import _Trainer
+
+    seen: list[int] = []
+    original = _Trainer.train_step
+
+    def spying(self, model):
+        seen.append(torch.get_num_threads())
+        return original(self, model)
+
+    monkeypatch.setattr(_Trainer, "train_step", spying)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        train(config(tmp_path / "run", steps=2), progress=False)
+        train(config(tmp_path / "run", steps=4, threads=2), resume=True, progress=False)
+        assert seen == [1, 1, 2, 2]
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be at least 1 or null, got 0"):
+        config(tmp_path / "run", threads=0)
+
+
+def test_a_stop_between_records_resumes_record_for_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steps since the last record travel in the checkpoint: the record after a resume
+    averages over the same steps as the uninterrupted run's."""
+    settings = {"steps": 12, "log_every": 5, "ema_decay": 0.9, "warmup_steps": 3}
+    train(config(tmp_path / "straight", **settings), progress=False)
+    stop_after(monkeypatch, 7)
+    stopped = train(config(tmp_path / "split", **settings), progress=False)
+    assert stopped.interrupted and stopped.step == 7
+    monkeypatch.undo()
+    train(config(tmp_path / "split", **settings), resume=True, progress=False)
+    a, b = records(tmp_path / "straight"), records(tmp_path / "split")
+    assert [r["step"] for r in b] == [5, 10, 12]
+    for straight, split in zip(a, b):
+        assert straight.pop("steps_per_s") > 0 and split.pop("steps_per_s") > 0
+    assert a == b
+
+
+def test_resume_with_another_learning_rate_follows_the_schedule(tmp_path: Path, capsys) -> None:
+    """lr and grad_clip are free on resume (the advice after a non-finite loss): the warm-up
+    goes on from the step reached, times the new rate."""
+    train(config(tmp_path / "run", steps=2, lr=0.01, warmup_steps=4), progress=False)
+    capsys.readouterr()
+    train(config(tmp_path / "run", steps=5, lr=0.002, warmup_steps=4, grad_clip=1.0), resume=True, progress=False)
+    assert "resuming at step 2; steps 2 -> 5; lr 0.01 -> 0.002; grad_clip None -> 1.0" in capsys.readouterr().out
+    lrs = [r["lr"] for r in records(tmp_path / "run")]
+    assert lrs == pytest.approx([0.005, 0.0075, 0.002, 0.002, 0.002])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -58,9 +59,17 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    train.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="CPU threads for torch in each process (default 1)"
+    )
     train.add_argument("--out", help="the run directory (default runs/PRESET)")
     train.add_argument("--tensorboard", action="store_const", const=True, help="also write TensorBoard logs")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (default: the latest runs/PRESET) from its checkpoint, with the run's own "
+        "settings; flags and KEY=VALUE given here change them (steps, lr, grad_clip, ...)",
+    )
     train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. ema_decay=0.999")
 
@@ -109,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainingError, parse_override, resolve_config, train
+    from .train import RunInUseError, TrainingError, parse_override, resolve_config
+    from .train.checkpoint import WriteError, default_run_directory, load_config
 
     flags = (
         "task",
@@ -123,17 +133,34 @@ def _train(args: argparse.Namespace) -> int:
         "labelled_fraction",
         "seed",
         "device",
+        "threads",
         "out",
         "tensorboard",
     )
     overrides: list[dict[str, Any]] = [{k: getattr(args, k) for k in flags if getattr(args, k) is not None}]
     overrides += [parse_override(text) for text in args.overrides]
-    config = resolve_config(args.preset, args.config, overrides)
+    saved = None
+    if args.resume:  # the run's own settings, then what this command line changes
+        run = args.out or default_run_directory(args.preset or "toy", resume=True)
+        saved = dataclasses.replace(load_config(run), out=str(run))
+    config = resolve_config(args.preset, args.config, overrides, saved=saved)
     try:
-        result = train(config, resume=args.resume, progress=args.progress)
+        return _train_and_report(args, config)
     except TrainingError as error:
         print(f"iresnet: {error}", file=sys.stderr)
         return 1
+    except (RunInUseError, WriteError) as error:
+        print(f"iresnet train: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, RunInUseError) else 1
+    except KeyboardInterrupt as error:  # a second Ctrl-C (its message says what was kept), or one outside training
+        print(f"iresnet train: {str(error) or 'interrupted'}", file=sys.stderr)
+        return 130
+
+
+def _train_and_report(args: argparse.Namespace, config: TrainConfig) -> int:
+    from .train import train
+
+    result = train(config, resume=args.resume, progress=args.progress)
     if not result.main:
         return 130 if result.interrupted else 0
     if result.interrupted:

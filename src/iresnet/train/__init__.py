@@ -1,8 +1,8 @@
 """Training, evaluation and run directories."""
 
-from .checkpoint import RunFiles, load_run
+from .checkpoint import RunFiles, RunInUseError, load_run
 from .config import TrainConfig, parse_override, resolve_config
-from .engine import TrainingError, TrainResult, train
+from .engine import StoppedAtOnce, TrainingError, TrainResult, train
 from .evaluate import (
     ClassifierEvaluation,
     Evaluation,
@@ -20,6 +20,8 @@ __all__ = [
     "Evaluation",
     "HybridEvaluation",
     "RunFiles",
+    "RunInUseError",
+    "StoppedAtOnce",
     "TrainConfig",
     "TrainResult",
     "TrainingError",

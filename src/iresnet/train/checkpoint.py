@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,18 @@ from torch import nn
 from ..models.build import build_model
 from .config import TrainConfig
 
-__all__ = ["RunFiles", "atomic_save", "save_weights", "load_run", "default_run_directory"]
+__all__ = [
+    "RunFiles",
+    "RunInUseError",
+    "WriteError",
+    "atomic_save",
+    "default_run_directory",
+    "load_run",
+    "read_checkpoint",
+    "remove_leftovers",
+    "run_lock",
+    "save_weights",
+]
 
 
 class RunFiles:
@@ -31,25 +44,135 @@ class RunFiles:
 
 
 def default_run_directory(preset: str, resume: bool, root: str | os.PathLike = "runs") -> Path:
-    """``runs/PRESET``, ``runs/PRESET-2``, ``-3``, ...: the first that does not exist for a new run,
-    the one before it to ``resume``, so that no run overwrites another."""
-    previous, index = None, 1
+    """``runs/PRESET``, ``runs/PRESET-2``, ``-3``, ...: for a new run the first that does not exist,
+    created here (by ``mkdir``, which fails for all but one of several processes that try the same
+    name at once: the others take the next), so that no run overwrites another; to ``resume``, the
+    last that exists (or ``runs/PRESET`` where none does)."""
+
+    def path(index: int) -> Path:
+        return Path(root) / (preset if index == 1 else f"{preset}-{index}")
+
+    index = 1
+    if resume:
+        while path(index + 1).exists():
+            index += 1
+        return path(index)
     while True:
-        path = Path(root) / (preset if index == 1 else f"{preset}-{index}")
-        if not path.exists():
-            return previous if resume and previous is not None else path
-        previous, index = path, index + 1
+        try:
+            path(index).mkdir(parents=True)
+            return path(index)
+        except FileExistsError:
+            index += 1
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training in this run directory."""
+
+
+@contextmanager
+def run_lock(root: str | os.PathLike) -> Iterator[None]:
+    """Hold ``ROOT/.lock`` exclusively (``flock``, without waiting) while the block runs: a second
+    process that trains in the same directory gets :class:`RunInUseError` instead of mixing its
+    records and checkpoints with the first's. The operating system releases the lock when the
+    process ends, however it ends. (Where ``fcntl`` is missing, on Windows, nothing is locked.)"""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(root) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise RunInUseError(
+                f"{root} is being trained by another process (pid {holder}): wait for it to end, or stop it, "
+                "or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_leftovers(files: RunFiles) -> list[str]:
+    """Remove what a write cut short by a kill left in a run directory: the temporary files of
+    the atomic writes and the pictures' partial files. Call it holding the directory's lock."""
+    names = (files.checkpoint, files.weights, files.config, files.metrics)
+    leftovers = [p for p in (path.with_name(path.name + ".tmp") for path in names) if p.exists()]
+    leftovers += files.root.glob(".*.partial.png")
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return [path.name for path in leftovers]
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The start of an error's message (torch's run over several lines), or its type."""
+    text = str(error).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(error).__name__
+
+
+class WriteError(OSError):
+    """A file of the run could not be written, most often because the disk is full."""
+
+
+def write_error(path: Path, error: BaseException, kept: str) -> WriteError:
+    """A :class:`WriteError` naming ``path`` and saying what ``kept`` as it was."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_sentence(error)
+    failure = WriteError(f"could not write {path} ({reason}): the disk may be full. {kept}")
+    failure.errno = getattr(error, "errno", None)
+    return failure
 
 
 def _replace_atomically(path: Path, write) -> None:
+    """``write(tmp)``, then rename the temporary file onto ``path``: the old file stays until the
+    new one is complete and on disk. On any failure the temporary file is removed; a failure to
+    write (``torch.save`` reports a short write as a ``RuntimeError``) becomes a
+    :class:`WriteError`."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # a full disk may show only here
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, (OSError, RuntimeError)):
+            kept = f"The previous {path.name} is intact" if path.exists() else f"No {path.name} was written"
+            raise write_error(path, error, f"{kept}, and the partial {tmp.name} was removed.") from error
+        raise
 
 
 def atomic_save(state: dict[str, Any], path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file, then rename: a crash leaves the old file intact."""
     _replace_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+_CHECKPOINT_KEYS = {"step", "model", "optimizer", "scheduler", "ema", "rng", "config"}
+
+
+def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The training state in ``path``; a file that cannot be read, or that does not hold a
+    training state, raises ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        reason = _first_sentence(error)
+        raise ValueError(
+            f"{path} cannot be read ({reason}): it is damaged. The run cannot continue from it: put back a copy "
+            "of the file if you have one, or start a new run (another --out). If the run had finished, its "
+            "model.safetensors still serves iresnet eval and sample"
+        ) from error
+    missing = _CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else _CHECKPOINT_KEYS
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint of iresnet: it lacks {', '.join(sorted(missing))}")
+    return state
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
@@ -60,8 +183,13 @@ def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
     _replace_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp)))
 
 
+def save_text(text: str, path: str | os.PathLike) -> None:
+    """``text`` into ``path``, atomically."""
+    _replace_atomically(Path(path), lambda tmp: tmp.write_text(text))
+
+
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    _replace_atomically(Path(path), lambda tmp: tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n"))
+    save_text(json.dumps(config.to_dict(), indent=2) + "\n", path)
 
 
 def load_config(run: str | os.PathLike) -> TrainConfig:

@@ -10,7 +10,9 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import signal
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -25,7 +27,19 @@ from ..blocks import initialize_from_data
 from ..compiled import memory_lean
 from ..data.preprocess import bits_per_dim
 from ..models.build import build_model
-from .checkpoint import RunFiles, atomic_save, default_run_directory, save_config, save_weights
+from .checkpoint import (
+    RunFiles,
+    RunInUseError,
+    atomic_save,
+    default_run_directory,
+    read_checkpoint,
+    remove_leftovers,
+    run_lock,
+    save_config,
+    save_text,
+    save_weights,
+    write_error,
+)
 from .config import TrainConfig
 from .distributed import Processes, start_processes
 from .ema import ExponentialMovingAverage
@@ -42,7 +56,7 @@ from .evaluate import (
 )
 from .sources import DataSource, make_source
 
-__all__ = ["TrainingError", "TrainResult", "train"]
+__all__ = ["StoppedAtOnce", "TrainingError", "TrainResult", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -58,17 +72,31 @@ class TrainResult:
     main: bool = True  # whether this is the process that writes (rank 0)
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM: training stopped without finishing its step or its final
+    files; the last checkpoint is intact (the message says which files were written)."""
+
+
 class _StopRequests:
     """The first SIGINT / SIGTERM asks the loop to stop after the current step (it then writes a
-    checkpoint); a second SIGINT interrupts at once."""
+    checkpoint), or, while the final weights and pictures are written, lets them finish; the
+    next one raises :class:`StoppedAtOnce`. Each request says so at once on standard error."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.requested = False
+        self.finishing = False  # writing the final weights and pictures
+        self.quiet = quiet  # a process other than the main one
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.requested:
+            raise StoppedAtOnce
         self.requested = True
+        if self.quiet:
+            return
+        if self.finishing:
+            _notice("stop requested: finishing the final pictures first (seconds); press Ctrl-C again to stop at once")
+        else:
+            _notice("stop requested: stopping after this step with a checkpoint; press Ctrl-C again to stop at once")
 
     @contextmanager
     def installed(self):
@@ -82,6 +110,15 @@ class _StopRequests:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+def _notice(text: str) -> None:
+    """A line on standard error from a signal handler: written to the file descriptor, since the
+    handler may interrupt a write to ``sys.stderr`` (a progress bar's), which cannot be reentered."""
+    try:
+        os.write(sys.stderr.fileno(), f"\n{text}\n".encode())
+    except (OSError, ValueError, AttributeError):  # no descriptor (captured output): nothing to say
+        pass
 
 
 def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -133,8 +170,15 @@ class _Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
+        self.changed: dict[str, tuple[Any, Any]] = {}  # settings a resume changes: old and new values
+        self.saved_step: int | None = None  # the step of the last checkpoint written or read
+        self.pending: list[dict[str, float]] = []  # what the steps since the last train record logged
+        self.pending_seconds = 0.0  # their time, from a checkpoint
+        self.logged_at = time.perf_counter()  # when the last train record was written
+        self.saved_at = time.monotonic()  # when the last checkpoint was written (or the loop began)
         self.evaluation: Evaluation | ClassifierEvaluation | HybridEvaluation | None = None
         self.writer = None
+        self.unwritten: list[str] = []  # the final files not written yet
 
     # -- state -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -149,25 +193,47 @@ class _Trainer:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": self.procs.gather(rng),
             "config": self.config.to_dict(),
+            # the next train record averages over these steps too, resumed or not
+            "pending": {"steps": list(self.pending), "seconds": time.perf_counter() - self.logged_at},
         }
 
     def save_checkpoint(self) -> None:
         state = self.state()  # collective under torch.distributed: every process takes part
         if self.procs.main:
             atomic_save(state, self.files.checkpoint)
+        self.saved_step, self.saved_at = self.step, time.monotonic()
+
+    def checkpoint_due(self) -> bool:
+        """Whether the step count, or the time since the last checkpoint, calls for one now (the
+        same answer on every process)."""
+        config = self.config
+        if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+            return True
+        if config.checkpoint_seconds is None:
+            return False
+        return self.procs.any(time.monotonic() - self.saved_at >= config.checkpoint_seconds)
 
     def restore(self, resume: bool) -> None:
         if not self.files.checkpoint.exists():
+            logged = self.files.metrics.exists() and self.files.metrics.read_text().strip()
             if resume:
-                raise FileNotFoundError(f"nothing to resume: {self.files.checkpoint} does not exist")
+                early = " (its run stopped before its first checkpoint)" if logged else ""
+                raise FileNotFoundError(f"nothing to resume: {self.files.checkpoint} does not exist{early}")
+            if logged:
+                raise FileExistsError(
+                    f"{self.files.root} holds {self.files.metrics.name} of an earlier run that stopped before its "
+                    "first checkpoint: it cannot be resumed, and a new run there would add its records to the old "
+                    f"ones. Choose another --out, or remove {self.files.root} (or move its metrics.jsonl away) to "
+                    "start again there"
+                )
             return
-        state = torch.load(self.files.checkpoint, map_location=self.procs.device, weights_only=True)
+        state = read_checkpoint(self.files.checkpoint, self.procs.device)
         if not resume:
             raise FileExistsError(
                 f"{self.files.root} already holds a run (checkpoint at step {state['step']}): pass --resume to "
                 "continue it, or --out for a new run directory"
             )
-        _check_compatible(state["config"], self.config)
+        self.changed = _check_compatible(state["config"], self.config)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -184,16 +250,33 @@ class _Trainer:
             torch.set_rng_state(rng["torch"].cpu())
             if "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), self.procs.device)
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
+        if state["config"].get("lr") != self.config.lr:
+            self._set_lr(self.config.lr)
+        pending = state.get("pending", {"steps": [], "seconds": 0.0})  # older checkpoints: none
+        self.pending, self.pending_seconds = list(pending["steps"]), pending["seconds"]
         if self.procs.main:
             _truncate_metrics(self.files.metrics, self.step)
+
+    def _set_lr(self, lr: float) -> None:
+        """Another learning rate for a resumed run: the schedule's factor at this step times ``lr``."""
+        factor = _schedule(self.config)(self.step)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * factor
+        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # -- records -----------------------------------------------------------------------------
     def record(self, entry: dict[str, Any]) -> None:
         if not self.procs.main:
             return
-        with open(self.files.metrics, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        try:
+            with open(self.files.metrics, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        except OSError as error:
+            kept = self.kept()
+            kept = f"{kept[0].upper()}{kept[1:]}: free some space, then continue with --resume."
+            raise write_error(self.files.metrics, error, kept) from error
         if self.writer is not None:
             for key, value in entry.items():
                 if isinstance(value, float):
@@ -266,8 +349,13 @@ class _Trainer:
         config = self.config
         bf16 = config.precision == "bf16"
         lean = memory_lean() if config.compile else contextlib.nullcontext()
-        with lean, torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, logged = self.objective(model)
+        try:
+            with lean, torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, logged = self.objective(model)
+        except (ValueError, RuntimeError) as error:
+            if not _non_finite(error):
+                raise
+            raise TrainingError(self._failure(f"values inside the model overflowed ({error})")) from error
         reported = {key: self.procs.mean(value).item() for key, value in logged.items()}
         for key in ("cross_entropy", "nll"):
             if key in reported and not math.isfinite(reported[key]):
@@ -285,14 +373,27 @@ class _Trainer:
         self.step += 1
         return {**reported, "grad_norm": grad_norm}
 
+    def kept(self) -> str:
+        """What is left to continue from."""
+        if self.saved_step is None:
+            return "no checkpoint had been written yet"
+        return f"the last checkpoint, {self.files.checkpoint}, is intact (step {self.saved_step})"
+
     def _failure(self, what: str) -> str:
-        kept = f"the last checkpoint, {self.files.checkpoint}, is intact"
-        if not self.files.checkpoint.exists():
-            kept = "no checkpoint had been written yet"
-        return (
-            f"training stopped at step {self.step + 1}: {what}. Nothing was saved from this step; {kept}. "
-            "Lower the learning rate or set grad_clip, then run again (with --resume to continue)."
-        )
+        """The message of a stop on non-finite values: the step, what was kept, and what to do."""
+        lower = f"lr={self.config.lr / 10:g}"
+        if self.saved_step is None:
+            advice = (
+                f"Nothing can be resumed: start again with a lower learning rate (now {self.config.lr:g}) or with "
+                f"grad_clip set, in another directory (--out) or after removing {self.files.root}."
+            )
+        else:
+            advice = (
+                f"Lower the learning rate (now {self.config.lr:g}) or set grad_clip, and continue from the "
+                f"checkpoint, e.g. iresnet train --out {self.files.root} --resume {lower}"
+            )
+        stopped = f"training stopped at step {self.step + 1}: {what}"
+        return f"{stopped}. Nothing was saved from this step; {self.kept()}. {advice}"
 
     def train_metrics(self, steps: list[dict[str, float]], seconds: float) -> dict[str, Any]:
         """Means over the steps since the last record (the largest gradient norm)."""
@@ -351,27 +452,28 @@ class _Trainer:
             initialize_from_data(self.model, self.step_batch()[0])  # no data-dependent branch in the graph
             model = torch.compile(model)
             bar.write("compiling the training step: the first steps take longer (seconds to minutes)")
-        steps: list[dict[str, float]] = []
-        started = time.perf_counter()
+        self.logged_at = time.perf_counter() - self.pending_seconds
+        self.saved_at = time.monotonic()
         try:
             while self.step < config.steps:
-                steps.append(self.train_step(model))
+                self.pending.append(self.train_step(model))
                 bar.update(1)
                 if self.step % config.log_every == 0 or self.step == config.steps:
-                    entry = self.train_metrics(steps, time.perf_counter() - started)
+                    entry = self.train_metrics(self.pending, time.perf_counter() - self.logged_at)
                     self.record(entry)
                     shown = ("nll", "bits_per_dim", "accuracy")
                     bar.set_postfix({k: f"{entry[k]:.4f}" for k in shown if k in entry})
-                    steps, started = [], time.perf_counter()
+                    self.pending, self.logged_at = [], time.perf_counter()
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     if self.procs.main:
                         self.evaluation = self.run_evaluation()
                         self.record(self.test_metrics(self.evaluation))
                         bar.write(f"step {self.step}: {self.evaluation}")
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                if self.checkpoint_due():
                     self.save_checkpoint()
                 if self.procs.any(stop.requested):
-                    self.save_checkpoint()
+                    if self.saved_step != self.step:
+                        self.save_checkpoint()
                     bar.write(f"stopped at step {self.step}; checkpoint written to {self.files.checkpoint}")
                     return True
         finally:
@@ -379,70 +481,176 @@ class _Trainer:
         return False
 
     def finish(self) -> None:
-        """The evaluation weights alone, and the pictures."""
+        """The evaluation weights alone, and the pictures (each written to a temporary file, then
+        renamed). A picture that cannot be drawn (a diverged model) is reported and skipped: the
+        run itself is complete."""
         if not self.procs.main:
             return
-        model = self.eval_model()
+        self.unwritten = [self.files.weights.name, "the pictures"]
+        print(f"writing the evaluation weights and the pictures to {self.files.root}", flush=True)
         from ..lipschitz import converge_spectral_norms
+        from .pictures import run_pictures
 
+        model = self.eval_model()
+        pictures = run_pictures(model, self.source, self.files, self.config.task)
+        self.unwritten = [self.files.weights.name, *(path.name for path in pictures)]
         converge_spectral_norms(model)
         if self.config.task == "classify":
             recalibrate_batch_norms(model, self.source.train)
         save_weights(model, self.files.weights)
-        from .pictures import draw_run
+        self.unwritten.remove(self.files.weights.name)
+        for path, draw in pictures.items():
+            partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+            try:
+                draw(partial)
+                os.replace(partial, path)
+                self.unwritten.remove(path.name)
+            except Exception as error:  # reported; the run stays complete
+                print(f"iresnet: {path.name} was not drawn: {error}", file=sys.stderr)
+            finally:
+                partial.unlink(missing_ok=True)
 
-        draw_run(model, self.source, self.files, self.config.task)
+    def stopped_at_once(self, finishing: bool) -> str:
+        """What a second signal left behind."""
+        if not finishing:
+            return (
+                f"stopped at once at step {self.step}; {self.kept()}. Continue with: "
+                f"iresnet train --out {self.files.root} --resume"
+            )
+        return (
+            f"stopped at once while writing the final files: training is complete and {self.kept()}; not written: "
+            f"{', '.join(self.unwritten)}. To write them: iresnet train --out {self.files.root} --resume"
+        )
 
 
-def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> None:
-    """A resumed run may change how long it trains and how it logs, not what it trains. A setting
-    that the checkpoint lacks (it came later) had its default value."""
-    free = {"steps", "out", "checkpoint_every", "eval_every", "log_every", "tensorboard", "device", "download"}
-    free |= {"compile", "precision"}  # how the same step is computed
+def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """A resumed run may change how long it trains, its learning rate and clipping (the advice
+    after a non-finite loss), how it logs and how its step is computed, not what it trains. A
+    setting that the checkpoint lacks (it came later) had its default value. Returns the changed
+    settings (but ``out``) with their old and new values."""
+    free = {"steps", "out", "checkpoint_every", "checkpoint_seconds", "eval_every", "log_every", "tensorboard"}
+    free |= {"device", "download", "lr", "grad_clip"}
+    free |= {"compile", "precision", "threads"}  # how the same step is computed
     saved = {**TrainConfig(out=config.out).to_dict(), **saved}
-    changed = [k for k, v in config.to_dict().items() if k not in free and saved.get(k) != v]
+    new = config.to_dict()
+    changed = [k for k, v in new.items() if k not in free and saved.get(k) != v]
     if changed:
         raise ValueError(
             "cannot resume with different settings for "
             + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})" for k in changed)
         )
+    return {k: (saved.get(k), v) for k, v in new.items() if k != "out" and saved.get(k) != v}
+
+
+def _non_finite(error: BaseException) -> bool:
+    """Whether an error raised inside a training step reports NaN or inf among a layer's inputs
+    (:func:`iresnet.validation.check_input`, eager or compiled): the weights have diverged."""
+    return "NaN or inf" in str(error)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records of steps after the checkpoint (written before a crash), so a resumed run
-    does not log them twice."""
+    does not log them twice, and a last line written only in part (a warning says so)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record["step"] <= step:
+                kept.append(line)
+        except (ValueError, TypeError, KeyError):
+            if number < len(lines):
+                raise ValueError(
+                    f"{path}, line {number}, is not a record of the run ({line[:60]!r}): repair or remove that line, "
+                    "then resume again"
+                ) from None
+            warnings.warn(f"{path}: dropped its last line, written only in part ({line[:60]!r})", stacklevel=2)
+    save_text("".join(line + "\n" for line in kept), path)
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train the model ``config`` describes into ``config.out``; under ``torchrun``, with
-    ``DistributedDataParallel`` over the processes (each takes a share of every batch)."""
+    ``DistributedDataParallel`` over the processes (each takes a share of every batch). Torch's
+    CPU thread count is ``config.threads`` while it runs (then back to what it was)."""
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     procs = start_processes(config.device)
     try:
+        created = False  # whether this process made the run directory (then it removes it if setup fails)
         if config.out is None:  # every process takes the main process's choice
             chosen = default_run_directory(config.preset, resume) if procs.main else None
             config = dataclasses.replace(config, out=str(procs.gather(chosen)[0]))
-        trainer = _Trainer(config, procs, progress)
-        trainer.restore(resume)
-        if procs.main:
-            parameters = sum(p.numel() for p in trainer.model.parameters())
-            resuming = f", resuming at step {trainer.step}" if trainer.step else ""
-            print(f"{config.preset} preset on {config.data}: {parameters:,} parameters; run {config.out}{resuming}")
-            trainer.files.root.mkdir(parents=True, exist_ok=True)
-            save_config(config, trainer.files.config)
-            if config.tensorboard:
-                trainer.writer = _tensorboard(trainer.files.root / "tensorboard")
-        with _StopRequests().installed() as stop:
-            interrupted = trainer.loop(stop)
-        if not interrupted:
-            trainer.finish()
-        return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation, procs.main)
+            created = not resume
+        with contextlib.ExitStack() as held:
+            if procs.main:
+                created = _make_directory(Path(config.out)) or created
+            _hold(Path(config.out), procs, held)
+            if procs.main and (removed := remove_leftovers(RunFiles(config.out))):
+                print(f"removed {', '.join(removed)} in {config.out}, left by a write that was cut short")
+            try:
+                trainer = _Trainer(config, procs, progress)
+                trainer.restore(resume)
+            except BaseException:
+                if created and procs.main:
+                    _remove_if_empty(Path(config.out))
+                raise
+            if procs.main:
+                parameters = sum(p.numel() for p in trainer.model.parameters())
+                resuming = f", resuming at step {trainer.step}" if trainer.step else ""
+                resuming += "".join(f"; {k} {old!r} -> {new!r}" for k, (old, new) in trainer.changed.items())
+                print(f"{config.preset} preset on {config.data}: {parameters:,} parameters; run {config.out}{resuming}")
+                save_config(config, trainer.files.config)
+                if config.tensorboard:
+                    trainer.writer = _tensorboard(trainer.files.root / "tensorboard")
+            stop = _StopRequests(quiet=not procs.main)
+            try:
+                with stop.installed():
+                    interrupted = trainer.loop(stop)
+                    if not interrupted:
+                        stop.finishing = True
+                        trainer.finish()
+            except StoppedAtOnce:
+                raise StoppedAtOnce(trainer.stopped_at_once(stop.finishing)) from None
+            return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation, procs.main)
     finally:
         procs.close()
+        torch.set_num_threads(threads)
+
+
+def _make_directory(root: Path) -> bool:
+    """Create ``root`` (and its parents); whether this call created it."""
+    try:
+        root.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
+
+
+def _hold(root: Path, procs: Processes, held: contextlib.ExitStack) -> None:
+    """The main process locks the run directory until ``held`` closes; every process raises
+    :class:`RunInUseError` if another run holds it."""
+    refused = None
+    if procs.main:
+        try:
+            held.enter_context(run_lock(root))
+        except RunInUseError as error:
+            refused = str(error)
+    refused = procs.gather(refused)[0]
+    if refused is not None:
+        raise RunInUseError(refused)
+
+
+def _remove_if_empty(root: Path) -> None:
+    """Remove a run directory this process created when the run failed before writing anything."""
+    with contextlib.suppress(OSError):  # never in the way of the error that ended the run
+        if {p.name for p in root.iterdir()} <= {".lock"}:
+            (root / ".lock").unlink(missing_ok=True)
+            root.rmdir()
 
 
 def _tensorboard(path: Path):

@@ -3,6 +3,9 @@ density beside the data and samples beside data for 2-D runs; a grid of samples 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -11,7 +14,7 @@ from ..models.density import DensityModel
 from .checkpoint import RunFiles
 from .sources import DataSource
 
-__all__ = ["draw_run", "draw_samples"]
+__all__ = ["draw_run", "draw_samples", "run_pictures"]
 
 _SAMPLE_SEED = 11
 
@@ -35,14 +38,26 @@ def draw_samples(
     return samples
 
 
-def draw_run(model: nn.Module, source: DataSource, files: RunFiles, task: str = "density") -> None:
-    plots.training_curves(files.metrics, files.root / "curves.png")
+def run_pictures(
+    model: nn.Module, source: DataSource, files: RunFiles, task: str = "density"
+) -> dict[Path, Callable[[Path], object]]:
+    """The pictures of a finished run: where each belongs, and the call that draws it to a path."""
+    pictures: dict[Path, Callable[[Path], object]] = {
+        files.root / "curves.png": lambda path: plots.training_curves(files.metrics, path)
+    }
     if task == "classify":
-        return
+        return pictures
     if task == "hybrid":
         model = model.density
     if source.levels is None:
-        plots.density_map(model, source.test.to(next(model.parameters()).device), files.root / "density.png")
-        draw_samples(model, source, files.root / "samples.png", 2000)
+        test = source.test.to(next(model.parameters()).device)
+        pictures[files.root / "density.png"] = lambda path: plots.density_map(model, test, path)
+        pictures[files.root / "samples.png"] = lambda path: draw_samples(model, source, path, 2000)
     else:
-        draw_samples(model, source, files.root / "samples.png", 64)
+        pictures[files.root / "samples.png"] = lambda path: draw_samples(model, source, path, 64)
+    return pictures
+
+
+def draw_run(model: nn.Module, source: DataSource, files: RunFiles, task: str = "density") -> None:
+    for path, draw in run_pictures(model, source, files, task).items():
+        draw(path)
