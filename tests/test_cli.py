@@ -232,3 +232,28 @@ def test_class_conditional_samples_a_row_per_class(tmp_path: Path, capsys: pytes
     assert "30 samples written" in capsys.readouterr().out
     with Image.open(out / "samples.png") as picture:  # 10 rows of 3 tiles of 64 px, 1-px gaps
         assert picture.size == (3 * 64 + 2, 10 * 64 + 9)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "reconstruct"])
+@pytest.mark.parametrize("device, message", [("cuda", "no CUDA GPU is available"), ("gpu", "a GPU is 'cuda' here")])
+def test_a_device_that_cannot_be_had_is_a_message(
+    command: str, device: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():  # tests/conftest.py hides CUDA unless the suite runs with --device cuda
+        pytest.skip("a GPU is available")
+    run = tmp_path / "run"
+    arguments = ["--out", str(run), *TINY] if command == "train" else [str(run)]
+    assert run_cli(command, *arguments, "--device", device) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()  # refused before anything was written
+
+
+def test_device_defaults_to_auto() -> None:
+    from iresnet.cli import build_parser
+    from iresnet.train import TrainConfig
+
+    parser = build_parser()
+    assert [parser.parse_args([command, "RUN"]).device for command in ("eval", "sample", "reconstruct")] == ["auto"] * 3
+    assert TrainConfig().device == "auto"

@@ -24,6 +24,9 @@ resolved settings are saved as RUN/config.json. Under torchrun the same command 
 DistributedDataParallel: torchrun --nproc-per-node 2 -m iresnet train ..."""
 
 
+_DEVICE_HELP = "auto (the default: CUDA when a GPU is available, else the CPU), cpu, cuda, cuda:1, ..."
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     value = int(text)
@@ -57,7 +60,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "--labelled-fraction", dest="labelled_fraction", type=float, metavar="F", help="keep the labels of a fraction F"
     )
     train.add_argument("--seed", type=int)
-    train.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    train.add_argument("--device", help=_DEVICE_HELP)
     train.add_argument("--out", help="the run directory (default runs/PRESET)")
     train.add_argument("--tensorboard", action="store_const", const=True, help="also write TensorBoard logs")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="test NLL (and bits/dim) of a trained run, with standard errors")
     evaluate.add_argument("run", help="the run directory")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="auto", help=_DEVICE_HELP)
     evaluate.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=500)
     evaluate.add_argument(
         "--ood",
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--by-class", action="store_true", help="a hybrid with a class-conditional prior: N samples of every class"
     )
-    sample.add_argument("--device", default="cpu")
+    sample.add_argument("--device", default="auto", help=_DEVICE_HELP)
 
     rebuild = commands.add_parser(
         "reconstruct", help="invert a classifier's trunk from its features back to the inputs; writes a PNG"
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("run", help="the run directory of a classifier")
     rebuild.add_argument("--n", type=_positive_int, default=16, help="number of test images (default 16)")
     rebuild.add_argument("--out", help="the PNG to write (default RUN/reconstructions.png)")
-    rebuild.add_argument("--device", default="cpu")
+    rebuild.add_argument("--device", default="auto", help=_DEVICE_HELP)
 
     demo = commands.add_parser("demo", help="build a residual block, certify, invert it and check its log-det")
     demo.add_argument("--dim", type=int, default=2, help="data dimension (default 2)")
@@ -177,9 +180,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     """``iresnet eval``: the run's model and data, then its evaluation with the dequantisation
     noise and probes of training's evaluations."""
     from .train import load_run
+    from .train.distributed import resolve_device
     from .train.evaluate import evaluation_randomness
 
-    model, config = load_run(args.run, args.device)
+    device = resolve_device(args.device)
+    model, config = load_run(args.run, device)
     source = _source(config)
     if args.ood is not None and (config.task == "classify" or source.levels is None):
         raise ValueError(
@@ -187,7 +192,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     if args.ood == config.data:
         raise ValueError(f"--ood {args.ood} is the run's own data set: choose noise, inverted or another data set")
-    with evaluation_randomness(args.device):
+    with evaluation_randomness(device):
         return _evaluate_model(args, model, config, source)
 
 
@@ -279,9 +284,10 @@ def _write_report(args: argparse.Namespace, report: dict[str, Any], text: str) -
 def _sample(args: argparse.Namespace) -> int:
     from .lipschitz import converge_spectral_norms
     from .train import load_run
+    from .train.distributed import resolve_device
     from .train.pictures import draw_samples
 
-    model, config = load_run(args.run, args.device)
+    model, config = load_run(args.run, resolve_device(args.device))
     if config.task == "classify":
         raise ValueError(f"{args.run} holds a 'classify' run: only density and hybrid models can be sampled")
     if config.task == "hybrid":
@@ -307,13 +313,15 @@ def _iteration_cells(counts: list[int | None]) -> list[str]:
 def _reconstruct(args: argparse.Namespace) -> int:
     from . import plots
     from .train import load_run
+    from .train.distributed import resolve_device
     from .train.reconstruct import reconstruct
 
-    model, config = load_run(args.run, args.device)
+    device = resolve_device(args.device)
+    model, config = load_run(args.run, device)
     if config.task != "classify":
         raise ValueError(f"{args.run} holds a {config.task!r} run: reconstruct inverts a classifier's trunk")
     source = _source(config)
-    images = source.test[: args.n].to(args.device)
+    images = source.test[: args.n].to(device)
     result = reconstruct(model, images)
     print(f"{'block':>5} {'certified Lip(g)':>17} {'fixed-point iterations':>23} {'Anderson iterations':>20}")
     columns = []

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..models.build import build_model
 from .config import TrainConfig
+from .distributed import resolve_device
 
 __all__ = ["RunFiles", "atomic_save", "save_weights", "load_run", "default_run_directory"]
 
@@ -73,7 +74,8 @@ def load_config(run: str | os.PathLike) -> TrainConfig:
 
 def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
     """The trained model of a run directory (its evaluation weights, from ``model.safetensors``,
-    or else from the last checkpoint), in eval mode, with its config."""
+    or else from the last checkpoint), in eval mode on ``device`` (``"auto"`` too, see
+    :func:`~iresnet.train.distributed.resolve_device`), with its config."""
     from safetensors.torch import load_file
 
     files, config = RunFiles(run), load_config(run)
@@ -86,4 +88,4 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
     else:
         raise FileNotFoundError(f"{files.root} holds neither {files.weights.name} nor {files.checkpoint.name}")
     model.load_state_dict(state)
-    return model.to(device).eval(), config
+    return model.to(resolve_device(device)).eval(), config

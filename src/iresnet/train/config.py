@@ -57,7 +57,7 @@ class TrainConfig:
     grad_clip: float | None = None
     ema_decay: float | None = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when a GPU is available, else the CPU (see train.distributed.resolve_device)
     out: str | None = None  # None: runs/PRESET, runs/PRESET-2, ... (a new one, or the latest to resume)
     checkpoint_every: int = 500
     eval_every: int = 500
