@@ -192,6 +192,39 @@ def test_counts_must_be_positive(command: list[str], capsys: pytest.CaptureFixtu
     assert "must be at least 1" in capsys.readouterr().err
 
 
+BAD_DEMOS = [
+    (["--dim", "0"], "argument --dim: must be at least 1, got 0"),
+    (["--hidden", "-3"], "argument --hidden: must be at least 1, got -3"),
+    (["--hidden", "wide"], "argument --hidden: must be an integer of at least 1, got 'wide'"),
+    (["--coeff", "1"], "argument --coeff: must be a number in (0, 1), got '1'"),
+    (["--coeff", "0"], "argument --coeff: must be a number in (0, 1), got '0'"),
+    (["--coeff", "nan"], "argument --coeff: must be a number in (0, 1), got 'nan'"),
+    (["--coeff", "high"], "argument --coeff: must be a number in (0, 1), got 'high'"),
+]
+
+
+@pytest.mark.parametrize("arguments, message", BAD_DEMOS)
+def test_bad_demo_values_are_refused_by_the_parser(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_cli("demo", *arguments) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("model.hidden=-3", "hidden must be an integer of at least 1, got -3"),
+        ("model.coeff=1.5", "coeff must be a number in (0, 1)"),
+        ("model.hiden=3", "unknown model option 'hiden' for toy_flow; its options: blocks, hidden, depth"),
+    ],
+)
+def test_bad_model_options_are_messages(option: str, message: str, tmp_path: Path, capsys) -> None:
+    assert run_cli("train", "--out", str(tmp_path / "run"), *TINY, option) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_hybrid_run_semi_supervised(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """--task hybrid --lambda --labelled-fraction: eval reports the error and bits/dim together;
     the hybrid's flow samples and scores OOD data like a density model."""

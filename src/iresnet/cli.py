@@ -29,9 +29,23 @@ _DEVICE_HELP = "auto (the default: CUDA when a GPU is available, else the CPU), 
 
 def _positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _coefficient(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
     return value
 
 
@@ -104,9 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("--device", default="auto", help=_DEVICE_HELP)
 
     demo = commands.add_parser("demo", help="build a residual block, certify, invert it and check its log-det")
-    demo.add_argument("--dim", type=int, default=2, help="data dimension (default 2)")
-    demo.add_argument("--hidden", type=int, default=64, help="hidden width of the branch (default 64)")
-    demo.add_argument("--coeff", type=float, default=0.9, help="spectral norm coefficient c < 1 (default 0.9)")
+    demo.add_argument("--dim", type=_positive_int, default=2, help="data dimension (default 2)")
+    demo.add_argument("--hidden", type=_positive_int, default=64, help="hidden width of the branch (default 64)")
+    demo.add_argument(
+        "--coeff", type=_coefficient, default=0.9, help="spectral norm coefficient, 0 < c < 1 (default 0.9)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     return parser
 
