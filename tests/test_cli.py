@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -290,3 +292,68 @@ def test_device_defaults_to_auto() -> None:
     parser = build_parser()
     assert [parser.parse_args([command, "RUN"]).device for command in ("eval", "sample", "reconstruct")] == ["auto"] * 3
     assert TrainConfig().device == "auto"
+
+
+def test_a_corrupt_model_safetensors_falls_back_to_the_checkpoint(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "model.safetensors").write_bytes(b"not safetensors at all")
+    assert run_cli("eval", str(run)) == 0
+    captured = capsys.readouterr()
+    assert "test NLL" in captured.out
+    warning = f"iresnet: warning: {run / 'model.safetensors'} cannot be read as safetensors"
+    assert warning in captured.err and f"the weights come from {run / 'checkpoint.pt'} instead" in captured.err
+    assert run_cli("sample", str(run), "--n", "4") == 0
+    assert "cannot be read as safetensors" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit_the_config_fall_back_to_the_checkpoint(trained: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from iresnet.train import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    save_file({"somebody.else": torch.zeros(3)}, str(run / "model.safetensors"))
+    with pytest.warns(UserWarning, match=r"does not fit the model config.json describes: tensors \d+ missing"):
+        model, _ = load_run(run)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    expected = {**checkpoint["model"], **checkpoint["ema"]["shadow"]}
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+def test_a_weight_of_another_shape_falls_back_and_a_classifier_run_loads(trained: Path, tmp_path: Path) -> None:
+    """Shapes are load_state_dict's to judge: a convolution's power-iteration vectors are empty
+    in a new model and take the saved shape, a dense layer's weight must match."""
+    pytest.importorskip("sklearn")
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from iresnet.train import load_run, resolve_config, train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    weights = load_file(str(run / "model.safetensors"))
+    name = next(name for name in weights if name.endswith("original"))
+    save_file({**weights, name: torch.zeros(3, 3)}, str(run / "model.safetensors"))
+    with pytest.warns(UserWarning, match=f"does not fit the model config.json describes: size mismatch for {name}"):
+        load_run(run)
+    small = {"model": {"blocks": [1, 1], "hidden": [8, 8]}, "eval_size": 64, "batch_size": 32, "steps": 1}
+    classifier = train(resolve_config("digits-classifier", None, [small, {"out": str(tmp_path / "c")}]), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_run(classifier.run_dir)
+
+
+def test_when_neither_weights_file_is_usable_the_error_names_both(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "model.safetensors").write_bytes(b"")
+    (run / "checkpoint.pt").write_bytes(b"garbage" * 10)
+    assert run_cli("eval", str(run)) == 2
+    error = capsys.readouterr().err
+    assert f"no usable weights in {run}" in error
+    assert f"{run / 'model.safetensors'} cannot be read as safetensors" in error
+    assert f"{run / 'checkpoint.pt'} cannot be read as a PyTorch checkpoint (UnpicklingError)" in error
+    assert "weights_only=False" not in error  # torch's advice for files one trusts

@@ -6,7 +6,9 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -377,7 +379,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     commands = {"train": _train, "eval": _evaluate, "sample": _sample, "reconstruct": _reconstruct}
     try:
-        code = commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as error:
         parser.exit(2, f"iresnet {args.command}: error: {error}\n")
     sys.exit(code)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+_show_any_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """iresnet's own warnings as one line, ``iresnet: warning: ...``; others as Python shows them."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        print(f"iresnet: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _show_any_warning(message, category, filename, lineno, file, line)
