@@ -357,3 +357,46 @@ def test_when_neither_weights_file_is_usable_the_error_names_both(trained: Path,
     assert f"{run / 'model.safetensors'} cannot be read as safetensors" in error
     assert f"{run / 'checkpoint.pt'} cannot be read as a PyTorch checkpoint (UnpicklingError)" in error
     assert "weights_only=False" not in error  # torch's advice for files one trusts
+
+
+BAD_CONFIG_FILES = [
+    ('{\n  "steps": 3,\n  "lr": 0.01,\n}\n', ", line 4, column 1: not valid JSON: Expecting property name"),
+    ('{\n  "steps": 3,\n  "lrate": 0.01\n}\n', ", line 3: unknown setting 'lrate'; known settings: augment"),
+    ("[3, 0.01]", ": expected a JSON object of settings, {...}, got a list"),
+    ("", ", line 1, column 1: not valid JSON: Expecting value"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIG_FILES, ids=["trailing comma", "unknown", "a list", "empty"])
+def test_a_bad_config_file_is_named_with_the_line(text: str, message: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "my.json"
+    path.write_text(text)
+    assert run_cli("train", "--config", str(path), "--out", str(tmp_path / "run")) == 2
+    assert f"{path}{message}" in capsys.readouterr().err
+
+
+def test_a_damaged_run_config_is_named_with_the_line(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = run / "config.json"
+    saved = config.read_text()
+    config.write_text(saved[: saved.index('"steps"')])  # cut short, as a full disk leaves it
+    assert run_cli("eval", str(run)) == 2
+    lines = saved[: saved.index('"steps"')].count("\n")
+    assert f"{config}, line {lines + 1}, column 3: not valid JSON" in capsys.readouterr().err
+    config.write_text(saved.replace('"steps"', '"stepz"'))
+    assert run_cli("sample", str(run)) == 2
+    line = saved[: saved.index('"steps"')].count("\n") + 1
+    assert f"{config}, line {line}: unknown setting 'stepz'" in capsys.readouterr().err
+    config.write_text(saved.replace('"steps": 4', '"steps": "four"'))
+    assert run_cli("eval", str(run)) == 2
+    assert f"{config}: steps must be an integer, got 'four'" in capsys.readouterr().err
+    config.write_bytes(b"\x80\x03" + bytes(10))
+    assert run_cli("eval", str(run)) == 2
+    assert f"{config}: not a JSON file (not UTF-8 text: byte 0 is 0x80)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["model.=3", "=3", "steps"])
+def test_a_malformed_override_is_named(override: str, tmp_path: Path, capsys) -> None:
+    assert run_cli("train", "--out", str(tmp_path / "run"), override) == 2
+    assert f"an override must look like key=value or model.key=value, got {override!r}" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..models.build import build_model
-from .config import TrainConfig
+from .config import TrainConfig, read_settings
 from .distributed import resolve_device
 
 __all__ = ["RunFiles", "atomic_save", "save_weights", "load_run", "default_run_directory"]
@@ -68,10 +68,16 @@ def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def load_config(run: str | os.PathLike) -> TrainConfig:
+    """The settings a run was trained with, from its ``config.json``; ``ValueError`` naming the
+    file (and the line) where it is not JSON, holds an unknown setting or a bad value."""
     files = RunFiles(run)
     if not files.config.exists():
         raise FileNotFoundError(f"{files.root} is not a run directory: {files.config.name} is missing")
-    return TrainConfig(**json.loads(files.config.read_text()))
+    settings = read_settings(files.config)
+    try:
+        return TrainConfig(**settings)
+    except ValueError as error:
+        raise ValueError(f"{files.config}: {error}") from None
 
 
 def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
