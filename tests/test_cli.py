@@ -400,3 +400,83 @@ def test_a_damaged_run_config_is_named_with_the_line(trained: Path, tmp_path: Pa
 def test_a_malformed_override_is_named(override: str, tmp_path: Path, capsys) -> None:
     assert run_cli("train", "--out", str(tmp_path / "run"), override) == 2
     assert f"an override must look like key=value or model.key=value, got {override!r}" in capsys.readouterr().err
+
+
+def unwritable(path: Path) -> Path:
+    """``path`` made a folder, which no file can be written over (also as root, whom the mode
+    bits of a read-only folder do not stop)."""
+    path.unlink(missing_ok=True)
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_eval_prints_its_result_even_where_eval_json_cannot_be_written(
+    as_json: bool, trained: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    unwritable(run / "eval.json")
+    assert run_cli("eval", str(run), *(["--json"] if as_json else [])) == 0  # the answer was given
+    captured = capsys.readouterr()
+    if as_json:
+        assert json.loads(captured.out)["n"] == 500
+    else:
+        assert "test NLL" in captured.out
+    assert f"iresnet eval: warning: cannot write {run / 'eval.json'}: Is a directory" in captured.err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_eval_of_a_read_only_run_directory(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "eval.json").unlink(missing_ok=True)
+    run.chmod(0o555)
+    try:
+        assert run_cli("eval", str(run)) == 0
+        assert run_cli("sample", str(run), "--n", "4") == 1
+    finally:
+        run.chmod(0o755)
+    captured = capsys.readouterr()
+    assert "test NLL" in captured.out
+    assert f"iresnet eval: warning: cannot write {run / 'eval.json'}: Permission denied" in captured.err
+    assert f"iresnet sample: error: cannot write {run / 'samples.png'}: Permission denied" in captured.err
+
+
+def test_sample_names_the_picture_it_cannot_write(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    unwritable(run / "samples.png")
+    assert run_cli("sample", str(run), "--n", "4") == 1
+    captured = capsys.readouterr()
+    assert f"iresnet sample: error: cannot write {run / 'samples.png'}: Is a directory" in captured.err
+    assert "samples written" not in captured.out
+
+
+def test_ood_figures_are_printed_where_their_picture_cannot_be_written(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("sklearn")
+    run = tmp_path / "digits"
+    small = ["model.scales=2", "model.blocks=1", "model.hidden=8", "model.fc_blocks=0", "eval_size=64"]
+    assert run_cli("train", "--preset", "digits", "--out", str(run), "--steps", "1", "--batch-size", "32", *small) == 0
+    unwritable(run / "ood-noise.png")
+    capsys.readouterr()
+    assert run_cli("eval", str(run), "--ood", "noise", "--json") == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert 0 <= report["ood"]["auroc"] <= 1 and report["ood"]["picture"] is None
+    assert json.loads((run / "eval.json").read_text()) == report
+    assert f"iresnet eval: error: cannot write {run / 'ood-noise.png'}: Is a directory" in captured.err
+    assert run_cli("eval", str(run), "--ood", "noise") == 1
+    assert "AUROC" in capsys.readouterr().out
+
+
+def test_reconstruct_names_the_picture_it_cannot_write(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("sklearn")
+    run = tmp_path / "cls"
+    small = ["model.blocks=[1,1]", "model.hidden=[8,8]", "eval_size=64", "--batch-size", "32", "--no-progress"]
+    assert run_cli("train", "--preset", "digits-classifier", "--out", str(run), "--steps", "1", *small) == 0
+    capsys.readouterr()
+    assert run_cli("reconstruct", str(run), "--n", "4", "--out", str(unwritable(tmp_path / "r.png"))) == 1
+    captured = capsys.readouterr()
+    assert "max abs error" not in captured.out
+    assert f"iresnet reconstruct: error: cannot write {tmp_path / 'r.png'}: Is a directory" in captured.err

@@ -232,8 +232,11 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
         hybrid = evaluate_hybrid(model, *test, batch_size=args.batch_size, estimator=estimator)
         classifier, result, model = hybrid.classifier, hybrid.density, model.density
     if args.ood is not None:  # the comparison's test-set likelihoods are the usual evaluation
-        comparison, picture = _compare_ood(args, model, config, source)
+        comparison = _compare_ood(args, model, config, source)
         result = comparison.in_distribution
+        picture = f"{args.run}/ood-{args.ood}.png"
+        unwritten = _draw_ood(args.ood, config, comparison, picture)
+        written = picture if unwritten is None else None
     elif classifier is None:
         result = evaluate(
             model,
@@ -255,48 +258,65 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
             "in": asdict(comparison.in_distribution),
             "out": asdict(comparison.out_of_distribution),
             "auroc": comparison.auroc,
-            "picture": picture,
+            "picture": written,
         }
     _write_report(args, report, str(result) if classifier is None else f"{classifier}\n{result}")
     if not args.json:
         _print_baselines(baselines)
         if args.ood is not None:
-            _print_ood(f"{config.data} test", args.ood, comparison, picture)
+            _print_ood(f"{config.data} test", args.ood, comparison, written)
+    if args.ood is not None and unwritten is not None:  # the figures are out; the picture is not
+        _cannot_write(args, picture, unwritten)
+        return 1
     return 0
 
 
-def _compare_ood(
-    args: argparse.Namespace, model: DensityModel, config: TrainConfig, source: DataSource
-) -> tuple[OODReport, str]:
-    """The likelihoods of the test set and of the ``--ood`` data, and the path of their
-    histograms, written to ``RUN/ood-DATA.png``."""
-    from . import plots
+def _compare_ood(args: argparse.Namespace, model: DensityModel, config: TrainConfig, source: DataSource) -> OODReport:
+    """The likelihoods of the test set and of the ``--ood`` data."""
     from .train.ood import compare_likelihoods, ood_inputs
 
     generator = torch.Generator().manual_seed(config.seed)
     out_images = ood_inputs(args.ood, source.test, source.levels, generator, config.data_dir, config.download)
-    comparison = compare_likelihoods(model, source.test, out_images, batch_size=args.batch_size, progress=not args.json)
-    picture = f"{args.run}/ood-{args.ood}.png"
-    labels = (f"{config.data} test", args.ood)
-    plots.likelihood_histograms(
-        comparison.in_bits_per_dim, comparison.out_bits_per_dim, labels, comparison.auroc, path=picture
-    )
-    return comparison, picture
+    return compare_likelihoods(model, source.test, out_images, batch_size=args.batch_size, progress=not args.json)
 
 
-def _print_ood(in_name: str, out_name: str, comparison: OODReport, picture: str) -> None:
+def _draw_ood(data: str, config: TrainConfig, comparison: OODReport, picture: str) -> OSError | None:
+    """The histograms of both likelihoods, written to ``picture``; the error where it cannot be."""
+    from . import plots
+
+    labels = (f"{config.data} test", data)
+    try:
+        plots.likelihood_histograms(
+            comparison.in_bits_per_dim, comparison.out_bits_per_dim, labels, comparison.auroc, path=picture
+        )
+    except OSError as error:
+        return error
+    return None
+
+
+def _print_ood(in_name: str, out_name: str, comparison: OODReport, picture: str | None) -> None:
     print(f"{'data set':<20} {'n':>6}  bits/dim")
     for name, result in ((in_name, comparison.in_distribution), (out_name, comparison.out_of_distribution)):
         print(f"{name:<20} {result.n:>6}  {result.bits_per_dim:.4f} +- {result.bits_per_dim_se:.4f}")
     print(f"AUROC {comparison.auroc:.4f} (in-distribution = higher likelihood)")
-    print(f"likelihood histograms written to {picture}")
+    if picture is not None:
+        print(f"likelihood histograms written to {picture}")
 
 
 def _write_report(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
-    """``RUN/eval.json``, and the report on standard output as JSON (``--json``) or text."""
-    with open(f"{args.run}/eval.json", "w") as f:
-        json.dump(report, f, indent=2)
+    """The report on standard output, as JSON (``--json``) or text, then in ``RUN/eval.json``:
+    where that cannot be written, a warning, and the answer given stands."""
     print(json.dumps(report) if args.json else text)
+    path = Path(args.run) / "eval.json"
+    try:
+        path.write_text(json.dumps(report, indent=2))
+    except OSError as error:
+        _cannot_write(args, path, error, "warning")
+
+
+def _cannot_write(args: argparse.Namespace, path: str | Path, error: OSError, kind: str = "error") -> None:
+    """One line on standard error: which file the command could not write, and why."""
+    print(f"iresnet {args.command}: {kind}: cannot write {path}: {error.strerror or error}", file=sys.stderr)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -315,7 +335,11 @@ def _sample(args: argparse.Namespace) -> int:
     converge_spectral_norms(model)
     source = _source(config)
     path = args.out or f"{args.run}/samples.png"
-    samples = draw_samples(model, source, path, args.n, args.seed, by_class=args.by_class)
+    try:
+        samples = draw_samples(model, source, path, args.n, args.seed, by_class=args.by_class)
+    except OSError as error:
+        _cannot_write(args, path, error)
+        return 1
     rows = f", a row for each of the {len(model.class_means)} classes" if args.by_class else ""
     print(f"{len(samples)} samples written to {path}{rows}")
     return 0
@@ -358,7 +382,11 @@ def _reconstruct(args: argparse.Namespace) -> int:
     shown = result.images.round().clamp(0, source.levels - 1).to(torch.uint8).cpu()
     scale = max(1, 64 // images.shape[-1])
     nrow = math.ceil(math.sqrt(len(images)))
-    plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale, nrow=nrow)
+    try:
+        plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale, nrow=nrow)
+    except OSError as error:
+        _cannot_write(args, path, error)
+        return 1
     print(f"originals | reconstructions written to {path}")
     print(f"max abs error {result.max_error:.3g}, mean abs error {result.mean_error:.3g} (in intensity levels)")
     return 0
