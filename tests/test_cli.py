@@ -480,3 +480,19 @@ def test_reconstruct_names_the_picture_it_cannot_write(tmp_path: Path, capsys) -
     captured = capsys.readouterr()
     assert "max abs error" not in captured.out
     assert f"iresnet reconstruct: error: cannot write {tmp_path / 'r.png'}: Is a directory" in captured.err
+
+
+def test_version(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import iresnet
+
+    assert run_cli("--version") == 0
+    assert capsys.readouterr().out == f"iresnet {importlib.metadata.version('iresnet')}\n"
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)  # run from a source tree
+    assert run_cli("--version") == 0
+    assert capsys.readouterr().out == f"iresnet {iresnet.__version__}\n"

@@ -84,8 +84,21 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. ema_decay=0.999")
 
 
+def _version() -> str:
+    """The installed package's version; the source tree's where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("iresnet")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iresnet", description="Invertible residual networks and residual flows.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
 
