@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -496,3 +497,30 @@ def test_version(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(importlib.metadata, "version", not_installed)  # run from a source tree
     assert run_cli("--version") == 0
     assert capsys.readouterr().out == f"iresnet {iresnet.__version__}\n"
+
+
+def test_train_help_lists_every_setting_and_model_option_with_its_default(capsys: pytest.CaptureFixture) -> None:
+    """Each KEY=VALUE of the help, read back as an override, is the default."""
+    import dataclasses
+
+    from iresnet.models import hybrid_model, image_flow, iresnet_classifier, toy_flow
+    from iresnet.models.build import model_options
+    from iresnet.train import TrainConfig, parse_override
+
+    assert run_cli("train", "--help") == 0
+    text = capsys.readouterr().out
+    settings, models = text.split("\nsettings, KEY=VALUE")[1].split("\nmodel options, model.KEY=VALUE")
+    listed = {}
+    for token in settings.split("\n", 1)[1].split():
+        listed.update(parse_override(token))
+    assert listed == TrainConfig().to_dict()
+    assert [f.name for f in dataclasses.fields(TrainConfig)] == list(listed)  # in the order of the class
+    sections = re.split(r"\n  (?=\S)", models)[1:]  # a title indented by 2, its options by 4
+    for section, builder in zip(sections, [toy_flow, image_flow, hybrid_model, iresnet_classifier], strict=True):
+        title, tokens = section.split("\n", 1)
+        assert builder.__name__ in title
+        listed = {}
+        for token in tokens.split():
+            listed.update(parse_override(f"model.{token}")["model"])
+        defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in model_options(builder).items()}
+        assert listed == ({"classifier": "linear"} if builder is hybrid_model else defaults)

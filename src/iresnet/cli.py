@@ -26,6 +26,45 @@ resolved settings are saved as RUN/config.json. Under torchrun the same command 
 DistributedDataParallel: torchrun --nproc-per-node 2 -m iresnet train ..."""
 
 
+def _train_epilog() -> str:
+    """The train command's epilog: how settings combine, every setting with its default, and
+    each model builder's options with theirs."""
+    import textwrap
+
+    from .models import hybrid_model, image_flow, iresnet_classifier, toy_flow
+    from .models.build import model_options
+    from .train import TrainConfig
+
+    def listed(defaults: dict[str, Any]) -> str:  # as typed: a word that is not JSON is a string
+        shown = (
+            value if isinstance(value, str) else json.dumps(value, separators=(",", ":")) for value in defaults.values()
+        )
+        items = " ".join(f"{name}={value}" for name, value in zip(defaults, shown))
+        return textwrap.fill(items, 100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
+
+    settings = TrainConfig().to_dict()
+    builders = [
+        ("2-D data, toy_flow", toy_flow),
+        ("images, image_flow", image_flow),
+        ("--task hybrid, hybrid_model: classifier, then image_flow's", hybrid_model),
+        ("--task classify, iresnet_classifier", iresnet_classifier),
+    ]
+    parts = [
+        _TRAIN_EPILOG,
+        "",
+        "settings, KEY=VALUE (the fields of iresnet.train.TrainConfig; their defaults, which a preset changes):",
+        listed(settings),
+        "",
+        "model options, model.KEY=VALUE (the builder's defaults, which a preset changes):",
+    ]
+    for title, builder in builders:
+        options = model_options(builder)
+        if builder is hybrid_model:
+            options = {"classifier": options["classifier"]}
+        parts += [f"  {title}:", listed(options)]
+    return "\n".join(parts)
+
+
 _DEVICE_HELP = "auto (the default: CUDA when a GPU is available, else the CPU), cpu, cuda, cuda:1, ..."
 
 
@@ -58,7 +97,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "train",
         help="train a density model, a classifier or a hybrid",
         description="Train a residual flow; with no arguments, the toy preset (8 Gaussians, minutes on a CPU).",
-        epilog=_TRAIN_EPILOG,
+        epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default toy)")
     train.add_argument("--config", help="a JSON file of settings, applied over the preset")
