@@ -524,3 +524,15 @@ def test_train_help_lists_every_setting_and_model_option_with_its_default(capsys
             listed.update(parse_override(f"model.{token}")["model"])
         defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in model_options(builder).items()}
         assert listed == ({"classifier": "linear"} if builder is hybrid_model else defaults)
+
+
+def test_eval_says_where_it_wrote_its_report(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    (trained / "eval.json").unlink(missing_ok=True)
+    assert run_cli("eval", str(trained)) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == f"report written to {trained / 'eval.json'}"
+    assert (trained / "eval.json").exists()
+    assert run_cli("eval", str(trained), "--json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 500  # standard output: the JSON alone
+    assert captured.err.splitlines()[-1] == f"report written to {trained / 'eval.json'}"

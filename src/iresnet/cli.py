@@ -275,7 +275,8 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
     if config.task == "classify":
         result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size, calibration=source.train)
         report = {"run": str(args.run), "data": config.data, "task": config.task, **asdict(result)}
-        _write_report(args, report, str(result))
+        print(json.dumps(report) if args.json else result)
+        _save_report(args, report)
         return 0
     discrete = source.levels is not None
     estimator = accurate_estimator() if discrete else None
@@ -313,11 +314,14 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
             "auroc": comparison.auroc,
             "picture": written,
         }
-    _write_report(args, report, str(result) if classifier is None else f"{classifier}\n{result}")
-    if not args.json:
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(result if classifier is None else f"{classifier}\n{result}")
         _print_baselines(baselines)
         if args.ood is not None:
             _print_ood(f"{config.data} test", args.ood, comparison, written)
+    _save_report(args, report)
     if args.ood is not None and unwritten is not None:  # the figures are out; the picture is not
         _cannot_write(args, picture, unwritten)
         return 1
@@ -356,15 +360,17 @@ def _print_ood(in_name: str, out_name: str, comparison: OODReport, picture: str 
         print(f"likelihood histograms written to {picture}")
 
 
-def _write_report(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
-    """The report on standard output, as JSON (``--json``) or text, then in ``RUN/eval.json``:
-    where that cannot be written, a warning, and the answer given stands."""
-    print(json.dumps(report) if args.json else text)
+def _save_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """``RUN/eval.json``, written once the report is printed, and a line saying so (on standard
+    error with ``--json``, whose standard output is the JSON alone); where it cannot be
+    written, a warning, and the answer given stands."""
     path = Path(args.run) / "eval.json"
     try:
         path.write_text(json.dumps(report, indent=2))
     except OSError as error:
         _cannot_write(args, path, error, "warning")
+        return
+    print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
 
 
 def _cannot_write(args: argparse.Namespace, path: str | Path, error: OSError, kind: str = "error") -> None:
