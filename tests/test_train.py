@@ -345,3 +345,21 @@ def test_settings_of_the_wrong_type_are_named() -> None:
 def test_too_few_labels_for_a_batch_is_a_message(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="labelled_fraction 0.01 keeps 16 labelled images, fewer than a batch of 32"):
         train(hybrid_config(tmp_path / "run", labelled_fraction=0.01), progress=False)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_model_safetensors_gets_the_mode_of_a_new_file(tmp_path: Path, umask: int, mode: int) -> None:
+    """safetensors' save_file made it 0600 whatever the umask."""
+    import os
+    import stat
+
+    from iresnet.train.checkpoint import save_weights
+
+    layer = torch.nn.Linear(2, 3)
+    previous = os.umask(umask)
+    try:
+        save_weights(layer, tmp_path / "model.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == mode
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["weight"], layer.weight.detach())

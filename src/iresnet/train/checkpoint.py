@@ -56,11 +56,13 @@ def atomic_save(state: dict[str, Any], path: str | os.PathLike) -> None:
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """The model's state dict (parameters and buffers) as safetensors, atomically."""
-    from safetensors.torch import save_file
+    """The model's state dict (parameters and buffers) as safetensors, atomically, with the
+    mode of any new file (0644 under the usual umask 022)."""
+    from safetensors.torch import save
 
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
-    _replace_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp)))
+    # not safetensors' save_file: it writes through a private temporary file, mode 0600
+    _replace_atomically(Path(path), lambda tmp: tmp.write_bytes(save(tensors)))
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
