@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -227,6 +230,39 @@ def test_counts_must_be_positive(command: list[str], capsys: pytest.CaptureFixtu
     assert "must be at least 1" in capsys.readouterr().err
 
 
+BAD_DEMOS = [
+    (["--dim", "0"], "argument --dim: must be at least 1, got 0"),
+    (["--hidden", "-3"], "argument --hidden: must be at least 1, got -3"),
+    (["--hidden", "wide"], "argument --hidden: must be an integer of at least 1, got 'wide'"),
+    (["--coeff", "1"], "argument --coeff: must be a number in (0, 1), got '1'"),
+    (["--coeff", "0"], "argument --coeff: must be a number in (0, 1), got '0'"),
+    (["--coeff", "nan"], "argument --coeff: must be a number in (0, 1), got 'nan'"),
+    (["--coeff", "high"], "argument --coeff: must be a number in (0, 1), got 'high'"),
+]
+
+
+@pytest.mark.parametrize("arguments, message", BAD_DEMOS)
+def test_bad_demo_values_are_refused_by_the_parser(
+    arguments: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_cli("demo", *arguments) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("model.hidden=-3", "hidden must be an integer of at least 1, got -3"),
+        ("model.coeff=1.5", "coeff must be a number in (0, 1)"),
+        ("model.hiden=3", "unknown model option 'hiden' for toy_flow; its options: blocks, hidden, depth"),
+    ],
+)
+def test_bad_model_options_are_messages(option: str, message: str, tmp_path: Path, capsys) -> None:
+    assert run_cli("train", "--out", str(tmp_path / "run"), *TINY, option) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_hybrid_run_semi_supervised(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """--task hybrid --lambda --labelled-fraction: eval reports the error and bits/dim together;
     the hybrid's flow samples and scores OOD data like a density model."""
@@ -267,3 +303,271 @@ def test_class_conditional_samples_a_row_per_class(tmp_path: Path, capsys: pytes
     assert "30 samples written" in capsys.readouterr().out
     with Image.open(out / "samples.png") as picture:  # 10 rows of 3 tiles of 64 px, 1-px gaps
         assert picture.size == (3 * 64 + 2, 10 * 64 + 9)
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "reconstruct"])
+@pytest.mark.parametrize("device, message", [("cuda", "no CUDA GPU is available"), ("gpu", "a GPU is 'cuda' here")])
+def test_a_device_that_cannot_be_had_is_a_message(
+    command: str, device: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():  # tests/conftest.py hides CUDA unless the suite runs with --device cuda
+        pytest.skip("a GPU is available")
+    run = tmp_path / "run"
+    arguments = ["--out", str(run), *TINY] if command == "train" else [str(run)]
+    assert run_cli(command, *arguments, "--device", device) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()  # refused before anything was written
+
+
+def test_device_defaults_to_auto() -> None:
+    from iresnet.cli import build_parser
+    from iresnet.train import TrainConfig
+
+    parser = build_parser()
+    assert [parser.parse_args([command, "RUN"]).device for command in ("eval", "sample", "reconstruct")] == ["auto"] * 3
+    assert TrainConfig().device == "auto"
+
+
+def test_a_corrupt_model_safetensors_falls_back_to_the_checkpoint(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "model.safetensors").write_bytes(b"not safetensors at all")
+    assert run_cli("eval", str(run)) == 0
+    captured = capsys.readouterr()
+    assert "test NLL" in captured.out
+    warning = f"iresnet: warning: {run / 'model.safetensors'} cannot be read as safetensors"
+    assert warning in captured.err and f"the weights come from {run / 'checkpoint.pt'} instead" in captured.err
+    assert run_cli("sample", str(run), "--n", "4") == 0
+    assert "cannot be read as safetensors" in capsys.readouterr().err
+
+
+def test_weights_that_do_not_fit_the_config_fall_back_to_the_checkpoint(trained: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from iresnet.train import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    save_file({"somebody.else": torch.zeros(3)}, str(run / "model.safetensors"))
+    with pytest.warns(UserWarning, match=r"does not fit the model config.json describes: tensors \d+ missing"):
+        model, _ = load_run(run)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    expected = {**checkpoint["model"], **checkpoint["ema"]["shadow"]}
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+
+def test_a_weight_of_another_shape_falls_back_and_a_classifier_run_loads(trained: Path, tmp_path: Path) -> None:
+    """Shapes are load_state_dict's to judge: a convolution's power-iteration vectors are empty
+    in a new model and take the saved shape, a dense layer's weight must match."""
+    pytest.importorskip("sklearn")
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from iresnet.train import load_run, resolve_config, train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    weights = load_file(str(run / "model.safetensors"))
+    name = next(name for name in weights if name.endswith("original"))
+    save_file({**weights, name: torch.zeros(3, 3)}, str(run / "model.safetensors"))
+    with pytest.warns(UserWarning, match=f"does not fit the model config.json describes: size mismatch for {name}"):
+        load_run(run)
+    small = {"model": {"blocks": [1, 1], "hidden": [8, 8]}, "eval_size": 64, "batch_size": 32, "steps": 1}
+    classifier = train(resolve_config("digits-classifier", None, [small, {"out": str(tmp_path / "c")}]), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_run(classifier.run_dir)
+
+
+def test_when_neither_weights_file_is_usable_the_error_names_both(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "model.safetensors").write_bytes(b"")
+    (run / "checkpoint.pt").write_bytes(b"garbage" * 10)
+    assert run_cli("eval", str(run)) == 2
+    error = capsys.readouterr().err
+    assert f"no usable weights in {run}" in error
+    assert f"{run / 'model.safetensors'} cannot be read as safetensors" in error
+    assert f"{run / 'checkpoint.pt'} cannot be read as a PyTorch checkpoint (UnpicklingError)" in error
+    assert "weights_only=False" not in error  # torch's advice for files one trusts
+
+
+BAD_CONFIG_FILES = [
+    ('{\n  "steps": 3,\n  "lr": 0.01,\n}\n', ", line 4, column 1: not valid JSON: Expecting property name"),
+    ('{\n  "steps": 3,\n  "lrate": 0.01\n}\n', ", line 3: unknown setting 'lrate'; known settings: augment"),
+    ("[3, 0.01]", ": expected a JSON object of settings, {...}, got a list"),
+    ("", ", line 1, column 1: not valid JSON: Expecting value"),
+]
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIG_FILES, ids=["trailing comma", "unknown", "a list", "empty"])
+def test_a_bad_config_file_is_named_with_the_line(text: str, message: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "my.json"
+    path.write_text(text)
+    assert run_cli("train", "--config", str(path), "--out", str(tmp_path / "run")) == 2
+    assert f"{path}{message}" in capsys.readouterr().err
+
+
+def test_a_damaged_run_config_is_named_with_the_line(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = run / "config.json"
+    saved = config.read_text()
+    config.write_text(saved[: saved.index('"steps"')])  # cut short, as a full disk leaves it
+    assert run_cli("eval", str(run)) == 2
+    lines = saved[: saved.index('"steps"')].count("\n")
+    assert f"{config}, line {lines + 1}, column 3: not valid JSON" in capsys.readouterr().err
+    config.write_text(saved.replace('"steps"', '"stepz"'))
+    assert run_cli("sample", str(run)) == 2
+    line = saved[: saved.index('"steps"')].count("\n") + 1
+    assert f"{config}, line {line}: unknown setting 'stepz'" in capsys.readouterr().err
+    config.write_text(saved.replace('"steps": 4', '"steps": "four"'))
+    assert run_cli("eval", str(run)) == 2
+    assert f"{config}: steps must be an integer, got 'four'" in capsys.readouterr().err
+    config.write_bytes(b"\x80\x03" + bytes(10))
+    assert run_cli("eval", str(run)) == 2
+    assert f"{config}: not a JSON file (not UTF-8 text: byte 0 is 0x80)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["model.=3", "=3", "steps"])
+def test_a_malformed_override_is_named(override: str, tmp_path: Path, capsys) -> None:
+    assert run_cli("train", "--out", str(tmp_path / "run"), override) == 2
+    assert f"an override must look like key=value or model.key=value, got {override!r}" in capsys.readouterr().err
+
+
+def unwritable(path: Path) -> Path:
+    """``path`` made a folder, which no file can be written over (also as root, whom the mode
+    bits of a read-only folder do not stop)."""
+    path.unlink(missing_ok=True)
+    path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_eval_prints_its_result_even_where_eval_json_cannot_be_written(
+    as_json: bool, trained: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    unwritable(run / "eval.json")
+    assert run_cli("eval", str(run), *(["--json"] if as_json else [])) == 0  # the answer was given
+    captured = capsys.readouterr()
+    if as_json:
+        assert json.loads(captured.out)["n"] == 500
+    else:
+        assert "test NLL" in captured.out
+    assert f"iresnet eval: warning: cannot write {run / 'eval.json'}: Is a directory" in captured.err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_eval_of_a_read_only_run_directory(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "eval.json").unlink(missing_ok=True)
+    run.chmod(0o555)
+    try:
+        assert run_cli("eval", str(run)) == 0
+        assert run_cli("sample", str(run), "--n", "4") == 1
+    finally:
+        run.chmod(0o755)
+    captured = capsys.readouterr()
+    assert "test NLL" in captured.out
+    assert f"iresnet eval: warning: cannot write {run / 'eval.json'}: Permission denied" in captured.err
+    assert f"iresnet sample: error: cannot write {run / 'samples.png'}: Permission denied" in captured.err
+
+
+def test_sample_names_the_picture_it_cannot_write(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    unwritable(run / "samples.png")
+    assert run_cli("sample", str(run), "--n", "4") == 1
+    captured = capsys.readouterr()
+    assert f"iresnet sample: error: cannot write {run / 'samples.png'}: Is a directory" in captured.err
+    assert "samples written" not in captured.out
+
+
+def test_ood_figures_are_printed_where_their_picture_cannot_be_written(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("sklearn")
+    run = tmp_path / "digits"
+    small = ["model.scales=2", "model.blocks=1", "model.hidden=8", "model.fc_blocks=0", "eval_size=64"]
+    assert run_cli("train", "--preset", "digits", "--out", str(run), "--steps", "1", "--batch-size", "32", *small) == 0
+    unwritable(run / "ood-noise.png")
+    capsys.readouterr()
+    assert run_cli("eval", str(run), "--ood", "noise", "--json") == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert 0 <= report["ood"]["auroc"] <= 1 and report["ood"]["picture"] is None
+    assert json.loads((run / "eval.json").read_text()) == report
+    assert f"iresnet eval: error: cannot write {run / 'ood-noise.png'}: Is a directory" in captured.err
+    assert run_cli("eval", str(run), "--ood", "noise") == 1
+    assert "AUROC" in capsys.readouterr().out
+
+
+def test_reconstruct_names_the_picture_it_cannot_write(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("sklearn")
+    run = tmp_path / "cls"
+    small = ["model.blocks=[1,1]", "model.hidden=[8,8]", "eval_size=64", "--batch-size", "32", "--no-progress"]
+    assert run_cli("train", "--preset", "digits-classifier", "--out", str(run), "--steps", "1", *small) == 0
+    capsys.readouterr()
+    assert run_cli("reconstruct", str(run), "--n", "4", "--out", str(unwritable(tmp_path / "r.png"))) == 1
+    captured = capsys.readouterr()
+    assert "max abs error" not in captured.out
+    assert f"iresnet reconstruct: error: cannot write {tmp_path / 'r.png'}: Is a directory" in captured.err
+
+
+def test_version(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import iresnet
+
+    assert run_cli("--version") == 0
+    assert capsys.readouterr().out == f"iresnet {importlib.metadata.version('iresnet')}\n"
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)  # run from a source tree
+    assert run_cli("--version") == 0
+    assert capsys.readouterr().out == f"iresnet {iresnet.__version__}\n"
+
+
+def test_train_help_lists_every_setting_and_model_option_with_its_default(capsys: pytest.CaptureFixture) -> None:
+    """Each KEY=VALUE of the help, read back as an override, is the default."""
+    import dataclasses
+
+    from iresnet.models import hybrid_model, image_flow, iresnet_classifier, toy_flow
+    from iresnet.models.build import model_options
+    from iresnet.train import TrainConfig, parse_override
+
+    assert run_cli("train", "--help") == 0
+    text = capsys.readouterr().out
+    settings, models = text.split("\nsettings, KEY=VALUE")[1].split("\nmodel options, model.KEY=VALUE")
+    listed = {}
+    for token in settings.split("\n", 1)[1].split():
+        listed.update(parse_override(token))
+    assert listed == TrainConfig().to_dict()
+    assert [f.name for f in dataclasses.fields(TrainConfig)] == list(listed)  # in the order of the class
+    sections = re.split(r"\n  (?=\S)", models)[1:]  # a title indented by 2, its options by 4
+    for section, builder in zip(sections, [toy_flow, image_flow, hybrid_model, iresnet_classifier], strict=True):
+        title, tokens = section.split("\n", 1)
+        assert builder.__name__ in title
+        listed = {}
+        for token in tokens.split():
+            listed.update(parse_override(f"model.{token}")["model"])
+        defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in model_options(builder).items()}
+        assert listed == ({"classifier": "linear"} if builder is hybrid_model else defaults)
+
+
+def test_eval_says_where_it_wrote_its_report(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    (trained / "eval.json").unlink(missing_ok=True)
+    assert run_cli("eval", str(trained)) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == f"report written to {trained / 'eval.json'}"
+    assert (trained / "eval.json").exists()
+    assert run_cli("eval", str(trained), "--json") == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 500  # standard output: the JSON alone
+    assert captured.err.splitlines()[-1] == f"report written to {trained / 'eval.json'}"

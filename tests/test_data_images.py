@@ -117,6 +117,41 @@ def test_mnist_root_may_be_a_string_and_rejects_a_wrong_image_size(tmp_path):
         load_images("mnist", tmp_path, train=False)
 
 
+@pytest.mark.parametrize(
+    "file, content, problem",
+    [
+        ("train-images-idx3-ubyte", np.random.RandomState(0).bytes(4000), "not the IDX magic number 00 00 08 03"),
+        ("train-labels-idx1-ubyte", b"", "the file is empty"),
+        ("train-labels-idx1-ubyte", struct.pack(">iiii", 2051, 5, 28, 28), "not the IDX magic number 00 00 08 01"),
+        ("train-images-idx3-ubyte", struct.pack(">iiii", 2051, 5, 28, 28) + bytes(99), "5 x 28 x 28 bytes of data"),
+        ("train-images-idx3-ubyte", struct.pack(">ii", 2051, 5), "its header stops after 8 bytes"),
+    ],
+    ids=["random bytes", "empty", "images for labels", "cut short", "header cut short"],
+)
+def test_a_corrupted_mnist_file_is_named(tmp_path, file, content, problem):
+    """Random bytes gave torchvision's bare AssertionError, an empty file "invalid literal for int()"."""
+    pytest.importorskip("torchvision")
+    fake_mnist(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / file
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=problem) as caught:
+        load_images("mnist", tmp_path, train=True)
+    assert f"{path} is not a valid MNIST file" in str(caught.value) and "download=True" in str(caught.value)
+    load_images("mnist", tmp_path, train=False)  # the other split's files are sound
+
+
+def test_the_command_line_names_a_corrupted_mnist_file(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    from iresnet.cli import main
+
+    fake_mnist(tmp_path / "data")
+    (tmp_path / "data" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", "mnist", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert "t10k-labels-idx1-ubyte is not a valid MNIST file (IDX format): the file is empty" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10: the python version's batches are Python 2 pickles (protocol 2) of dicts whose keys
 # are Python 2 str: "data" a uint8 numpy array (n, 3072), each row the 1024 red, then 1024
@@ -240,9 +275,24 @@ def test_cifar10_reads_pickled_batches_exactly(tmp_path, skip_cifar_md5):
 def test_cifar10_checksum_failure_is_not_reported_as_missing(tmp_path):
     pytest.importorskip("torchvision")
     fake_cifar(tmp_path)  # every file present, none matches the real MD5 sums
-    with pytest.raises(RuntimeError, match="MD5") as caught:
+    with pytest.raises(ValueError, match="MD5 sums differ from the published ones") as caught:
         load_images("cifar10", tmp_path)
-    assert not isinstance(caught.value, FileNotFoundError)
+    assert all(str(tmp_path / "cifar-10-batches-py" / file) in str(caught.value) for file in CIFAR_FILES)
+
+
+def test_the_cifar10_file_that_fails_its_checksum_is_named(tmp_path, monkeypatch):
+    cifar = pytest.importorskip("torchvision.datasets.cifar")
+    utils = pytest.importorskip("torchvision.datasets.utils")
+    fake_cifar(tmp_path)
+
+    def check_integrity(fpath, md5=None):  # all but data_batch_3 pass, as a download cut short would leave them
+        return os.path.isfile(fpath) and not fpath.endswith("data_batch_3")
+
+    monkeypatch.setattr(cifar, "check_integrity", check_integrity)
+    monkeypatch.setattr(utils, "check_integrity", check_integrity)
+    with pytest.raises(ValueError, match="fetch CIFAR-10 again with download=True") as caught:
+        load_images("cifar10", tmp_path, train=False)
+    assert str(caught.value).startswith(f"{tmp_path / 'cifar-10-batches-py' / 'data_batch_3'}: not the files")
 
 
 # ---------------------------------------------------------------------------------------------

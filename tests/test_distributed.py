@@ -1,6 +1,7 @@
 """``torchrun --nproc-per-node 2 -m iresnet train`` (gloo, CPU) trains the same model as one
 process: each process takes half of every batch, DistributedDataParallel averages the
-gradients, ActNorm initialises from the statistics of the whole batch."""
+gradients, ActNorm initialises from the statistics of the whole batch. And which device a
+process gets: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, with clear errors for the rest."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from iresnet.train import resolve_config, train
+from iresnet.train.distributed import process_device, resolve_device
 
 SETTINGS = ["--steps", "6", "--batch-size", "64", "--no-progress", "model.blocks=2", "model.hidden=16"]
 SETTINGS += ["eval_size=500", "log_every=1", "eval_every=3", "ema_decay=0.9"]
@@ -41,3 +44,45 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     assert len(one) == len(two) == 8  # 6 train and 2 test records
     assert one == pytest.approx(two, rel=1e-5)
     assert (tmp_path / "two/model.safetensors").exists()
+
+
+def gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """Pretend the machine has ``count`` CUDA GPUs (only the answers of torch.cuda change)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_auto_is_cuda_where_a_gpu_is_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpus(monkeypatch, 0)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    gpus(monkeypatch, 1)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize(
+    "name, count, message",
+    [
+        ("cuda", 0, r"device 'cuda': no CUDA GPU is available .*use --device cpu, or --device auto"),
+        ("cuda:1", 0, "no CUDA GPU is available"),
+        ("cuda:1", 1, "device 'cuda:1': there is no such GPU, this machine has 1"),
+        ("gpu", 1, r"device 'gpu': a GPU is 'cuda' here \(or 'auto'\)"),
+        ("banana", 1, r"unknown device 'banana'; choose auto \(CUDA .*\), cpu, cuda, cuda:N"),
+        ("cuda:x", 1, "unknown device 'cuda:x'"),
+        ("meta", 1, "device 'meta' is not supported; choose auto"),
+    ],
+)
+def test_devices_that_cannot_be_had_are_messages(monkeypatch, name: str, count: int, message: str) -> None:
+    gpus(monkeypatch, count)
+    with pytest.raises(ValueError, match=message):
+        resolve_device(name)
+
+
+def test_under_torchrun_auto_takes_a_gpu_only_if_every_process_has_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    gpus(monkeypatch, 2)
+    assert process_device("auto") == process_device("cuda") == torch.device("cuda", 1)
+    gpus(monkeypatch, 1)
+    assert process_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="2 processes on this machine need a GPU each, and it has 1"):
+        process_device("cuda")

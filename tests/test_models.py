@@ -115,7 +115,7 @@ def test_presets_build(name: str) -> None:
 
 
 def test_bad_model_option_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="hidden"):
+    with pytest.raises(ValueError, match="unknown model option 'hiden' for toy_flow; its options: blocks, hidden"):
         build_density_model("8gaussians", {"hiden": 3})
 
 
@@ -146,3 +146,50 @@ def test_squeeze_then_split_keeps_what_split_then_squeeze_keeps() -> None:
     torch.testing.assert_close(kept_ours, kept_theirs, rtol=0, atol=0)
     out_theirs = x[:, 3:].flatten(1)
     torch.testing.assert_close(out_ours.flatten(1).sort(1).values, out_theirs.sort(1).values, rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="unknown model option 'hiden' for hybrid_model; its options: classifier"):
+        build_model("hybrid", "digits", {"hiden": 3})
+    with pytest.raises(ValueError, match="model option 'levels' is set by the data set"):
+        build_model("classify", "digits", {"levels": 5})
+
+
+BAD_OPTIONS = [
+    ("8gaussians", {"hidden": -3}, "hidden must be an integer of at least 1, got -3"),
+    ("8gaussians", {"hidden": 2.5}, "hidden must be an integer of at least 1, got 2.5"),
+    ("8gaussians", {"depth": 0}, "depth must be an integer of at least 1, got 0"),
+    ("8gaussians", {"blocks": True}, "blocks must be an integer of at least 1, got True"),
+    ("8gaussians", {"coeff": 1.5}, r"coeff must be a number in \(0, 1\) .*, got 1.5"),
+    ("8gaussians", {"coeff": None}, r"coeff must be a number in \(0, 1\) .*, got None"),
+    ("8gaussians", {"actnorm": 3}, "actnorm must be true or false, got 3"),
+    ("digits", {"scales": 0}, "scales must be an integer of at least 1, got 0"),
+    ("digits", {"fc_blocks": -1}, "fc_blocks must be an integer of at least 0, got -1"),
+    ("digits", {"hidden": "wide"}, "hidden must be an integer of at least 1, got 'wide'"),
+    ("digits", {"logit_alpha": 0.5}, r"logit_alpha must be a number in \(0, 0.5\), or null"),
+]
+
+
+@pytest.mark.parametrize("data, options, message", BAD_OPTIONS)
+def test_bad_model_option_values_name_the_option_and_the_value(data: str, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_density_model(data, options)
+
+
+def test_bad_classifier_options_name_the_option_and_the_value() -> None:
+    with pytest.raises(ValueError, match=r"blocks must be a list of integers of at least 1, one per stage, got 4"):
+        build_model("classify", "digits", {"blocks": 4})
+    with pytest.raises(ValueError, match=r"hidden must be a list .*, got \[8, 0\]"):
+        build_model("classify", "digits", {"blocks": [1, 1], "hidden": [8, 0]})
+    with pytest.raises(ValueError, match=r"coeff must be a number in \(0, 1\), or null .*, got 1.0"):
+        build_model("classify", "digits", {"blocks": [1, 1], "hidden": [8, 8], "coeff": 1.0})
+    assert build_model("classify", "digits", {"blocks": [1, 1], "hidden": [8, 8], "coeff": None}) is not None
+
+
+def test_an_error_inside_a_builder_is_not_relabelled(monkeypatch: pytest.MonkeyPatch) -> None:
+    import iresnet.models.toy
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in the branch")
+
+    monkeypatch.setattr(iresnet.models.toy, "mlp_branch", broken)
+    with pytest.raises(TypeError, match="^a bug in the branch$"):
+        build_density_model("8gaussians", {"hidden": 8})

@@ -400,3 +400,21 @@ def test_resume_with_another_learning_rate_follows_the_schedule(tmp_path: Path, 
     assert "resuming at step 2; steps 2 -> 5; lr 0.01 -> 0.002; grad_clip None -> 1.0" in capsys.readouterr().out
     lrs = [r["lr"] for r in records(tmp_path / "run")]
     assert lrs == pytest.approx([0.005, 0.0075, 0.002, 0.002, 0.002])
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_model_safetensors_gets_the_mode_of_a_new_file(tmp_path: Path, umask: int, mode: int) -> None:
+    """safetensors' save_file made it 0600 whatever the umask."""
+    import os
+    import stat
+
+    from iresnet.train.checkpoint import save_weights
+
+    layer = torch.nn.Linear(2, 3)
+    previous = os.umask(umask)
+    try:
+        save_weights(layer, tmp_path / "model.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == mode
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["weight"], layer.weight.detach())

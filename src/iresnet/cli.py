@@ -7,7 +7,9 @@ import dataclasses
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,11 +27,67 @@ resolved settings are saved as RUN/config.json. Under torchrun the same command 
 DistributedDataParallel: torchrun --nproc-per-node 2 -m iresnet train ..."""
 
 
+def _train_epilog() -> str:
+    """The train command's epilog: how settings combine, every setting with its default, and
+    each model builder's options with theirs."""
+    import textwrap
+
+    from .models import hybrid_model, image_flow, iresnet_classifier, toy_flow
+    from .models.build import model_options
+    from .train import TrainConfig
+
+    def listed(defaults: dict[str, Any]) -> str:  # as typed: a word that is not JSON is a string
+        shown = (
+            value if isinstance(value, str) else json.dumps(value, separators=(",", ":")) for value in defaults.values()
+        )
+        items = " ".join(f"{name}={value}" for name, value in zip(defaults, shown))
+        return textwrap.fill(items, 100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
+
+    settings = TrainConfig().to_dict()
+    builders = [
+        ("2-D data, toy_flow", toy_flow),
+        ("images, image_flow", image_flow),
+        ("--task hybrid, hybrid_model: classifier, then image_flow's", hybrid_model),
+        ("--task classify, iresnet_classifier", iresnet_classifier),
+    ]
+    parts = [
+        _TRAIN_EPILOG,
+        "",
+        "settings, KEY=VALUE (the fields of iresnet.train.TrainConfig; their defaults, which a preset changes):",
+        listed(settings),
+        "",
+        "model options, model.KEY=VALUE (the builder's defaults, which a preset changes):",
+    ]
+    for title, builder in builders:
+        options = model_options(builder)
+        if builder is hybrid_model:
+            options = {"classifier": options["classifier"]}
+        parts += [f"  {title}:", listed(options)]
+    return "\n".join(parts)
+
+
+_DEVICE_HELP = "auto (the default: CUDA when a GPU is available, else the CPU), cpu, cuda, cuda:1, ..."
+
+
 def _positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _coefficient(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
     return value
 
 
@@ -40,7 +98,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "train",
         help="train a density model, a classifier or a hybrid",
         description="Train a residual flow; with no arguments, the toy preset (8 Gaussians, minutes on a CPU).",
-        epilog=_TRAIN_EPILOG,
+        epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default toy)")
     train.add_argument("--config", help="a JSON file of settings, applied over the preset")
@@ -58,7 +117,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "--labelled-fraction", dest="labelled_fraction", type=float, metavar="F", help="keep the labels of a fraction F"
     )
     train.add_argument("--seed", type=int)
-    train.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    train.add_argument("--device", help=_DEVICE_HELP)
     train.add_argument(
         "--threads", type=_positive_int, metavar="N", help="CPU threads for torch in each process (default 1)"
     )
@@ -74,15 +133,28 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. ema_decay=0.999")
 
 
+def _version() -> str:
+    """The installed package's version; the source tree's where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("iresnet")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iresnet", description="Invertible residual networks and residual flows.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
 
     evaluate = commands.add_parser("eval", help="test NLL (and bits/dim) of a trained run, with standard errors")
     evaluate.add_argument("run", help="the run directory")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="auto", help=_DEVICE_HELP)
     evaluate.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=500)
     evaluate.add_argument(
         "--ood",
@@ -99,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--by-class", action="store_true", help="a hybrid with a class-conditional prior: N samples of every class"
     )
-    sample.add_argument("--device", default="cpu")
+    sample.add_argument("--device", default="auto", help=_DEVICE_HELP)
 
     rebuild = commands.add_parser(
         "reconstruct", help="invert a classifier's trunk from its features back to the inputs; writes a PNG"
@@ -107,12 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild.add_argument("run", help="the run directory of a classifier")
     rebuild.add_argument("--n", type=_positive_int, default=16, help="number of test images (default 16)")
     rebuild.add_argument("--out", help="the PNG to write (default RUN/reconstructions.png)")
-    rebuild.add_argument("--device", default="cpu")
+    rebuild.add_argument("--device", default="auto", help=_DEVICE_HELP)
 
     demo = commands.add_parser("demo", help="build a residual block, certify, invert it and check its log-det")
-    demo.add_argument("--dim", type=int, default=2, help="data dimension (default 2)")
-    demo.add_argument("--hidden", type=int, default=64, help="hidden width of the branch (default 64)")
-    demo.add_argument("--coeff", type=float, default=0.9, help="spectral norm coefficient c < 1 (default 0.9)")
+    demo.add_argument("--dim", type=_positive_int, default=2, help="data dimension (default 2)")
+    demo.add_argument("--hidden", type=_positive_int, default=64, help="hidden width of the branch (default 64)")
+    demo.add_argument(
+        "--coeff", type=_coefficient, default=0.9, help="spectral norm coefficient, 0 < c < 1 (default 0.9)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -204,9 +278,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     """``iresnet eval``: the run's model and data, then its evaluation with the dequantisation
     noise and probes of training's evaluations."""
     from .train import load_run
+    from .train.distributed import resolve_device
     from .train.evaluate import evaluation_randomness
 
-    model, config = load_run(args.run, args.device)
+    device = resolve_device(args.device)
+    model, config = load_run(args.run, device)
     source = _source(config)
     if args.ood is not None and (config.task == "classify" or source.levels is None):
         raise ValueError(
@@ -214,7 +290,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     if args.ood == config.data:
         raise ValueError(f"--ood {args.ood} is the run's own data set: choose noise, inverted or another data set")
-    with evaluation_randomness(args.device):
+    with evaluation_randomness(device):
         return _evaluate_model(args, model, config, source)
 
 
@@ -226,7 +302,8 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
     if config.task == "classify":
         result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size, calibration=source.train)
         report = {"run": str(args.run), "data": config.data, "task": config.task, **asdict(result)}
-        _write_report(args, report, str(result))
+        print(json.dumps(report) if args.json else result)
+        _save_report(args, report)
         return 0
     discrete = source.levels is not None
     estimator = accurate_estimator() if discrete else None
@@ -236,8 +313,11 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
         hybrid = evaluate_hybrid(model, *test, batch_size=args.batch_size, estimator=estimator)
         classifier, result, model = hybrid.classifier, hybrid.density, model.density
     if args.ood is not None:  # the comparison's test-set likelihoods are the usual evaluation
-        comparison, picture = _compare_ood(args, model, config, source)
+        comparison = _compare_ood(args, model, config, source)
         result = comparison.in_distribution
+        picture = f"{args.run}/ood-{args.ood}.png"
+        unwritten = _draw_ood(args.ood, config, comparison, picture)
+        written = picture if unwritten is None else None
     elif classifier is None:
         result = evaluate(
             model,
@@ -259,56 +339,79 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
             "in": asdict(comparison.in_distribution),
             "out": asdict(comparison.out_of_distribution),
             "auroc": comparison.auroc,
-            "picture": picture,
+            "picture": written,
         }
-    _write_report(args, report, str(result) if classifier is None else f"{classifier}\n{result}")
-    if not args.json:
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(result if classifier is None else f"{classifier}\n{result}")
         _print_baselines(baselines)
         if args.ood is not None:
-            _print_ood(f"{config.data} test", args.ood, comparison, picture)
+            _print_ood(f"{config.data} test", args.ood, comparison, written)
+    _save_report(args, report)
+    if args.ood is not None and unwritten is not None:  # the figures are out; the picture is not
+        _cannot_write(args, picture, unwritten)
+        return 1
     return 0
 
 
-def _compare_ood(
-    args: argparse.Namespace, model: DensityModel, config: TrainConfig, source: DataSource
-) -> tuple[OODReport, str]:
-    """The likelihoods of the test set and of the ``--ood`` data, and the path of their
-    histograms, written to ``RUN/ood-DATA.png``."""
-    from . import plots
+def _compare_ood(args: argparse.Namespace, model: DensityModel, config: TrainConfig, source: DataSource) -> OODReport:
+    """The likelihoods of the test set and of the ``--ood`` data."""
     from .train.ood import compare_likelihoods, ood_inputs
 
     generator = torch.Generator().manual_seed(config.seed)
     out_images = ood_inputs(args.ood, source.test, source.levels, generator, config.data_dir, config.download)
-    comparison = compare_likelihoods(model, source.test, out_images, batch_size=args.batch_size, progress=not args.json)
-    picture = f"{args.run}/ood-{args.ood}.png"
-    labels = (f"{config.data} test", args.ood)
-    plots.likelihood_histograms(
-        comparison.in_bits_per_dim, comparison.out_bits_per_dim, labels, comparison.auroc, path=picture
-    )
-    return comparison, picture
+    return compare_likelihoods(model, source.test, out_images, batch_size=args.batch_size, progress=not args.json)
 
 
-def _print_ood(in_name: str, out_name: str, comparison: OODReport, picture: str) -> None:
+def _draw_ood(data: str, config: TrainConfig, comparison: OODReport, picture: str) -> OSError | None:
+    """The histograms of both likelihoods, written to ``picture``; the error where it cannot be."""
+    from . import plots
+
+    labels = (f"{config.data} test", data)
+    try:
+        plots.likelihood_histograms(
+            comparison.in_bits_per_dim, comparison.out_bits_per_dim, labels, comparison.auroc, path=picture
+        )
+    except OSError as error:
+        return error
+    return None
+
+
+def _print_ood(in_name: str, out_name: str, comparison: OODReport, picture: str | None) -> None:
     print(f"{'data set':<20} {'n':>6}  bits/dim")
     for name, result in ((in_name, comparison.in_distribution), (out_name, comparison.out_of_distribution)):
         print(f"{name:<20} {result.n:>6}  {result.bits_per_dim:.4f} +- {result.bits_per_dim_se:.4f}")
     print(f"AUROC {comparison.auroc:.4f} (in-distribution = higher likelihood)")
-    print(f"likelihood histograms written to {picture}")
+    if picture is not None:
+        print(f"likelihood histograms written to {picture}")
 
 
-def _write_report(args: argparse.Namespace, report: dict[str, Any], text: str) -> None:
-    """``RUN/eval.json``, and the report on standard output as JSON (``--json``) or text."""
-    with open(f"{args.run}/eval.json", "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(report) if args.json else text)
+def _save_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """``RUN/eval.json``, written once the report is printed, and a line saying so (on standard
+    error with ``--json``, whose standard output is the JSON alone); where it cannot be
+    written, a warning, and the answer given stands."""
+    path = Path(args.run) / "eval.json"
+    try:
+        path.write_text(json.dumps(report, indent=2))
+    except OSError as error:
+        _cannot_write(args, path, error, "warning")
+        return
+    print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
+
+
+def _cannot_write(args: argparse.Namespace, path: str | Path, error: OSError, kind: str = "error") -> None:
+    """One line on standard error: which file the command could not write, and why."""
+    print(f"iresnet {args.command}: {kind}: cannot write {path}: {error.strerror or error}", file=sys.stderr)
 
 
 def _sample(args: argparse.Namespace) -> int:
     from .lipschitz import converge_spectral_norms
     from .train import load_run
+    from .train.distributed import resolve_device
     from .train.pictures import draw_samples
 
-    model, config = load_run(args.run, args.device)
+    model, config = load_run(args.run, resolve_device(args.device))
     if config.task == "classify":
         raise ValueError(f"{args.run} holds a 'classify' run: only density and hybrid models can be sampled")
     if config.task == "hybrid":
@@ -318,7 +421,11 @@ def _sample(args: argparse.Namespace) -> int:
     converge_spectral_norms(model)
     source = _source(config)
     path = args.out or f"{args.run}/samples.png"
-    samples = draw_samples(model, source, path, args.n, args.seed, by_class=args.by_class)
+    try:
+        samples = draw_samples(model, source, path, args.n, args.seed, by_class=args.by_class)
+    except OSError as error:
+        _cannot_write(args, path, error)
+        return 1
     rows = f", a row for each of the {len(model.class_means)} classes" if args.by_class else ""
     print(f"{len(samples)} samples written to {path}{rows}")
     return 0
@@ -334,13 +441,15 @@ def _iteration_cells(counts: list[int | None]) -> list[str]:
 def _reconstruct(args: argparse.Namespace) -> int:
     from . import plots
     from .train import load_run
+    from .train.distributed import resolve_device
     from .train.reconstruct import reconstruct
 
-    model, config = load_run(args.run, args.device)
+    device = resolve_device(args.device)
+    model, config = load_run(args.run, device)
     if config.task != "classify":
         raise ValueError(f"{args.run} holds a {config.task!r} run: reconstruct inverts a classifier's trunk")
     source = _source(config)
-    images = source.test[: args.n].to(args.device)
+    images = source.test[: args.n].to(device)
     result = reconstruct(model, images)
     print(f"{'block':>5} {'certified Lip(g)':>17} {'fixed-point iterations':>23} {'Anderson iterations':>20}")
     columns = []
@@ -359,7 +468,11 @@ def _reconstruct(args: argparse.Namespace) -> int:
     shown = result.images.round().clamp(0, source.levels - 1).to(torch.uint8).cpu()
     scale = max(1, 64 // images.shape[-1])
     nrow = math.ceil(math.sqrt(len(images)))
-    plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale, nrow=nrow)
+    try:
+        plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale, nrow=nrow)
+    except OSError as error:
+        _cannot_write(args, path, error)
+        return 1
     print(f"originals | reconstructions written to {path}")
     print(f"max abs error {result.max_error:.3g}, mean abs error {result.mean_error:.3g} (in intensity levels)")
     return 0
@@ -380,7 +493,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     commands = {"train": _train, "eval": _evaluate, "sample": _sample, "reconstruct": _reconstruct}
     try:
-        code = commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            code = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as error:
         parser.exit(2, f"iresnet {args.command}: error: {error}\n")
     sys.exit(code)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+_show_any_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """iresnet's own warnings as one line, ``iresnet: warning: ...``; others as Python shows them."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        print(f"iresnet: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _show_any_warning(message, category, filename, lineno, file, line)

@@ -1,11 +1,17 @@
-"""Checks on the tensors users hand to the layers: clear errors instead of wrong answers."""
+"""Checks on the tensors users hand to the layers, and on the options of the model builders:
+clear errors instead of wrong answers (or of an error deep in torch)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_input"]
+__all__ = ["NonFiniteInputError", "check_coeff", "check_count", "check_flag", "check_input", "check_stages"]
+
+
+class NonFiniteInputError(ValueError):
+    """A layer's input holds NaN or inf: upstream values have overflowed (in training, a sign
+    that the weights diverged)."""
 
 
 def check_input(
@@ -34,4 +40,46 @@ def check_input(
         return
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        raise ValueError(f"{name}: {bad} of {x.shape[0]} samples hold NaN or inf")
+        raise NonFiniteInputError(f"{name}: {bad} of {x.shape[0]} samples hold NaN or inf")
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer (not a bool) of at least ``minimum``.
+
+    >>> check_count("hidden", -3)
+    Traceback (most recent call last):
+        ...
+    ValueError: hidden must be an integer of at least 1, got -3
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+
+
+def check_stages(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a list or tuple of integers of at least 1, one per stage."""
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+    ):
+        raise ValueError(f"{name} must be a list of integers of at least 1, one per stage, got {value!r}")
+
+
+def check_flag(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def check_coeff(value: object, *, optional: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value``, the Lipschitz bound of every residual branch, lies in
+    ``(0, 1)``, where the blocks are invertible and the log-det series converge (``optional``:
+    ``None`` too, a plain ResNet)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        allowed = "a number in (0, 1), or null for unconstrained branches" if optional else "a number in (0, 1)"
+        raise ValueError(
+            f"coeff must be {allowed} (each residual branch's Lipschitz bound, below 1 for the block to be "
+            f"invertible), got {value!r}"
+        )

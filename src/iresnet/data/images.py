@@ -30,7 +30,9 @@ References:
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +105,10 @@ def load_images(
       fetches missing files. Missing files (after a failed download too) raise
       :class:`FileNotFoundError` naming the folder and the files expected there.
 
-    Raises ``ValueError`` for an unknown ``name``, or when what was read does not match the
-    :class:`ImageSpec` (shape, dtype, value or label range).
+    Raises ``ValueError`` for an unknown ``name``, for a file that is not what it should be (an
+    MNIST file that is not an IDX file of bytes holding the data its header announces, CIFAR-10
+    files that do not match their published MD5 sums), naming it, or when what was read does not
+    match the :class:`ImageSpec` (shape, dtype, value or label range).
     """
     if name not in IMAGE_DATASETS:
         raise ValueError(f"unknown image data set {name!r}; choose one of {', '.join(IMAGE_DATASETS)}")
@@ -145,12 +149,25 @@ def _load_torchvision(spec: ImageSpec, root: Path, train: bool, download: bool) 
     subfolders, files, origin = _TORCHVISION_FILES[spec.name]
     folder = root.joinpath(*subfolders)
     dataset_class = datasets.MNIST if spec.name == "mnist" else datasets.CIFAR10
+    if spec.name == "mnist":  # torchvision reads them unchecked (an AssertionError at best)
+        split = "train" if train else "t10k"
+        for kind, dimensions in (("images-idx3", 3), ("labels-idx1", 1)):
+            path = folder / f"{split}-{kind}-ubyte"
+            if path.is_file():
+                _check_idx(path, dimensions)
     try:
         dataset = dataset_class(str(root), train=train, download=download)
     except (RuntimeError, OSError) as error:
         # torchvision raises RuntimeError when files are missing or fail their checksum, and
         # RuntimeError or URLError (an OSError) when a download fails.
         missing = [file for file in files if not (folder / file).is_file()]
+        corrupted = _failing_checksums(dataset_class, folder) if spec.name == "cifar10" and not missing else []
+        if corrupted:
+            raise ValueError(
+                f"{', '.join(str(folder / file) for file in corrupted)}: not the files of CIFAR-10's python "
+                "version (their MD5 sums differ from the published ones; a partial or corrupted copy?). Delete "
+                "them and fetch CIFAR-10 again with download=True (--download on the command line)"
+            ) from error
         if not missing:
             raise RuntimeError(
                 f"torchvision could not load {spec.name} from {folder} although {', '.join(files)} are all there "
@@ -172,6 +189,43 @@ def _load_torchvision(spec: ImageSpec, root: Path, train: bool, download: bool) 
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> NCHW
     labels = torch.as_tensor(dataset.targets, dtype=torch.int64)
     return images, labels
+
+
+def _check_idx(path: Path, dimensions: int) -> None:
+    """Raise ``ValueError`` unless ``path`` is an IDX file of unsigned bytes with ``dimensions``
+    dimensions (magic number ``00 00 08 0d``, then each size as a big-endian int32) holding
+    exactly the bytes its sizes announce."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        header = file.read(4 + 4 * dimensions)
+    magic = bytes([0, 0, 8, dimensions])
+    problem = None
+    if size == 0:
+        problem = "the file is empty"
+    elif header[:4] != magic:
+        problem = f"it starts with {header[:4].hex(' ')}, not the IDX magic number {magic.hex(' ')}"
+    elif len(header) < 4 + 4 * dimensions:
+        problem = f"its header stops after {len(header)} bytes"
+    else:
+        sizes = struct.unpack(f">{dimensions}I", header[4:])
+        expected = len(header) + math.prod(sizes)
+        if size != expected:
+            announced = " x ".join(map(str, sizes))
+            problem = f"its header announces {announced} bytes of data, {expected} bytes in all, and it holds {size}"
+    if problem is not None:
+        raise ValueError(
+            f"{path} is not a valid MNIST file (IDX format): {problem}. Delete it and fetch MNIST again with "
+            "download=True (--download on the command line)"
+        )
+
+
+def _failing_checksums(dataset_class: type, folder: Path) -> list[str]:
+    """The CIFAR-10 files in ``folder`` that do not match the MD5 sums torchvision checks."""
+    from torchvision.datasets.utils import check_integrity
+
+    expected = [*dataset_class.train_list, *dataset_class.test_list]
+    expected.append([dataset_class.meta["filename"], dataset_class.meta["md5"]])
+    return [name for name, md5 in expected if not check_integrity(str(folder / name), md5)]
 
 
 def _check(spec: ImageSpec, images: Tensor, labels: Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from ..data.toy import TOY_DATASETS
@@ -11,7 +12,9 @@ from .hybrid import HybridModel, hybrid_model
 from .image import image_flow
 from .toy import toy_flow
 
-__all__ = ["build_density_model", "build_model"]
+__all__ = ["build_density_model", "build_model", "model_options"]
+
+_FROM_THE_DATA = ("dim", "shape", "levels", "classes")  # what the data set decides, not model.KEY
 
 
 def build_density_model(data: str, options: dict[str, Any]) -> DensityModel:
@@ -40,19 +43,29 @@ def build_model(task: str, data: str, options: dict[str, Any]) -> DensityModel |
     spec = IMAGE_DATASETS[data]
     if task == "hybrid":
         return _call(hybrid_model, options, spec.shape, spec.levels, spec.classes)
-    return _call(iresnet_classifier, {"levels": spec.levels, **options}, spec.shape, spec.classes)
+    return _call(iresnet_classifier, options, spec.shape, spec.classes, levels=spec.levels)
 
 
-def _call(builder, options: dict[str, Any], *args: Any) -> DensityModel:
-    try:
-        return builder(*args, **options)
-    except TypeError as error:
-        import inspect
+def model_options(builder) -> dict[str, Any]:
+    """The options ``model.KEY`` of ``builder`` with their defaults: its keyword arguments but
+    those the data set decides (a hybrid's are ``classifier`` and the image flow's)."""
+    if builder is hybrid_model:
+        return {"classifier": "linear", **model_options(image_flow)}
+    parameters = inspect.signature(builder).parameters.values()
+    return {p.name: p.default for p in parameters if p.name not in _FROM_THE_DATA}
 
-        known = [p for p in inspect.signature(builder).parameters if p not in ("dim", "shape", "levels", "classes")]
-        if builder is hybrid_model:  # its other options are the image flow's
-            known = [
-                "classifier",
-                *(p for p in inspect.signature(image_flow).parameters if p not in ("shape", "levels")),
-            ]
-        raise ValueError(f"bad model options {options} for {builder.__name__} ({error}); known: {known}") from None
+
+def _call(builder, options: dict[str, Any], *args: Any, **from_data: Any) -> DensityModel:
+    """``builder(*args, **from_data, **options)`` once every option is one of ``builder``'s;
+    errors the builder raises pass through as they are."""
+    known = model_options(builder)
+    fixed = [key for key in options if key in _FROM_THE_DATA]
+    if fixed:
+        raise ValueError(f"model option {fixed[0]!r} is set by the data set, not by model.{fixed[0]}=...")
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        raise ValueError(
+            f"unknown model option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
+            f"{builder.__name__}; its options: {', '.join(known)}"
+        )
+    return builder(*args, **from_data, **options)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..blocks import ActNorm, ResidualBlock, Sequential, Squeeze
+from ..validation import check_coeff, check_count, check_stages
 from .branches import conv_branch
 
 __all__ = ["Rescale", "InjectivePad", "Classifier", "iresnet_classifier"]
@@ -108,6 +109,12 @@ def iresnet_classifier(
         >>> model(torch.randn(5, 1, 8, 8)).shape
         torch.Size([5, 10])
     """
+    check_count("classes", classes)
+    check_count("pad_channels", pad_channels, 0)
+    check_count("power_iterations", power_iterations)
+    check_stages("blocks", blocks)
+    check_stages("hidden", hidden)
+    check_coeff(coeff, optional=True)
     if len(blocks) != len(hidden):
         raise ValueError(f"blocks and hidden need one entry per stage, got {blocks} and {hidden}")
     c, h, w = shape

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..blocks import ActNorm, ResidualBlock, Sequential, Squeeze
 from ..data.preprocess import Logit, UniformDequantize
 from ..logdet import LogDetEstimator
+from ..validation import check_coeff, check_count, check_flag
 from .branches import conv_branch, flat_branch
 from .density import DensityModel
 
@@ -155,6 +156,17 @@ def image_flow(
         >>> model(torch.randint(0, 17, (3, 1, 8, 8))).shape
         torch.Size([3])
     """
+    check_count("levels", levels, 2)
+    for name, value in {"scales": scales, "blocks": blocks, "hidden": hidden, "fc_hidden": fc_hidden}.items():
+        check_count(name, value)
+    check_count("fc_blocks", fc_blocks, 0)
+    check_count("power_iterations", power_iterations)
+    check_coeff(coeff)
+    if logit_alpha is not None and (not isinstance(logit_alpha, (int, float)) or not 0 < logit_alpha < 0.5):
+        raise ValueError(f"logit_alpha must be a number in (0, 0.5), or null for no logit, got {logit_alpha!r}")
+    check_flag("squeeze_first", squeeze_first)
+    check_flag("factor_out", factor_out)
+    check_flag("learned_prior", learned_prior)
     stage_shapes = _stage_shapes(tuple(shape), scales, squeeze_first, factor_out)
     options = {"activation": activation, "power_iterations": power_iterations}
     stages = []

@@ -6,6 +6,7 @@ from typing import Any
 
 from ..blocks import ActNorm, ResidualBlock, Sequential
 from ..logdet import LogDetEstimator
+from ..validation import check_coeff, check_count, check_flag
 from .branches import mlp_branch
 from .density import DensityModel
 
@@ -34,6 +35,12 @@ def toy_flow(
         >>> model(torch.randn(5, 2)).shape
         torch.Size([5])
     """
+    for name, value in {"dim": dim, "blocks": blocks, "hidden": hidden, "depth": depth}.items():
+        check_count(name, value)
+    check_count("power_iterations", power_iterations)
+    check_coeff(coeff)
+    check_flag("actnorm", actnorm)
+    check_flag("learned_prior", learned_prior)
     layers = []
     for _ in range(blocks):
         if actnorm:

@@ -7,12 +7,14 @@ import copy
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..models.presets import PRESETS
 
-__all__ = ["TrainConfig", "resolve_config", "parse_override"]
+__all__ = ["TrainConfig", "read_settings", "resolve_config", "parse_override"]
 
 
 @dataclass
@@ -66,7 +68,7 @@ class TrainConfig:
     grad_clip: float | None = None
     ema_decay: float | None = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when a GPU is available, else the CPU (see train.distributed.resolve_device)
     out: str | None = None  # None: runs/PRESET, runs/PRESET-2, ... (a new one, or the latest to resume)
     checkpoint_every: int = 500
     checkpoint_seconds: float | None = 60.0
@@ -143,12 +145,43 @@ _TYPE_CHECKS = {  # a field's annotation: its check and what it asks for
 }
 
 
+def read_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings in the JSON file ``path`` (an object of :class:`TrainConfig`'s fields);
+    ``ValueError`` naming the file, and the line (and column), where it is not valid JSON, not an
+    object, or names an unknown setting."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not a JSON file (not UTF-8 text: byte {error.start} is {raw[error.start]:#04x})"
+        ) from None
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {error.lineno}, column {error.colno}: not valid JSON: {error.msg}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings, {{...}}, got a {type(settings).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in settings:
+        if key not in known:
+            found = re.search(rf'"{re.escape(key)}"\s*:', text)  # the line of its first "key":
+            line = "" if found is None else f", line {text.count(chr(10), 0, found.start()) + 1}"
+            raise _unknown_setting(key, f"{path}{line}")
+    return settings
+
+
+def _unknown_setting(key: str, where: str) -> ValueError:
+    known = sorted(f.name for f in dataclasses.fields(TrainConfig))
+    return ValueError(f"{where}: unknown setting {key!r}; known settings: {', '.join(known)}")
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     merged = copy.deepcopy(base)
     for key, value in update.items():
         if key not in known:
-            raise ValueError(f"{source}: unknown setting {key!r}; known settings: {', '.join(sorted(known))}")
+            raise _unknown_setting(key, source)
         if key == "model":
             if not isinstance(value, dict):
                 raise ValueError(f"{source}: 'model' must be a mapping of model options, got {value!r}")
@@ -162,7 +195,7 @@ def parse_override(text: str) -> dict[str, Any]:
     """``"key=value"`` (``"model.key=value"`` for a model option) as a nested mapping; the value
     is read as JSON where it parses (numbers, true/false/null, lists), else as a string."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
+    if not sep or not key or key == "model.":
         raise ValueError(f"an override must look like key=value or model.key=value, got {text!r}")
     try:
         value = json.loads(raw)
@@ -188,12 +221,7 @@ def resolve_config(
     To resume a run, ``saved`` (its ``config.json``) takes the preset's place: the run goes on as
     it was configured, changed only by ``config_file`` and ``overrides``; ``preset``, if given,
     must be the run's."""
-    from_file: dict[str, Any] = {}
-    if config_file is not None:
-        with open(config_file) as f:
-            from_file = json.load(f)
-        if not isinstance(from_file, dict):
-            raise ValueError(f"{config_file}: expected a JSON object of settings")
+    from_file = {} if config_file is None else read_settings(config_file)
     if saved is not None:
         if preset is not None and preset != saved.preset:
             raise ValueError(

@@ -27,6 +27,7 @@ from ..blocks import initialize_from_data
 from ..compiled import memory_lean
 from ..data.preprocess import bits_per_dim
 from ..models.build import build_model
+from ..validation import NonFiniteInputError
 from .checkpoint import (
     RunFiles,
     RunInUseError,
@@ -544,8 +545,9 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> dict[str, t
 
 def _non_finite(error: BaseException) -> bool:
     """Whether an error raised inside a training step reports NaN or inf among a layer's inputs
-    (:func:`iresnet.validation.check_input`, eager or compiled): the weights have diverged."""
-    return "NaN or inf" in str(error)
+    (:func:`iresnet.validation.check_input`: its error eagerly, its device assertion's message
+    when compiled): the weights have diverged."""
+    return isinstance(error, NonFiniteInputError) or (isinstance(error, RuntimeError) and "NaN or inf" in str(error))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
