@@ -462,23 +462,6 @@ def test_eval_prints_its_result_even_where_eval_json_cannot_be_written(
     assert f"iresnet eval: warning: cannot write {run / 'eval.json'}: Is a directory" in captured.err
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
-def test_eval_of_a_read_only_run_directory(trained: Path, tmp_path: Path, capsys) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    (run / "eval.json").unlink(missing_ok=True)
-    run.chmod(0o555)
-    try:
-        assert run_cli("eval", str(run)) == 0
-        assert run_cli("sample", str(run), "--n", "4") == 1
-    finally:
-        run.chmod(0o755)
-    captured = capsys.readouterr()
-    assert "test NLL" in captured.out
-    assert f"iresnet eval: warning: cannot write {run / 'eval.json'}: Permission denied" in captured.err
-    assert f"iresnet sample: error: cannot write {run / 'samples.png'}: Permission denied" in captured.err
-
-
 def test_sample_names_the_picture_it_cannot_write(trained: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)
