@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 import iresnet
-from iresnet.compiled import memory_lean
-from iresnet.memory import SavedTensorMeter
+from iresnet.core.compiled import memory_lean
+from iresnet.core.memory import SavedTensorMeter
 
 MIB, LIBRARIES, COMPILED = 2**20, ("iresnet", "normflows"), "iresnet compiled"
 T = TypeVar("T")

@@ -3,7 +3,7 @@
 For each number of terms, one training step of a residual block (MLP 16-512-512-16, batch 512)
 with the plain power series (the graph keeps every vector-Jacobian product) and with
 ``memory_efficient=True`` (Neumann-series gradient computed in the forward pass). Prints the
-bytes autograd holds after the forward pass and at its peak (``iresnet.memory.SavedTensorMeter``,
+bytes autograd holds after the forward pass and at its peak (``iresnet.core.memory.SavedTensorMeter``,
 any device) and, on CUDA, the allocator's peak.
 
     python benchmarks/logdet_memory.py [--device cuda]
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import iresnet
-from iresnet.memory import SavedTensorMeter
+from iresnet.core.memory import SavedTensorMeter
 
 
 def block(memory_efficient: bool, n_terms: int, device: torch.device) -> iresnet.ResidualBlock:

@@ -206,7 +206,7 @@ def test_reconstruct_reports_where_a_plain_resnet_fails() -> None:
     import torch
 
     from iresnet.models import iresnet_classifier
-    from iresnet.train.reconstruct import reconstruct
+    from iresnet.report.reconstruct import reconstruct
 
     model = iresnet_classifier((1, 8, 8), 10, levels=17, blocks=(2, 2), hidden=(8, 8), coeff=None)
     with torch.no_grad():

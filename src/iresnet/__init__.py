@@ -7,12 +7,11 @@ References:
     https://arxiv.org/abs/1906.02735
 """
 
-from .activations import LipSwish
-from .blocks import ActNorm, ResidualBlock, Sequential, Squeeze, initialize_from_data
-from .distributions import Flow, ModuleTransform, as_transform
-from .inverse import InversionError, InversionReport, solve_fixed_point
-from .jacobian import Linearization, linearize, register_linearization
-from .lipschitz import (
+from .core.activations import LipSwish
+from .core.blocks import ActNorm, ResidualBlock, Sequential, Squeeze, initialize_from_data
+from .core.inverse import InversionError, InversionReport, solve_fixed_point
+from .core.jacobian import Linearization, linearize, register_linearization
+from .core.lipschitz import (
     SpectralNorm,
     circular_conv_bound,
     converge_spectral_norms,
@@ -20,7 +19,8 @@ from .lipschitz import (
     operator_norm_bound,
     spectral_norm,
 )
-from .logdet import Exact, LogDetEstimator, PowerSeries, Roulette
+from .core.logdet import Exact, LogDetEstimator, PowerSeries, Roulette
+from .flows.distributions import Flow, ModuleTransform, as_transform
 
 __version__ = "0.1.0"
 

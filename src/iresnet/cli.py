@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .models.density import DensityModel
+    from .flows.density import DensityModel
+    from .report.ood import OODReport
     from .train import TrainConfig
-    from .train.ood import OODReport
     from .train.sources import DataSource
 
 _TRAIN_EPILOG = """settings come from the preset, then --config (a JSON object of settings), then the
@@ -92,7 +92,7 @@ def _coefficient(text: str) -> float:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    from .models.presets import PRESETS
+    from .train.presets import PRESETS
 
     train = commands.add_parser(
         "train",
@@ -357,7 +357,7 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
 
 def _compare_ood(args: argparse.Namespace, model: DensityModel, config: TrainConfig, source: DataSource) -> OODReport:
     """The likelihoods of the test set and of the ``--ood`` data."""
-    from .train.ood import compare_likelihoods, ood_inputs
+    from .report.ood import compare_likelihoods, ood_inputs
 
     generator = torch.Generator().manual_seed(config.seed)
     out_images = ood_inputs(args.ood, source.test, source.levels, generator, config.data_dir, config.download)
@@ -366,7 +366,7 @@ def _compare_ood(args: argparse.Namespace, model: DensityModel, config: TrainCon
 
 def _draw_ood(data: str, config: TrainConfig, comparison: OODReport, picture: str) -> OSError | None:
     """The histograms of both likelihoods, written to ``picture``; the error where it cannot be."""
-    from . import plots
+    from .report import plots
 
     labels = (f"{config.data} test", data)
     try:
@@ -406,10 +406,10 @@ def _cannot_write(args: argparse.Namespace, path: str | Path, error: OSError, ki
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .lipschitz import converge_spectral_norms
+    from .core.lipschitz import converge_spectral_norms
+    from .report.pictures import draw_samples
     from .train import load_run
     from .train.distributed import resolve_device
-    from .train.pictures import draw_samples
 
     model, config = load_run(args.run, resolve_device(args.device))
     if config.task == "classify":
@@ -439,10 +439,10 @@ def _iteration_cells(counts: list[int | None]) -> list[str]:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from . import plots
+    from .report import plots
+    from .report.reconstruct import reconstruct
     from .train import load_run
     from .train.distributed import resolve_device
-    from .train.reconstruct import reconstruct
 
     device = resolve_device(args.device)
     model, config = load_run(args.run, device)
@@ -487,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "demo":
-        from .demo import run_demo
+        from .report.demo import run_demo
 
         run_demo(dim=args.dim, hidden=args.hidden, coeff=args.coeff, seed=args.seed)
         return

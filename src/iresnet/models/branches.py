@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..activations import LipSwish
-from ..lipschitz import spectral_norm
+from ..core.activations import LipSwish
+from ..core.lipschitz import spectral_norm
 
 __all__ = ["ACTIVATIONS", "mlp_branch", "conv_branch", "flat_branch"]
 

@@ -6,8 +6,8 @@ import inspect
 from typing import Any
 
 from ..data.toy import TOY_DATASETS
+from ..flows.density import DensityModel
 from .classifier import Classifier, iresnet_classifier
-from .density import DensityModel
 from .hybrid import HybridModel, hybrid_model
 from .image import image_flow
 from .toy import toy_flow

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..blocks import ActNorm, ResidualBlock, Sequential, Squeeze
-from ..validation import check_coeff, check_count, check_stages
+from ..core.blocks import ActNorm, ResidualBlock, Sequential, Squeeze
+from ..core.validation import check_coeff, check_count, check_stages
 from .branches import conv_branch
 
 __all__ = ["Rescale", "InjectivePad", "Classifier", "iresnet_classifier"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .density import DensityModel
+from ..flows.density import DensityModel
 from .image import MultiScale, image_flow
 
 __all__ = ["HybridModel", "hybrid_model"]

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..blocks import ActNorm, ResidualBlock, Sequential, Squeeze
+from ..core.blocks import ActNorm, ResidualBlock, Sequential, Squeeze
+from ..core.logdet import LogDetEstimator
+from ..core.validation import check_coeff, check_count, check_flag
 from ..data.preprocess import Logit, UniformDequantize
-from ..logdet import LogDetEstimator
-from ..validation import check_coeff, check_count, check_flag
+from ..flows.density import DensityModel
 from .branches import conv_branch, flat_branch
-from .density import DensityModel
 
 __all__ = ["MultiScale", "Shift", "image_flow"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..blocks import ActNorm, ResidualBlock, Sequential
-from ..logdet import LogDetEstimator
-from ..validation import check_coeff, check_count, check_flag
+from ..core.blocks import ActNorm, ResidualBlock, Sequential
+from ..core.logdet import LogDetEstimator
+from ..core.validation import check_coeff, check_count, check_flag
+from ..flows.density import DensityModel
 from .branches import mlp_branch
-from .density import DensityModel
 
 __all__ = ["toy_flow"]
 

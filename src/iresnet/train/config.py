@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models.presets import PRESETS
+from .presets import PRESETS
 
 __all__ = ["TrainConfig", "read_settings", "resolve_config", "parse_override"]
 
@@ -33,7 +33,7 @@ class TrainConfig:
     ``lr_gamma`` at each step of ``lr_milestones``; ``optimizer`` "sgd" has momentum 0.9.
 
     ``compile`` runs the model's forward and backward passes through ``torch.compile`` (a
-    first-order graph, see :mod:`iresnet.jacobian`; the first steps pay the compilation; the
+    first-order graph, see :mod:`iresnet.core.jacobian`; the first steps pay the compilation; the
     optimiser step stays eager). ``precision`` "bf16" runs the
     branches' matrix products and convolutions in bfloat16 autocast on CUDA; the power iteration,
     the log-det sums and the base density stay in float32.

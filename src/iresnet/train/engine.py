@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..blocks import initialize_from_data
-from ..compiled import memory_lean
+from ..core.blocks import initialize_from_data
+from ..core.compiled import memory_lean
+from ..core.validation import NonFiniteInputError
 from ..data.preprocess import bits_per_dim
 from ..models.build import build_model
-from ..validation import NonFiniteInputError
 from .checkpoint import (
     RunFiles,
     RunInUseError,
@@ -489,8 +489,8 @@ class _Trainer:
             return
         self.unwritten = [self.files.weights.name, "the pictures"]
         print(f"writing the evaluation weights and the pictures to {self.files.root}", flush=True)
-        from ..lipschitz import converge_spectral_norms
-        from .pictures import run_pictures
+        from ..core.lipschitz import converge_spectral_norms
+        from ..report.pictures import run_pictures
 
         model = self.eval_model()
         pictures = run_pictures(model, self.source, self.files, self.config.task)
@@ -545,7 +545,7 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> dict[str, t
 
 def _non_finite(error: BaseException) -> bool:
     """Whether an error raised inside a training step reports NaN or inf among a layer's inputs
-    (:func:`iresnet.validation.check_input`: its error eagerly, its device assertion's message
+    (:func:`iresnet.core.validation.check_input`: its error eagerly, its device assertion's message
     when compiled): the weights have diverged."""
     return isinstance(error, NonFiniteInputError) or (isinstance(error, RuntimeError) and "NaN or inf" in str(error))
 

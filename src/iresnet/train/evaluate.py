@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..attributes import attribute_set
-from ..blocks import ResidualBlock
+from ..core.attributes import attribute_set
+from ..core.blocks import ResidualBlock
+from ..core.lipschitz import converge_spectral_norms
+from ..core.logdet import LogDetEstimator, Roulette
 from ..data.preprocess import bits_per_dim
-from ..lipschitz import converge_spectral_norms
-from ..logdet import LogDetEstimator, Roulette
-from ..models.density import DensityModel
+from ..flows.density import DensityModel
 from ..models.hybrid import HybridModel
 
 __all__ = [

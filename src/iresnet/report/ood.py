@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..core.lipschitz import converge_spectral_norms
+from ..core.logdet import LogDetEstimator
 from ..data.images import IMAGE_DATASETS, load_images
 from ..data.preprocess import bits_per_dim
-from ..lipschitz import converge_spectral_norms
-from ..logdet import LogDetEstimator
-from ..models.density import DensityModel
-from .evaluate import EVAL_SEED, Evaluation, accurate_estimator, estimators_set_to, summarize
+from ..flows.density import DensityModel
+from ..train.evaluate import EVAL_SEED, Evaluation, accurate_estimator, estimators_set_to, summarize
 
 __all__ = ["OOD_CHOICES", "OODReport", "auroc", "compare_likelihoods", "ood_inputs"]
 

@@ -1,4 +1,4 @@
-"""The PNG writers of ``iresnet.plots``: densities against exact values and orientation, tile
+"""The PNG writers of ``iresnet.report.plots``: densities against exact values and orientation, tile
 positions read back from the files, metrics parsing, and no figure left alive."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from iresnet import plots
+from iresnet.report import plots
 
 
 def _gaussian_log_prob(mean: tuple[float, float], std: float = 1.0):
@@ -311,7 +311,7 @@ def test_repeated_calls_leave_no_figure_alive(tmp_path: Path, monkeypatch: pytes
 
 
 def test_importing_iresnet_does_not_import_matplotlib() -> None:
-    code = "import sys, iresnet, iresnet.plots; print('matplotlib' in sys.modules)"
+    code = "import sys, iresnet, iresnet.report.plots; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

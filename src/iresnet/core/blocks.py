@@ -73,11 +73,11 @@ class ResidualBlock(nn.Module):
         g: the residual branch, Lipschitz below 1 (see :func:`~iresnet.spectral_norm`); it must
             act on each sample independently and keep the shape. A chain of spectral-normalised
             layers whose coefficients allow :math:`\mathrm{Lip}(g) \ge 1`
-            (:func:`~iresnet.lipschitz.design_bound`) is refused with ``ValueError``: nothing can
+            (:func:`~iresnet.core.lipschitz.design_bound`) is refused with ``ValueError``: nothing can
             check an arbitrary ``g``, and for one that is not contractive the inverse and the
             log-det series are wrong.
         logdet: ``"exact"``, ``"series"``, ``"roulette"``, a mapping of a name and options
-            (``{"name": "series", "n_terms": 10}``), an estimator from :mod:`iresnet.logdet`, or
+            (``{"name": "series", "n_terms": 10}``), an estimator from :mod:`iresnet.core.logdet`, or
             ``None`` (no log-det, for classifiers).
         inverse_method: ``"fixed_point"`` or ``"anderson"``.
         atol, rtol: the inversion's stopping tolerances (defaults by dtype: about 1e-5 in
@@ -86,14 +86,14 @@ class ResidualBlock(nn.Module):
         anderson_memory: the history length of Anderson acceleration.
         event_shape: the shape of one input; taken from the first input if ``None``.
         jacobian: how the log-det reaches ``J_g``. ``"explicit"``: matrix products and
-            convolutions from the branch's forward pass (:mod:`iresnet.jacobian`), so training
+            convolutions from the branch's forward pass (:mod:`iresnet.core.jacobian`), so training
             needs one first-order backward pass and ``torch.compile`` accepts it; raises for a
             branch or estimator it cannot serve. ``"autograd"``: vector-Jacobian products by
             ``torch.autograd.grad``, whose gradient is a double backward; works for any ``g``.
             ``"auto"`` (default): explicit where possible. ``repr(block)`` names the path taken.
         compile_inverse: evaluate ``g`` in the inverse's iterations through one compiled function
             per branch architecture, the stopping rule's arithmetic fused with it
-            (:func:`iresnet.compiled.compiled_iteration`): the first inversion pays the
+            (:func:`iresnet.core.compiled.compiled_iteration`): the first inversion pays the
             compilation, later ones run the iterations faster.
 
     References:

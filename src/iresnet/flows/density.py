@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
-from ..distributions import Flow, as_transform
+from .distributions import Flow, as_transform
 
 __all__ = ["DensityModel"]
 

@@ -12,7 +12,7 @@ import iresnet
 from helpers import jacobian_logdet
 from iresnet.models import image_flow, toy_flow
 from iresnet.models.build import build_density_model, build_model
-from iresnet.models.presets import PRESETS
+from iresnet.train.presets import PRESETS
 
 
 def test_toy_flow_log_prob_is_prior_plus_exact_logdet(device: torch.device) -> None:
@@ -123,7 +123,7 @@ def test_bad_model_option_names_the_known_ones() -> None:
 def test_paper_presets_count_epochs_one_way(name: str) -> None:
     """The audit: steps per epoch were 390 in one preset and 391 in another for the same data and
     batch. Every schedule is now whole epochs of ceil(N / B) steps."""
-    from iresnet.models.presets import steps_per_epoch
+    from iresnet.train.presets import steps_per_epoch
 
     preset = PRESETS[name]
     epoch = steps_per_epoch(preset["data"], preset["batch_size"])
@@ -136,7 +136,7 @@ def test_paper_presets_count_epochs_one_way(name: str) -> None:
 def test_squeeze_then_split_keeps_what_split_then_squeeze_keeps() -> None:
     """The audit: ours squeezes then splits, the i-ResNet code splits then squeezes. Both keep the
     squeeze of the first C/2 channels and factor out the other half's values, permuted."""
-    from iresnet.blocks import Squeeze
+    from iresnet.core.blocks import Squeeze
 
     squeeze = Squeeze()
     x = torch.randn(3, 6, 4, 4)

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from iresnet import plots
+from iresnet.report import plots
 from iresnet.cli import main
+from iresnet.report.ood import auroc, compare_likelihoods, ood_inputs
 from iresnet.train import load_run
-from iresnet.train.ood import auroc, compare_likelihoods, ood_inputs
 
 DIGITS_TINY = ["--steps", "2", "--no-progress", "model.blocks=1", "model.hidden=8", "model.fc_blocks=0"]
 DIGITS_TINY += ["eval_size=64", "--batch-size", "32"]
@@ -88,7 +88,7 @@ def test_unknown_names_and_other_shapes_are_refused_before_reading_files(monkeyp
     def no_files(*args, **kwargs):
         raise AssertionError("no file should be read")
 
-    monkeypatch.setattr("iresnet.train.ood.load_images", no_files)
+    monkeypatch.setattr("iresnet.report.ood.load_images", no_files)
     digits = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="choose one of noise, inverted, digits, mnist, cifar10"):
         ood_inputs("svhn", digits, 17, torch.Generator())

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import stop_after
-from iresnet.models.density import DensityModel
-from iresnet.models.presets import PRESETS
+from iresnet.flows.density import DensityModel
 from iresnet.train import TrainingError, evaluate, load_run, make_source, parse_override, resolve_config, train
+from iresnet.train.presets import PRESETS
 
 TINY = {"model": {"blocks": 2, "hidden": 16}, "batch_size": 64, "eval_size": 500, "log_every": 1}
 

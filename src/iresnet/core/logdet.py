@@ -64,7 +64,7 @@ class LogDetEstimator:
 
     def from_products(self, products: Linearization, x: Tensor, differentiable: bool, draws: Any) -> Tensor:
         """The same estimate from a branch's explicit Jacobian products
-        (:func:`iresnet.jacobian.linearize`) and ``draws = self.draw(x)``: its gradient needs one
+        (:func:`iresnet.core.jacobian.linearize`) and ``draws = self.draw(x)``: its gradient needs one
         first-order backward pass."""
         raise NotImplementedError
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..attributes import attribute_set
-from ..blocks import ResidualBlock
-from ..inverse import InversionError
-from ..lipschitz import converge_spectral_norms, lipschitz_bound
+from ..core.attributes import attribute_set
+from ..core.blocks import ResidualBlock
+from ..core.inverse import InversionError
+from ..core.lipschitz import converge_spectral_norms, lipschitz_bound
 from ..models.classifier import Classifier
 
 __all__ = ["BlockReport", "Reconstruction", "reconstruct"]

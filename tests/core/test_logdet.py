@@ -10,7 +10,7 @@ from torch import nn
 
 import iresnet
 from helpers import binding, conv_branch, dense_branch, jacobian_logdet
-from iresnet.memory import SavedTensorMeter
+from iresnet.core.memory import SavedTensorMeter
 
 
 def make_block(device, estimator, dim=3, coeff=0.9, conv=False, jacobian="auto") -> iresnet.ResidualBlock:
@@ -260,7 +260,7 @@ def test_bad_estimator_options():
 
 def test_make_estimator_from_a_mapping() -> None:
     """Configuration files name an estimator and its options as a mapping."""
-    from iresnet.logdet import make_estimator
+    from iresnet.core.logdet import make_estimator
 
     series = make_estimator({"name": "series", "n_terms": 10, "probe": "rademacher"})
     assert isinstance(series, iresnet.PowerSeries) and series.n_terms == 10 and series.probe == "rademacher"
@@ -289,7 +289,7 @@ def test_poisson_roulette_without_exact_terms_stays_in_the_graph(jacobian, devic
     """The audit: Roulette(0, "poisson") draws no term with probability exp(-2) and returned zeros
     without a graph, so backward() through a loss of it alone raised."""
     torch.manual_seed(0)
-    estimator = iresnet.logdet.Roulette(0, "poisson")
+    estimator = iresnet.core.logdet.Roulette(0, "poisson")
     block = iresnet.ResidualBlock(dense_branch(2, 8, 0.9).to(device), estimator, jacobian=jacobian)
     empty_draws = 0
     for _ in range(40):

@@ -1,4 +1,4 @@
-"""Explicit Jacobian products (iresnet.jacobian) in float64: J v and J^T u of every layer type and
+"""Explicit Jacobian products (iresnet.core.jacobian) in float64: J v and J^T u of every layer type and
 whole branches against torch.func, the explicit log-det path against the autograd path (values
 and gradients), the Neumann surrogate's hand-written backward, the fallback to autograd, and the
 Roulette estimator on the explicit path (unbiasedness, Poisson survival)."""
@@ -427,7 +427,7 @@ def scaled_tanh_rule(module: ScaledTanh, h: torch.Tensor) -> tuple[torch.Tensor,
 def test_registered_module_takes_the_explicit_path(device, monkeypatch, estimator):
     """``register_linearization`` teaches a new module type: the explicit path then matches
     the autograd path, values and gradients (the parameter of the new module's too)."""
-    monkeypatch.setattr(iresnet.jacobian, "_RULES", dict(iresnet.jacobian._RULES))  # undone after the test
+    monkeypatch.setattr(iresnet.core.jacobian, "_RULES", dict(iresnet.core.jacobian._RULES))  # undone after the test
     g = nn.Sequential(ScaledTanh(), sn(nn.Linear(3, 8), 0.95), ScaledTanh(0.7), sn(nn.Linear(8, 3), 0.95))
     g = binding(g)
     assert iresnet.ResidualBlock(g, "exact").jacobian_path == "autograd"

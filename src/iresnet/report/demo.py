@@ -8,10 +8,10 @@ import math
 import torch
 from torch import nn
 
-from .activations import LipSwish
-from .blocks import ResidualBlock
-from .lipschitz import converge_spectral_norms, lipschitz_bound, spectral_norm
-from .logdet import Exact, PowerSeries, Roulette
+from ..core.activations import LipSwish
+from ..core.blocks import ResidualBlock
+from ..core.lipschitz import converge_spectral_norms, lipschitz_bound, spectral_norm
+from ..core.logdet import Exact, PowerSeries, Roulette
 
 
 def build_block(dim: int, hidden: int, coeff: float) -> ResidualBlock:

@@ -6,7 +6,7 @@ import gc
 
 import torch
 
-from iresnet.memory import SavedTensorMeter
+from iresnet.core.memory import SavedTensorMeter
 
 
 def test_counts_saved_storages_once_and_releases_them(device):

@@ -355,7 +355,7 @@ def _refusal(module: nn.Module) -> str | None:
     if type(module).forward is nn.Sequential.forward:
         return next((r for r in map(_refusal, module) if r is not None), None)
     if _rule_type(module) not in _RULES:
-        return f"{name} has no registered linearisation (iresnet.jacobian.register_linearization)"
+        return f"{name} has no registered linearisation (iresnet.core.jacobian.register_linearization)"
     if isinstance(module, nn.Conv2d) and (
         module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
     ):

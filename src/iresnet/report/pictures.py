@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import plots
-from ..models.density import DensityModel
-from .checkpoint import RunFiles
-from .sources import DataSource
+from ..flows.density import DensityModel
+from ..train.checkpoint import RunFiles
+from ..train.sources import DataSource
+from . import plots
 
 __all__ = ["draw_run", "draw_samples", "run_pictures"]
 

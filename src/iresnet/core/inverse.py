@@ -77,7 +77,7 @@ def solve_fixed_point(
         memory: Anderson's history length.
         iteration: ``(x, y) -> (f(x), max |f(x) - x| per sample, converged per sample)`` with
             :math:`f(x) = y - g(x)` and the stopping rule above, in place of the eager one (for
-            example one compiled function, :func:`iresnet.compiled.compiled_iteration`).
+            example one compiled function, :func:`iresnet.core.compiled.compiled_iteration`).
 
     Returns:
         The solution and an :class:`InversionReport`.

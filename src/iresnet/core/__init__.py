@@ -1,0 +1,1 @@
+"""iresnet.core"""
