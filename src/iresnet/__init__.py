@@ -11,14 +11,8 @@ from .core.activations import LipSwish
 from .core.blocks import ActNorm, ResidualBlock, Sequential, Squeeze, initialize_from_data
 from .core.inverse import InversionError, InversionReport, solve_fixed_point
 from .core.jacobian import Linearization, linearize, register_linearization
-from .core.lipschitz import (
-    SpectralNorm,
-    circular_conv_bound,
-    converge_spectral_norms,
-    lipschitz_bound,
-    operator_norm_bound,
-    spectral_norm,
-)
+from .core.certificates import circular_conv_bound, lipschitz_bound, operator_norm_bound
+from .core.lipschitz import SpectralNorm, converge_spectral_norms, spectral_norm
 from .core.logdet import Exact, LogDetEstimator, PowerSeries, Roulette
 from .flows.distributions import Flow, ModuleTransform, as_transform
 

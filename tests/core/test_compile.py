@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 import iresnet
 from helpers import binding, dense_branch
-from iresnet.core.logdet import _host_series
+from iresnet.core.series import _host_series
 from iresnet.models import image_flow, toy_flow
 from iresnet.train import resolve_config, train
 

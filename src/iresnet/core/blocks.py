@@ -12,10 +12,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .activations import LipSwish
+from .certificates import design_bound
 from .compiled import compiled_iteration
 from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
 from .jacobian import linearization_refusal, linearize
-from .lipschitz import design_bound, frozen_power_iteration
+from .lipschitz import frozen_power_iteration
 from .logdet import LogDetEstimator, make_estimator
 from .validation import check_input
 
@@ -73,7 +74,7 @@ class ResidualBlock(nn.Module):
         g: the residual branch, Lipschitz below 1 (see :func:`~iresnet.spectral_norm`); it must
             act on each sample independently and keep the shape. A chain of spectral-normalised
             layers whose coefficients allow :math:`\mathrm{Lip}(g) \ge 1`
-            (:func:`~iresnet.core.lipschitz.design_bound`) is refused with ``ValueError``: nothing can
+            (:func:`~iresnet.core.certificates.design_bound`) is refused with ``ValueError``: nothing can
             check an arbitrary ``g``, and for one that is not contractive the inverse and the
             log-det series are wrong.
         logdet: ``"exact"``, ``"series"``, ``"roulette"``, a mapping of a name and options

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..core.activations import LipSwish
 from ..core.blocks import ResidualBlock
-from ..core.lipschitz import converge_spectral_norms, lipschitz_bound, spectral_norm
+from ..core.certificates import lipschitz_bound
+from ..core.lipschitz import converge_spectral_norms, spectral_norm
 from ..core.logdet import Exact, PowerSeries, Roulette
 
 

@@ -12,7 +12,8 @@ from torch import Tensor
 from ..core.attributes import attribute_set
 from ..core.blocks import ResidualBlock
 from ..core.inverse import InversionError
-from ..core.lipschitz import converge_spectral_norms, lipschitz_bound
+from ..core.certificates import lipschitz_bound
+from ..core.lipschitz import converge_spectral_norms
 from ..models.classifier import Classifier
 
 __all__ = ["BlockReport", "Reconstruction", "reconstruct"]
