@@ -23,11 +23,11 @@ __all__ = ["Roulette"]
 
 
 class Roulette(SeriesEstimator):
-    """The Residual Flows estimator, unbiased: the first ``n_exact_terms`` terms always, then
+    r"""The Residual Flows estimator, unbiased: the first ``n_exact_terms`` terms always, then
     a random number ``N`` more, term ``n_exact_terms + m`` weighted by ``1 / P(N >= m)``.
 
     ``N`` is geometric on ``{1, 2, ...}`` with success probability ``p``
-    (:math:`P(N \\ge m) = (1-p)^{m-1}`, mean ``1/p``) or Poisson with mean ``rate``.
+    (:math:`P(N \ge m) = (1-p)^{m-1}`, mean ``1/p``) or Poisson with mean ``rate``.
 
     Arguments:
         n_exact_terms: terms computed on every call.
@@ -37,6 +37,20 @@ class Roulette(SeriesEstimator):
         n_samples: Hutchinson probes (each with its own draw of ``N``).
         probe: ``"gaussian"``, ``"rademacher"`` or ``"basis"`` (exact traces, ``d`` passes).
         memory_efficient: Neumann-series gradient computed in the forward pass.
+
+    Example:
+        Unbiased: the mean of many draws is the exact log-det. For :math:`g(x) = W x` with basis
+        probes only ``N`` is random; each of the 1,000 ``n_samples`` draws its own. The mean is
+        :math:`\log|\det(I + W)| = \log(1.2 \cdot 0.7) = -0.1744` within its standard error
+        (about 3e-4), where the first term alone would give :math:`\mathrm{tr}(W) = -0.1`:
+
+        >>> g = nn.Linear(2, 2, bias=False).double()
+        >>> with torch.no_grad():
+        ...     _ = g.weight.copy_(torch.tensor([[0.2, 0.1], [0.0, -0.3]]))
+        >>> estimator = Roulette(n_exact_terms=1, p=0.5, n_samples=1000, probe="basis")
+        >>> _, logdet = ResidualBlock(g, estimator)(torch.zeros(1, 2, dtype=torch.float64))
+        >>> abs(logdet.item() - torch.tensor(1.2 * 0.7).log().item()) < 3e-3
+        True
     """
 
     def __init__(

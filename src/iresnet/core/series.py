@@ -226,15 +226,28 @@ def _host_series(
 
 
 class PowerSeries(SeriesEstimator):
-    """The i-ResNet estimator: the series truncated after ``n_terms`` terms, traces by
-    Hutchinson with ``n_samples`` probes. Biased: for :math:`\\mathrm{Lip}(g) \\le L` the
-    truncation error is at most :math:`d \\sum_{k > n} L^k / k`.
+    r"""The i-ResNet estimator: the series truncated after ``n_terms`` terms, traces by
+    Hutchinson with ``n_samples`` probes. Biased: for :math:`\mathrm{Lip}(g) \le L` the
+    truncation error is at most :math:`d \sum_{k > n} L^k / k`.
 
     Arguments:
         n_terms: the number of series terms.
         n_samples: Hutchinson probes per sample.
         probe: ``"gaussian"``, ``"rademacher"`` or ``"basis"`` (exact traces, ``d`` passes).
         memory_efficient: Neumann-series gradient computed in the forward pass.
+
+    Example:
+        With basis probes every trace is exact, so only the truncation is left: for
+        :math:`\mathrm{Lip}(g) \le 0.5^2` and 30 terms it is below
+        :math:`3 \sum_{k > 30} 0.25^k / k < 10^{-19}`, and the series is the exact log-det:
+
+        >>> g = nn.Sequential(spectral_norm(nn.Linear(3, 16), 0.5), LipSwish(),
+        ...                   spectral_norm(nn.Linear(16, 3), 0.5)).double().eval()
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> exact = ResidualBlock(g, Exact())(x)[1]
+        >>> series = ResidualBlock(g, PowerSeries(n_terms=30, probe="basis"))(x)[1]
+        >>> torch.allclose(series, exact, rtol=0, atol=1e-6)
+        True
     """
 
     def __init__(
