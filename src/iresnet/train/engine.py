@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.blocks import initialize_from_data
 from ..core.compiled import memory_lean
+from ..core.layers import initialize_from_data
 from ..core.validation import NonFiniteInputError
 from ..data.preprocess import bits_per_dim
 from ..models.build import build_model

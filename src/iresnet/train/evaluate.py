@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ..core.attributes import attribute_set
-from ..core.blocks import ResidualBlock
 from ..core.lipschitz import converge_spectral_norms
 from ..core.logdet import LogDetEstimator, Roulette
+from ..core.residual import ResidualBlock
 from ..data.preprocess import bits_per_dim
 from ..flows.density import DensityModel
 from ..models.hybrid import HybridModel
