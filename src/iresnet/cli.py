@@ -146,6 +146,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .core.lipschitz import DEFAULT_COEFF
+
     parser = argparse.ArgumentParser(prog="iresnet", description="Invertible residual networks and residual flows.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dim", type=_positive_int, default=2, help="data dimension (default 2)")
     demo.add_argument("--hidden", type=_positive_int, default=64, help="hidden width of the branch (default 64)")
     demo.add_argument(
-        "--coeff", type=_coefficient, default=0.9, help="spectral norm coefficient, 0 < c < 1 (default 0.9)"
+        "--coeff",
+        type=_coefficient,
+        default=DEFAULT_COEFF,
+        help=f"spectral norm coefficient, 0 < c < 1 (default {DEFAULT_COEFF})",
     )
     demo.add_argument("--seed", type=int, default=0)
     return parser

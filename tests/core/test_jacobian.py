@@ -151,8 +151,8 @@ def test_conv_products_property(
 # 2. The explicit path equals the autograd path ------------------------------------------------
 
 ESTIMATORS = {
-    "series": lambda: iresnet.PowerSeries(n_terms=6, n_samples=2),
-    "series-efficient": lambda: iresnet.PowerSeries(n_terms=6, n_samples=2, memory_efficient=True),
+    "series": lambda: iresnet.PowerSeries(n_terms=6, n_probes=2),
+    "series-efficient": lambda: iresnet.PowerSeries(n_terms=6, n_probes=2, memory_efficient=True),
     "geometric": lambda: iresnet.Roulette(n_exact_terms=2, p=0.4),
     "geometric-efficient": lambda: iresnet.Roulette(n_exact_terms=2, p=0.4, memory_efficient=True),
     "poisson": lambda: iresnet.Roulette(n_exact_terms=1, distribution="poisson", rate=3.0),

@@ -28,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -38,8 +39,21 @@ from torch._higher_order_ops import while_loop
 from torch.func import jacrev, vmap
 
 from .jacobian import Linearization
+from .validation import check_choice, check_count, check_flag, check_interval
 
-__all__ = ["LogDetEstimator", "Exact", "PowerSeries", "Roulette", "make_estimator"]
+__all__ = [
+    "ESTIMATORS",
+    "LogDetEstimator",
+    "Exact",
+    "PowerSeries",
+    "Roulette",
+    "PROBES",
+    "make_estimator",
+    "update_spec",
+]
+
+PROBES = ("gaussian", "rademacher", "basis")
+"""The Hutchinson probes: Gaussian, Rademacher, or every basis vector in turn (exact traces)."""
 
 
 class LogDetEstimator:
@@ -154,12 +168,11 @@ class _Series(LogDetEstimator):
     weights ``c_k`` (``1 / P(N >= k)`` for a randomised series), estimate
     :math:`\\sum_{k=1}^n (-1)^{k+1} c_k \\, v^\\top J^k v / k` averaged over probes."""
 
-    def __init__(self, n_samples: int, probe: str, memory_efficient: bool) -> None:
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-        if probe not in ("gaussian", "rademacher", "basis"):
-            raise ValueError(f"probe must be 'gaussian', 'rademacher' or 'basis', got {probe!r}")
-        self.n_samples = n_samples
+    def __init__(self, n_probes: int, probe: str, memory_efficient: bool) -> None:
+        check_count("n_probes", n_probes)
+        check_choice("probe", probe, PROBES)
+        check_flag("memory_efficient", memory_efficient)
+        self.n_probes = n_probes
         self.probe = probe
         self.memory_efficient = memory_efficient
 
@@ -168,10 +181,10 @@ class _Series(LogDetEstimator):
         raise NotImplementedError
 
     def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | Tensor]:
-        """Each Hutchinson sample's term weights (:meth:`term_weights`), or a tail length drawn on
+        """Each probe's term weights (:meth:`term_weights`), or a tail length drawn on
         the device (see :class:`Roulette`); ``graph_free`` says that the series will be computed
         without a graph."""
-        return [self.term_weights() for _ in range(self.n_samples)]
+        return [self.term_weights() for _ in range(self.n_probes)]
 
     def device_series(
         self, products: Linearization, v: Tensor, neumann: bool, tail_length: Tensor
@@ -203,12 +216,12 @@ class _Series(LogDetEstimator):
                     value = value + _per_sample_dot(series, v)
                 if neumann:
                     surrogate = surrogate + products.surrogate_gradient(neumann_vector, v)
-        value = value / self.n_samples
+        value = value / self.n_probes
         if not differentiable:
             watched.check()
         if not neumann:
             return _in_graph(value, products.output) if differentiable else value.detach()
-        return value.detach() + surrogate / self.n_samples
+        return value.detach() + surrogate / self.n_probes
 
     def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
         params = [p for p in g.parameters() if p.requires_grad]
@@ -217,7 +230,7 @@ class _Series(LogDetEstimator):
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
         expansion = _ExpansionWatch()
-        for _ in range(self.n_samples):
+        for _ in range(self.n_probes):
             weights = self.term_weights()
             for v in _probes(x, self.probe):
                 vjp = v  # v^T J^{k-1}
@@ -234,13 +247,13 @@ class _Series(LogDetEstimator):
                 if neumann:
                     (jt_w,) = torch.autograd.grad(gx, x, neumann_vector, create_graph=True, retain_graph=True)
                     surrogate = surrogate + _per_sample_dot(jt_w, v)
-        value = value / self.n_samples
+        value = value / self.n_probes
         if not differentiable:
             expansion.check()
         if not neumann:
             return _in_graph(value, gx) if differentiable else value.detach()
         inputs = ([x] if x.requires_grad else []) + params
-        grads = torch.autograd.grad(surrogate.sum() / self.n_samples, inputs, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(surrogate.sum() / self.n_probes, inputs, retain_graph=True, allow_unused=True)
         grads = list(grads) if x.requires_grad else [None, *grads]
         return _StoredGradient.apply(value.detach(), grads, x, *params)
 
@@ -303,12 +316,12 @@ def _host_series(
 
 class PowerSeries(_Series):
     """The i-ResNet estimator: the series truncated after ``n_terms`` terms, traces by
-    Hutchinson with ``n_samples`` probes. Biased: for :math:`\\mathrm{Lip}(g) \\le L` the
+    Hutchinson with ``n_probes`` probes. Biased: for :math:`\\mathrm{Lip}(g) \\le L` the
     truncation error is at most :math:`d \\sum_{k > n} L^k / k`.
 
     Arguments:
         n_terms: the number of series terms.
-        n_samples: Hutchinson probes per sample.
+        n_probes: Hutchinson probes per sample.
         probe: ``"gaussian"``, ``"rademacher"`` or ``"basis"`` (exact traces, ``d`` passes).
         memory_efficient: Neumann-series gradient computed in the forward pass.
     """
@@ -316,13 +329,12 @@ class PowerSeries(_Series):
     def __init__(
         self,
         n_terms: int = 5,
-        n_samples: int = 1,
+        n_probes: int = 1,
         probe: str = "gaussian",
         memory_efficient: bool = False,
     ) -> None:
-        super().__init__(n_samples, probe, memory_efficient)
-        if n_terms < 1:
-            raise ValueError(f"n_terms must be at least 1, got {n_terms}")
+        super().__init__(n_probes, probe, memory_efficient)
+        check_count("n_terms", n_terms)
         self.n_terms = n_terms
 
     def term_weights(self) -> list[float]:
@@ -330,7 +342,7 @@ class PowerSeries(_Series):
 
     def __repr__(self) -> str:
         return (
-            f"PowerSeries(n_terms={self.n_terms}, n_samples={self.n_samples}, "
+            f"PowerSeries(n_terms={self.n_terms}, n_probes={self.n_probes}, "
             f"probe={self.probe!r}, memory_efficient={self.memory_efficient})"
         )
 
@@ -347,7 +359,7 @@ class Roulette(_Series):
         distribution: ``"geometric"`` or ``"poisson"``.
         p: the geometric distribution's success probability.
         rate: the Poisson distribution's mean.
-        n_samples: Hutchinson probes (each with its own draw of ``N``).
+        n_probes: Hutchinson probes (each with its own draw of ``N``).
         probe: ``"gaussian"``, ``"rademacher"`` or ``"basis"`` (exact traces, ``d`` passes).
         memory_efficient: Neumann-series gradient computed in the forward pass.
     """
@@ -358,19 +370,15 @@ class Roulette(_Series):
         distribution: str = "geometric",
         p: float = 0.5,
         rate: float = 2.0,
-        n_samples: int = 1,
+        n_probes: int = 1,
         probe: str = "gaussian",
         memory_efficient: bool = False,
     ) -> None:
-        super().__init__(n_samples, probe, memory_efficient)
-        if distribution not in ("geometric", "poisson"):
-            raise ValueError(f"distribution must be 'geometric' or 'poisson', got {distribution!r}")
-        if not 0 < p < 1:
-            raise ValueError(f"p must lie in (0, 1), got {p}")
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
-        if n_exact_terms < 0:
-            raise ValueError(f"n_exact_terms must be non-negative, got {n_exact_terms}")
+        super().__init__(n_probes, probe, memory_efficient)
+        check_count("n_exact_terms", n_exact_terms, 0)
+        check_choice("distribution", distribution, ("geometric", "poisson"))
+        check_interval("p", p, 0, 1)
+        check_interval("rate", rate, 0)
         self.n_exact_terms = n_exact_terms
         self.distribution = distribution
         self.p = p
@@ -437,8 +445,8 @@ class Roulette(_Series):
         return [1.0] * self.n_exact_terms + [1.0 / self.survival(m) for m in range(1, tail + 1)]
 
     def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | Tensor]:
-        """Each Hutchinson sample's term weights. Under ``torch.compile``, for a series computed
-        without a graph (``graph_free``), each sample's tail length as a 0-d tensor drawn on the
+        """Each probe's term weights. Under ``torch.compile``, for a series computed
+        without a graph (``graph_free``), each probe's tail length as a 0-d tensor drawn on the
         device, in the graph (:meth:`device_series` sums the terms). Otherwise the weights are
         drawn outside the graph, as tensors, with each tail padded with zero weights to the next
         power of two, so that one compiled graph serves every draw of its bucket instead of one
@@ -447,7 +455,7 @@ class Roulette(_Series):
         if not torch.compiler.is_compiling():
             return super().draw(like)
         if graph_free:
-            return [self._device_tail_length(like) for _ in range(self.n_samples)]
+            return [self._device_tail_length(like) for _ in range(self.n_probes)]
         return self._bucketed_draw(like)
 
     @torch.compiler.disable
@@ -465,7 +473,7 @@ class Roulette(_Series):
         tail = f"p={self.p}" if self.distribution == "geometric" else f"rate={self.rate}"
         return (
             f"Roulette(n_exact_terms={self.n_exact_terms}, distribution={self.distribution!r}, "
-            f"{tail}, n_samples={self.n_samples}, probe={self.probe!r}, "
+            f"{tail}, n_probes={self.n_probes}, probe={self.probe!r}, "
             f"memory_efficient={self.memory_efficient})"
         )
 
@@ -476,17 +484,69 @@ _BY_NAME: dict[str, Callable[..., LogDetEstimator]] = {
     "roulette": Roulette,
 }
 
+ESTIMATORS = tuple(_BY_NAME)
+"""The estimators' names, as a spec gives them to :func:`make_estimator`."""
 
-def make_estimator(spec: str | Mapping[str, Any] | LogDetEstimator | None) -> LogDetEstimator | None:
+
+def make_estimator(
+    spec: str | Mapping[str, Any] | LogDetEstimator | None, setting: str = "logdet"
+) -> LogDetEstimator | None:
     """An estimator from its name (``"exact"``, ``"series"``, ``"roulette"``, with default
     options), from a mapping of the name and options (``{"name": "series", "n_terms": 10}``,
-    as configuration files give it), an estimator instance (returned as is) or ``None``."""
+    as configuration files give it), an estimator instance (returned as is) or ``None``.
+    ``ValueError`` names ``setting``, the option and the choices for an unknown name or option,
+    and the option and its value for a bad value.
+
+    >>> make_estimator({"name": "series", "n_term": 10})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+        ...
+    ValueError: logdet: unknown option 'n_term' of the 'series' estimator; its options: n_terms, n_probes, ...
+    """
     if spec is None or isinstance(spec, LogDetEstimator):
         return spec
     options: dict[str, Any] = {}
+    name = spec
     if isinstance(spec, Mapping):
         options = dict(spec)
-        spec = options.pop("name", None)
-    if spec not in _BY_NAME:
-        raise ValueError(f"logdet must be one of {sorted(_BY_NAME)}, an estimator or None, got {spec!r}")
-    return _BY_NAME[spec](**options)
+        name = options.pop("name", None)
+    if not isinstance(name, str) or name not in _BY_NAME:
+        shape = "; a mapping needs its 'name'" if isinstance(spec, Mapping) else ""
+        raise ValueError(
+            f"{setting} must be one of {', '.join(map(repr, ESTIMATORS))}, a mapping of a name and options, an "
+            f"estimator or null, got {spec!r}{shape}"
+        )
+    known = list(inspect.signature(_BY_NAME[name]).parameters)
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        choices = f"its options: {', '.join(known)}" if known else "it takes none"
+        raise ValueError(f"{setting}: unknown option {unknown[0]!r} of the {name!r} estimator; {choices}")
+    try:
+        return _BY_NAME[name](**options)
+    except ValueError as error:
+        raise ValueError(f"{setting}: {error}") from None
+
+
+def update_spec(
+    base: str | Mapping[str, Any] | LogDetEstimator | None, update: str | Mapping[str, Any] | LogDetEstimator | None
+) -> str | dict[str, Any] | LogDetEstimator | None:
+    """The estimator spec ``base`` updated by ``update`` (each as :func:`make_estimator` takes it).
+
+    Options belong to an estimator: while the estimator stays the same (``update`` names it, or
+    is a mapping without a ``name``) its options in ``base`` stay unless ``update`` gives them;
+    another name replaces the whole spec, since the first estimator's options do not apply to
+    it. An estimator instance or ``None`` replaces it too.
+
+    >>> base = {"name": "roulette", "distribution": "poisson", "memory_efficient": True}
+    >>> update_spec(base, {"n_exact_terms": 5})
+    {'name': 'roulette', 'distribution': 'poisson', 'memory_efficient': True, 'n_exact_terms': 5}
+    >>> update_spec(base, "roulette") == base, update_spec(base, {"name": "series", "n_terms": 3})
+    (True, {'name': 'series', 'n_terms': 3})
+    """
+    current = {"name": base} if isinstance(base, str) else base
+    new = {"name": update} if isinstance(update, str) else update
+    if not isinstance(new, Mapping):
+        return new
+    if not isinstance(current, Mapping) or new.get("name", current.get("name")) != current.get("name"):
+        return dict(new) if isinstance(update, Mapping) else update
+    merged = {**current, **new}
+    return merged["name"] if list(merged) == ["name"] else merged

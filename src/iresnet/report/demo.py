@@ -10,7 +10,7 @@ from torch import nn
 
 from ..core.activations import LipSwish
 from ..core.blocks import ResidualBlock
-from ..core.lipschitz import converge_spectral_norms, lipschitz_bound, spectral_norm
+from ..core.lipschitz import DEFAULT_COEFF, converge_spectral_norms, lipschitz_bound, spectral_norm
 from ..core.logdet import Exact, PowerSeries, Roulette
 
 
@@ -47,7 +47,7 @@ def fit(block: ResidualBlock, data: torch.Tensor, steps: int) -> tuple[float, fl
 
 
 def run_demo(
-    dim: int = 2, hidden: int = 64, coeff: float = 0.9, n: int = 1000, draws: int = 200, seed: int = 0
+    dim: int = 2, hidden: int = 64, coeff: float = DEFAULT_COEFF, n: int = 1000, draws: int = 200, seed: int = 0
 ) -> dict:
     """Print and return the demo's figures."""
     torch.manual_seed(seed)

@@ -72,7 +72,7 @@ def evaluation_randomness(device: torch.device | str = "cpu") -> Iterator[None]:
 def accurate_estimator() -> LogDetEstimator:
     """The evaluation estimator for images: the roulette with 20 exact terms, as the Residual
     Flows paper evaluates (unbiased, with a small variance), and 4 probes where it takes 1."""
-    return Roulette(n_exact_terms=20, n_samples=4)
+    return Roulette(n_exact_terms=20, n_probes=4)
 
 
 def estimators_set_to(model: nn.Module, estimator: LogDetEstimator | None) -> contextlib.AbstractContextManager[None]:
