@@ -302,7 +302,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainConfig, source: DataSource) -> int:
     from dataclasses import asdict
 
-    from .train import accurate_estimator, evaluate, evaluate_classifier, evaluate_hybrid
+    from .train import evaluate, evaluate_classifier, evaluate_hybrid
+    from .train.evaluate import eval_estimator
 
     if config.task == "classify":
         result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size, calibration=source.train)
@@ -311,7 +312,7 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
         _save_report(args, report)
         return 0
     discrete = source.levels is not None
-    estimator = accurate_estimator() if discrete else None
+    estimator = eval_estimator(config.eval_logdet, discrete)
     classifier = None
     if config.task == "hybrid":
         test = (source.test, source.test_labels)
@@ -363,10 +364,14 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
 def _compare_ood(args: argparse.Namespace, model: DensityModel, config: TrainConfig, source: DataSource) -> OODReport:
     """The likelihoods of the test set and of the ``--ood`` data."""
     from .report.ood import compare_likelihoods, ood_inputs
+    from .train.evaluate import eval_estimator
 
     generator = torch.Generator().manual_seed(config.seed)
     out_images = ood_inputs(args.ood, source.test, source.levels, generator, config.data_dir, config.download)
-    return compare_likelihoods(model, source.test, out_images, batch_size=args.batch_size, progress=not args.json)
+    estimator = eval_estimator(config.eval_logdet, discrete=True)
+    return compare_likelihoods(
+        model, source.test, out_images, estimator, batch_size=args.batch_size, progress=not args.json
+    )
 
 
 def _draw_ood(data: str, config: TrainConfig, comparison: OODReport, picture: str) -> OSError | None:
