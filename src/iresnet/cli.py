@@ -22,9 +22,10 @@ if TYPE_CHECKING:
     from .train.sources import DataSource
 
 _TRAIN_EPILOG = """settings come from the preset, then --config (a JSON object of settings), then the
-flags, then KEY=VALUE overrides (model options as model.KEY=VALUE, e.g. model.hidden=64); the
-resolved settings are saved as RUN/config.json. Under torchrun the same command trains with
-DistributedDataParallel: torchrun --nproc-per-node 2 -m iresnet train ..."""
+flags, then KEY=VALUE overrides (model options as model.KEY=VALUE, e.g. model.hidden=64; an
+estimator's options as model.logdet.KEY=VALUE or eval_logdet.KEY=VALUE, merged with the preset's
+while the estimator's name stays); the resolved settings are saved as RUN/config.json. Under
+torchrun the same command trains with DistributedDataParallel: torchrun --nproc-per-node 2 -m iresnet train ..."""
 
 
 def _train_epilog() -> str:
