@@ -66,7 +66,7 @@ class NumpyRoulette(iresnet.Roulette):
     """Roulette drawing its tail length as normflows does (numpy's legacy generator); logs the draws."""
 
     def __init__(self, rng: np.random.RandomState, draws: list[int], n_exact_terms: int, p: float) -> None:
-        super().__init__(n_exact_terms=n_exact_terms, p=p, n_samples=1, memory_efficient=True)
+        super().__init__(n_exact_terms=n_exact_terms, p=p, n_probes=1, memory_efficient=True)
         self.rng, self.draws = rng, draws
 
     def draw_tail_length(self) -> int:

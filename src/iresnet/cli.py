@@ -22,9 +22,10 @@ if TYPE_CHECKING:
     from .train.sources import DataSource
 
 _TRAIN_EPILOG = """settings come from the preset, then --config (a JSON object of settings), then the
-flags, then KEY=VALUE overrides (model options as model.KEY=VALUE, e.g. model.hidden=64); the
-resolved settings are saved as RUN/config.json. Under torchrun the same command trains with
-DistributedDataParallel: torchrun --nproc-per-node 2 -m iresnet train ..."""
+flags, then KEY=VALUE overrides (model options as model.KEY=VALUE, e.g. model.hidden=64; an
+estimator's options as model.logdet.KEY=VALUE or eval_logdet.KEY=VALUE, merged with the preset's
+while the estimator's name stays); the resolved settings are saved as RUN/config.json. Under
+torchrun the same command trains with DistributedDataParallel: torchrun --nproc-per-node 2 -m iresnet train ..."""
 
 
 def _train_epilog() -> str:
@@ -146,6 +147,8 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .core.lipschitz import DEFAULT_COEFF
+
     parser = argparse.ArgumentParser(prog="iresnet", description="Invertible residual networks and residual flows.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dim", type=_positive_int, default=2, help="data dimension (default 2)")
     demo.add_argument("--hidden", type=_positive_int, default=64, help="hidden width of the branch (default 64)")
     demo.add_argument(
-        "--coeff", type=_coefficient, default=0.9, help="spectral norm coefficient, 0 < c < 1 (default 0.9)"
+        "--coeff",
+        type=_coefficient,
+        default=DEFAULT_COEFF,
+        help=f"spectral norm coefficient, 0 < c < 1 (default {DEFAULT_COEFF})",
     )
     demo.add_argument("--seed", type=int, default=0)
     return parser
@@ -297,7 +303,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainConfig, source: DataSource) -> int:
     from dataclasses import asdict
 
-    from .train import accurate_estimator, evaluate, evaluate_classifier, evaluate_hybrid
+    from .train import evaluate, evaluate_classifier, evaluate_hybrid
+    from .train.evaluate import eval_estimator
 
     if config.task == "classify":
         result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size, calibration=source.train)
@@ -306,7 +313,7 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
         _save_report(args, report)
         return 0
     discrete = source.levels is not None
-    estimator = accurate_estimator() if discrete else None
+    estimator = eval_estimator(config.eval_logdet, discrete)
     classifier = None
     if config.task == "hybrid":
         test = (source.test, source.test_labels)
@@ -358,10 +365,14 @@ def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainCon
 def _compare_ood(args: argparse.Namespace, model: DensityModel, config: TrainConfig, source: DataSource) -> OODReport:
     """The likelihoods of the test set and of the ``--ood`` data."""
     from .report.ood import compare_likelihoods, ood_inputs
+    from .train.evaluate import eval_estimator
 
     generator = torch.Generator().manual_seed(config.seed)
     out_images = ood_inputs(args.ood, source.test, source.levels, generator, config.data_dir, config.download)
-    return compare_likelihoods(model, source.test, out_images, batch_size=args.batch_size, progress=not args.json)
+    estimator = eval_estimator(config.eval_logdet, discrete=True)
+    return compare_likelihoods(
+        model, source.test, out_images, estimator, batch_size=args.batch_size, progress=not args.json
+    )
 
 
 def _draw_ood(data: str, config: TrainConfig, comparison: OODReport, picture: str) -> OSError | None:

@@ -6,6 +6,7 @@ Roulette estimator on the explicit path (unbiasedness, Poisson survival)."""
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from fractions import Fraction
 
@@ -18,6 +19,12 @@ from torch import nn
 import iresnet
 from helpers import binding, conv_branch, dense_branch, jacobian_logdet
 from iresnet.models import branches
+
+# the builders' pre-activation branches; the helpers take every setting (the builders' options hold the defaults)
+_PRE = {"activation": "lipswish", "power_iterations": 1}
+mlp_pre = functools.partial(branches.mlp_branch, depth=3, **_PRE)
+conv_pre = functools.partial(branches.conv_branch, **_PRE)
+flat_pre = functools.partial(branches.flat_branch, **_PRE)
 
 DTYPE = torch.float64
 TIGHT = dict(rtol=1e-12, atol=1e-12)
@@ -105,9 +112,9 @@ def _activation(name: str) -> type[nn.Module]:
 
 
 BRANCHES = [
-    pytest.param(lambda a: branches.mlp_branch(4, 8, 0.9, activation=a), (4,), id="mlp-pre"),
-    pytest.param(lambda a: branches.conv_branch(2, 4, 0.9, activation=a), (2, 5, 5), id="conv-pre"),
-    pytest.param(lambda a: branches.flat_branch((2, 3, 3), 8, 0.9, activation=a), (2, 3, 3), id="flat-pre"),
+    pytest.param(lambda a: mlp_pre(4, 8, 0.9, activation=a), (4,), id="mlp-pre"),
+    pytest.param(lambda a: conv_pre(2, 4, 0.9, activation=a), (2, 5, 5), id="conv-pre"),
+    pytest.param(lambda a: flat_pre((2, 3, 3), 8, 0.9, activation=a), (2, 3, 3), id="flat-pre"),
     pytest.param(lambda a: dense_branch(4, 8, 0.9, depth=3, activation=_activation(a)), (4,), id="dense-post"),
     pytest.param(lambda a: conv_branch(2, 4, 0.9, activation=_activation(a)), (2, 5, 5), id="conv-post"),
 ]
@@ -151,8 +158,8 @@ def test_conv_products_property(
 # 2. The explicit path equals the autograd path ------------------------------------------------
 
 ESTIMATORS = {
-    "series": lambda: iresnet.PowerSeries(n_terms=6, n_samples=2),
-    "series-efficient": lambda: iresnet.PowerSeries(n_terms=6, n_samples=2, memory_efficient=True),
+    "series": lambda: iresnet.PowerSeries(n_terms=6, n_probes=2),
+    "series-efficient": lambda: iresnet.PowerSeries(n_terms=6, n_probes=2, memory_efficient=True),
     "geometric": lambda: iresnet.Roulette(n_exact_terms=2, p=0.4),
     "geometric-efficient": lambda: iresnet.Roulette(n_exact_terms=2, p=0.4, memory_efficient=True),
     "poisson": lambda: iresnet.Roulette(n_exact_terms=1, distribution="poisson", rate=3.0),
@@ -168,8 +175,8 @@ def branch_of(kind: str, order: str, activation: str) -> tuple[nn.Module, tuple[
     post-activation from the test helpers."""
     if order == "pre":
         if kind == "dense":
-            return branches.mlp_branch(3, 8, 0.95, activation=activation), (3,)
-        return branches.conv_branch(2, 4, 0.95, activation=activation), (2, 4, 4)
+            return mlp_pre(3, 8, 0.95, activation=activation), (3,)
+        return conv_pre(2, 4, 0.95, activation=activation), (2, 4, 4)
     if kind == "dense":
         return dense_branch(3, 8, 0.95, depth=3, activation=_activation(activation)), (3,)
     return conv_branch(2, 4, 0.95, activation=_activation(activation)), (2, 4, 4)
@@ -234,7 +241,7 @@ def test_explicit_path_equals_autograd_path(device, kind, order, activation, est
 def test_explicit_path_equals_autograd_path_through_flatten(device, estimator):
     """The flattened MLP branch of the image models, through Flatten and Unflatten."""
     x = 1.5 * torch.randn(2, 2, 2, 2, dtype=DTYPE, device=device)
-    g = binding(branches.flat_branch((2, 2, 2), 8, 0.95, activation="elu"))
+    g = binding(flat_pre((2, 2, 2), 8, 0.95, activation="elu"))
     assert_paths_agree(g, x, ESTIMATORS[estimator]())
 
 
@@ -256,9 +263,9 @@ def strided_branch() -> nn.Sequential:
 
 SURROGATE_BRANCHES = [
     pytest.param(lambda: dense_branch(3, 8, 0.9, depth=3), (3,), id="dense-post-lipswish"),
-    pytest.param(lambda: branches.mlp_branch(3, 8, 0.9, activation="elu"), (3,), id="mlp-pre-elu"),
+    pytest.param(lambda: mlp_pre(3, 8, 0.9, activation="elu"), (3,), id="mlp-pre-elu"),
     pytest.param(lambda: conv_branch(2, 4, 0.9, activation=nn.ReLU), (2, 4, 4), id="conv-post-relu"),
-    pytest.param(lambda: branches.conv_branch(2, 4, 0.9), (2, 5, 3), id="conv-pre-lipswish"),
+    pytest.param(lambda: conv_pre(2, 4, 0.9), (2, 5, 3), id="conv-pre-lipswish"),
     pytest.param(strided_branch, (2, 9, 8), id="strided-flatten"),
 ]
 

@@ -25,7 +25,22 @@ from functools import partial
 import torch
 from torch import Tensor
 
-__all__ = ["InversionError", "InversionReport", "default_tolerances", "solve_fixed_point"]
+from .validation import check_choice
+
+__all__ = [
+    "INVERSE_METHODS",
+    "MAX_ITER",
+    "InversionError",
+    "InversionReport",
+    "default_tolerances",
+    "solve_fixed_point",
+]
+
+INVERSE_METHODS = ("fixed_point", "anderson")
+"""The solvers: the Banach fixed-point iteration (the default), Anderson acceleration."""
+
+MAX_ITER = 100
+"""The default cap on a solver's iterations (evaluations of ``g`` per sample)."""
 
 
 class InversionError(RuntimeError):
@@ -59,10 +74,10 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
 def solve_fixed_point(
     g: Callable[[Tensor], Tensor],
     y: Tensor,
-    method: str = "fixed_point",
+    method: str = INVERSE_METHODS[0],
     atol: float | None = None,
     rtol: float | None = None,
-    max_iter: int = 100,
+    max_iter: int = MAX_ITER,
     memory: int = 5,
     iteration: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, InversionReport]:
@@ -99,8 +114,7 @@ def solve_fixed_point(
         >>> solve_fixed_point(lambda x: x / 2, y, "anderson")[1].iterations
         3
     """
-    if method not in ("fixed_point", "anderson"):
-        raise ValueError(f"method must be 'fixed_point' or 'anderson', got {method!r}")
+    check_choice("method", method, INVERSE_METHODS)
     default_atol, default_rtol = default_tolerances(y.dtype)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol

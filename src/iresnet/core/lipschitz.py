@@ -37,19 +37,35 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .attributes import attribute_set
+from .validation import check_count
 
-__all__ = ["SpectralNorm", "spectral_norm", "spectral_norms", "converge_spectral_norms", "frozen_power_iteration"]
+__all__ = [
+    "DEFAULT_COEFF",
+    "DEFAULT_POWER_ITERATIONS",
+    "SpectralNorm",
+    "spectral_norm",
+    "spectral_norms",
+    "converge_spectral_norms",
+    "frozen_power_iteration",
+]
 
+
+DEFAULT_COEFF = 0.9
+"""The default bound :math:`c` on each spectral-normalised layer's norm, and so on each residual
+branch's Lipschitz constant (the i-ResNet papers' ``c = 0.9``), for every layer and builder."""
+
+DEFAULT_POWER_ITERATIONS = 1
+"""The default number of power-iteration steps per training evaluation of a normalised weight."""
 
 _CONVERGE_TOLERANCE = 1e-6
-_CONVERGE_STEPS = 2000
+_CONVERGE_MAX_ITER = 2000
 _EXACT_PAIR_MAX_DIM = 1024
 
 
 class SpectralNorm(nn.Module):
     r"""Parametrization :math:`W \mapsto W / \max(1, \hat\sigma / c)` for a linear or conv layer.
 
-    In training mode every evaluation of the weight runs ``n_power_iterations`` steps of power
+    In training mode every evaluation of the weight runs ``power_iterations`` steps of power
     iteration, warm-started from the previous vectors. In eval mode the vectors are frozen and
     :math:`\hat\sigma = v^\top W u` is read off them, after they have been converged for the
     weight as it is now: an eval-mode call on a weight changed since the last convergence (an
@@ -60,7 +76,7 @@ class SpectralNorm(nn.Module):
     Arguments:
         layer: the ``nn.Linear`` or ``nn.Conv2d`` whose weight is normalised.
         coeff: the bound :math:`c` on the layer's operator norm.
-        n_power_iterations: power-iteration steps per training evaluation.
+        power_iterations: power-iteration steps per training evaluation.
         input_shape: ``(C, H, W)`` of a convolution's input; inferred at the first call if
             ``None``.
     """
@@ -68,8 +84,8 @@ class SpectralNorm(nn.Module):
     def __init__(
         self,
         layer: nn.Linear | nn.Conv2d,
-        coeff: float = 0.97,
-        n_power_iterations: int = 1,
+        coeff: float = DEFAULT_COEFF,
+        power_iterations: int = DEFAULT_POWER_ITERATIONS,
         input_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
@@ -78,10 +94,9 @@ class SpectralNorm(nn.Module):
         self.frozen = False  # set by frozen_power_iteration: a training-mode layer that does not iterate
         self.margin = 0.0
         self._converged_for: tuple | None = None
-        if n_power_iterations < 1:
-            raise ValueError(f"n_power_iterations must be at least 1, got {n_power_iterations}")
+        check_count("power_iterations", power_iterations)
         self.coeff = coeff
-        self.n_power_iterations = n_power_iterations
+        self.power_iterations = power_iterations
         self.is_conv = isinstance(layer, nn.Conv2d)
         weight = layer.weight.detach()
         if self.is_conv:
@@ -136,17 +151,17 @@ class SpectralNorm(nn.Module):
             self.converge(weight)
 
     @torch.no_grad()
-    def power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None = None) -> int:
-        r"""Update ``u``, ``v`` in place for ``max_steps`` steps, or until :math:`\hat\sigma`
+    def power_iterate(self, weight: Tensor, max_iter: int, tolerance: float | None = None) -> int:
+        r"""Update ``u``, ``v`` in place for ``max_iter`` steps, or until :math:`\hat\sigma`
         changes by less than ``tolerance`` (relative). Returns the steps taken. Never in autocast:
         a bfloat16 estimate stops on rounding noise, several per cent below the norm."""
         with torch.autocast(weight.device.type, enabled=False):
-            return self._power_iterate(weight, max_steps, tolerance)
+            return self._power_iterate(weight, max_iter, tolerance)
 
-    def _power_iterate(self, weight: Tensor, max_steps: int, tolerance: float | None) -> int:
+    def _power_iterate(self, weight: Tensor, max_iter: int, tolerance: float | None) -> int:
         changes: list[float] = []
         previous = None
-        for step in range(1, max_steps + 1):
+        for step in range(1, max_iter + 1):
             self.v.copy_(_unit(self.apply_operator(weight, self.u)))
             adjoint = self.apply_adjoint(weight, self.v)
             self.u.copy_(_unit(adjoint))
@@ -158,19 +173,21 @@ class SpectralNorm(nn.Module):
                 if _remaining_error(changes) <= tolerance * sigma:
                     return step
             previous = sigma
-        return max_steps
+        return max_iter
 
     @torch.no_grad()
-    def converge(self, weight: Tensor, tolerance: float = _CONVERGE_TOLERANCE, max_steps: int = _CONVERGE_STEPS) -> int:
+    def converge(
+        self, weight: Tensor, tolerance: float = _CONVERGE_TOLERANCE, max_iter: int = _CONVERGE_MAX_ITER
+    ) -> int:
         r"""Converge the vectors for ``weight``: the exact top singular pair (an SVD in float64)
         where the operator's matrix is small, else power iteration until the estimated distance
         to :math:`\sigma` is below ``tolerance`` (relative). Eval mode then adds a margin of ten
         times the tolerance. Returns the power-iteration steps taken (0 for the SVD)."""
         with torch.autocast(weight.device.type, enabled=False):
-            steps = 0 if self._exact_singular_pair(weight) else self._power_iterate(weight, max_steps, tolerance)
-        if steps == max_steps:
+            steps = 0 if self._exact_singular_pair(weight) else self._power_iterate(weight, max_iter, tolerance)
+        if steps == max_iter:
             warnings.warn(
-                f"the spectral norm's power iteration did not converge to {tolerance:g} in {max_steps} steps: "
+                f"the spectral norm's power iteration did not converge to {tolerance:g} in {max_iter} steps: "
                 "certify the layer with iresnet.lipschitz_bound",
                 RuntimeWarning,
                 stacklevel=3,
@@ -228,7 +245,7 @@ class SpectralNorm(nn.Module):
             self._converge_if_stale(weight)
             return weight / torch.clamp(self.sigma(weight) * (1 + self.margin) / self.coeff, min=1.0)
         if not self.frozen:
-            self.power_iterate(weight, self.n_power_iterations)
+            self.power_iterate(weight, self.power_iterations)
             self._converged_for = None
         return weight / torch.clamp(self.sigma(weight) / self.coeff, min=1.0)
 
@@ -241,7 +258,7 @@ class SpectralNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"coeff={self.coeff}, n_power_iterations={self.n_power_iterations}, input_shape={self.input_shape}"
+        return f"coeff={self.coeff}, power_iterations={self.power_iterations}, input_shape={self.input_shape}"
 
 
 def _remaining_error(changes: list[float]) -> float:
@@ -281,8 +298,8 @@ def records_input_shape(hook: Callable) -> bool:
 
 def spectral_norm(
     module: nn.Linear | nn.Conv2d,
-    coeff: float = 0.97,
-    n_power_iterations: int = 1,
+    coeff: float = DEFAULT_COEFF,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
     *,
     input_shape: tuple[int, ...] | None = None,
 ) -> nn.Linear | nn.Conv2d:
@@ -299,7 +316,7 @@ def spectral_norm(
     """
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
         raise TypeError(f"spectral_norm takes nn.Linear or nn.Conv2d, got {type(module).__name__}")
-    parametrization = SpectralNorm(module, coeff, n_power_iterations, input_shape)
+    parametrization = SpectralNorm(module, coeff, power_iterations, input_shape)
     parametrize.register_parametrization(module, "weight", parametrization, unsafe=True)
     if isinstance(module, nn.Conv2d):
         module.register_forward_pre_hook(_record_input_shape)
@@ -317,7 +334,7 @@ def spectral_norms(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralNorm]]
 
 @torch.no_grad()
 def converge_spectral_norms(
-    model: nn.Module, tolerance: float = _CONVERGE_TOLERANCE, max_iterations: int = _CONVERGE_STEPS
+    model: nn.Module, tolerance: float = _CONVERGE_TOLERANCE, max_iter: int = _CONVERGE_MAX_ITER
 ) -> int:
     """Converge every spectral norm in ``model`` for its current weight (:meth:`SpectralNorm.converge`:
     the exact singular pair of small operators, else power iteration until the estimated error is
@@ -340,7 +357,7 @@ def converge_spectral_norms(
                 f"{module} has not seen an input yet, so its operator is unknown: "
                 "run the model once or pass input_shape to spectral_norm"
             )
-        p.converge(module.parametrizations.weight.original, tolerance, max_iterations)
+        p.converge(module.parametrizations.weight.original, tolerance, max_iter)
         count += 1
     return count
 

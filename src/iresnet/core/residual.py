@@ -13,12 +13,12 @@ from torch.nn.utils import parametrize
 from .activations import LipSwish
 from .certificates import design_bound
 from .compiled import compiled_iteration
-from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
+from .inverse import INVERSE_METHODS, MAX_ITER, InversionError, InversionReport, default_tolerances, solve_fixed_point
 from .invertible import InvertibleLayer
 from .jacobian import linearization_refusal, linearize
 from .lipschitz import frozen_power_iteration
 from .logdet import LogDetEstimator, make_estimator
-from .validation import check_input
+from .validation import check_choice, check_count, check_input, check_interval
 
 __all__ = ["ResidualBlock"]
 
@@ -119,20 +119,21 @@ class ResidualBlock(InvertibleLayer):
         g: nn.Module,
         logdet: str | dict[str, Any] | LogDetEstimator | None = "roulette",
         *,
-        inverse_method: str = "fixed_point",
+        inverse_method: str = INVERSE_METHODS[0],
         atol: float | None = None,
         rtol: float | None = None,
-        max_iter: int = 100,
+        max_iter: int = MAX_ITER,
         anderson_memory: int = 5,
         event_shape: tuple[int, ...] | None = None,
         jacobian: str = "auto",
         compile_inverse: bool = False,
     ) -> None:
         super().__init__()
-        if inverse_method not in ("fixed_point", "anderson"):
-            raise ValueError(f"inverse_method must be 'fixed_point' or 'anderson', got {inverse_method!r}")
-        if jacobian not in ("auto", "explicit", "autograd"):
-            raise ValueError(f"jacobian must be 'auto', 'explicit' or 'autograd', got {jacobian!r}")
+        check_choice("inverse_method", inverse_method, INVERSE_METHODS)
+        check_interval("atol", atol, 0, optional=True)
+        check_interval("rtol", rtol, 0, optional=True)
+        check_count("max_iter", max_iter)
+        check_choice("jacobian", jacobian, ("auto", "explicit", "autograd"))
         promised = design_bound(g)
         if promised is not None and promised >= 1:
             raise ValueError(
@@ -216,7 +217,9 @@ class ResidualBlock(InvertibleLayer):
         return y, logdet
 
     def inverse(self, y: Tensor, method: str | None = None) -> Tensor:
-        """The unique ``x`` with ``x + g(x) = y``; ``method`` overrides ``inverse_method``."""
+        """The unique ``x`` with ``x + g(x) = y``; ``method`` overrides ``inverse_method`` for this call."""
+        if method is not None:
+            check_choice("method", method, INVERSE_METHODS)
         self._check(y, "ResidualBlock.inverse input")
         differentiable = torch.is_grad_enabled() and (
             y.requires_grad or any(p.requires_grad for p in self.g.parameters())

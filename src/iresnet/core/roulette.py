@@ -18,6 +18,7 @@ from torch._higher_order_ops import while_loop
 
 from .jacobian import Linearization
 from .series import SeriesEstimator
+from .validation import check_choice, check_count, check_interval
 
 __all__ = ["Roulette"]
 
@@ -34,20 +35,20 @@ class Roulette(SeriesEstimator):
         distribution: ``"geometric"`` or ``"poisson"``.
         p: the geometric distribution's success probability.
         rate: the Poisson distribution's mean.
-        n_samples: Hutchinson probes (each with its own draw of ``N``).
+        n_probes: Hutchinson probes (each with its own draw of ``N``).
         probe: ``"gaussian"``, ``"rademacher"`` or ``"basis"`` (exact traces, ``d`` passes).
         memory_efficient: Neumann-series gradient computed in the forward pass.
 
     Example:
         Unbiased: the mean of many draws is the exact log-det. For :math:`g(x) = W x` with basis
-        probes only ``N`` is random; each of the 1,000 ``n_samples`` draws its own. The mean is
+        probes only ``N`` is random; each of the 1,000 probes draws its own. The mean is
         :math:`\log|\det(I + W)| = \log(1.2 \cdot 0.7) = -0.1744` within its standard error
         (about 3e-4), where the first term alone would give :math:`\mathrm{tr}(W) = -0.1`:
 
         >>> g = nn.Linear(2, 2, bias=False).double()
         >>> with torch.no_grad():
         ...     _ = g.weight.copy_(torch.tensor([[0.2, 0.1], [0.0, -0.3]]))
-        >>> estimator = Roulette(n_exact_terms=1, p=0.5, n_samples=1000, probe="basis")
+        >>> estimator = Roulette(n_exact_terms=1, p=0.5, n_probes=1000, probe="basis")
         >>> _, logdet = ResidualBlock(g, estimator)(torch.zeros(1, 2, dtype=torch.float64))
         >>> abs(logdet.item() - torch.tensor(1.2 * 0.7).log().item()) < 3e-3
         True
@@ -59,19 +60,15 @@ class Roulette(SeriesEstimator):
         distribution: str = "geometric",
         p: float = 0.5,
         rate: float = 2.0,
-        n_samples: int = 1,
+        n_probes: int = 1,
         probe: str = "gaussian",
         memory_efficient: bool = False,
     ) -> None:
-        super().__init__(n_samples, probe, memory_efficient)
-        if distribution not in ("geometric", "poisson"):
-            raise ValueError(f"distribution must be 'geometric' or 'poisson', got {distribution!r}")
-        if not 0 < p < 1:
-            raise ValueError(f"p must lie in (0, 1), got {p}")
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
-        if n_exact_terms < 0:
-            raise ValueError(f"n_exact_terms must be non-negative, got {n_exact_terms}")
+        super().__init__(n_probes, probe, memory_efficient)
+        check_count("n_exact_terms", n_exact_terms, 0)
+        check_choice("distribution", distribution, ("geometric", "poisson"))
+        check_interval("p", p, 0, 1)
+        check_interval("rate", rate, 0)
         self.n_exact_terms = n_exact_terms
         self.distribution = distribution
         self.p = p
@@ -138,7 +135,7 @@ class Roulette(SeriesEstimator):
         return [1.0] * self.n_exact_terms + [1.0 / self.survival(m) for m in range(1, tail + 1)]
 
     def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | Tensor]:
-        """Each Hutchinson sample's term weights. Under ``torch.compile``, for a series computed
+        """Each probe's term weights. Under ``torch.compile``, for a series computed
         without a graph (``graph_free``), each sample's tail length as a 0-d tensor drawn on the
         device, in the graph (:meth:`device_series` sums the terms). Otherwise the weights are
         drawn outside the graph, as tensors, with each tail padded with zero weights to the next
@@ -148,7 +145,7 @@ class Roulette(SeriesEstimator):
         if not torch.compiler.is_compiling():
             return super().draw(like)
         if graph_free:
-            return [self._device_tail_length(like) for _ in range(self.n_samples)]
+            return [self._device_tail_length(like) for _ in range(self.n_probes)]
         return self._bucketed_draw(like)
 
     @torch.compiler.disable
@@ -166,6 +163,6 @@ class Roulette(SeriesEstimator):
         tail = f"p={self.p}" if self.distribution == "geometric" else f"rate={self.rate}"
         return (
             f"Roulette(n_exact_terms={self.n_exact_terms}, distribution={self.distribution!r}, "
-            f"{tail}, n_samples={self.n_samples}, probe={self.probe!r}, "
+            f"{tail}, n_probes={self.n_probes}, probe={self.probe!r}, "
             f"memory_efficient={self.memory_efficient})"
         )

@@ -29,8 +29,12 @@ from torch import Tensor, nn
 
 from .estimator import LogDetEstimator, in_graph
 from .jacobian import Linearization
+from .validation import check_choice, check_count, check_flag
 
 __all__ = ["SeriesEstimator", "PowerSeries"]
+
+PROBES = ("gaussian", "rademacher", "basis")
+"""The Hutchinson probes: Gaussian, Rademacher, or every basis vector in turn (exact traces)."""
 
 
 def _probes(x: Tensor, kind: str) -> Iterator[Tensor]:
@@ -86,12 +90,11 @@ class SeriesEstimator(LogDetEstimator):
     weights ``c_k`` (``1 / P(N >= k)`` for a randomised series), estimate
     :math:`\\sum_{k=1}^n (-1)^{k+1} c_k \\, v^\\top J^k v / k` averaged over probes."""
 
-    def __init__(self, n_samples: int, probe: str, memory_efficient: bool) -> None:
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be at least 1, got {n_samples}")
-        if probe not in ("gaussian", "rademacher", "basis"):
-            raise ValueError(f"probe must be 'gaussian', 'rademacher' or 'basis', got {probe!r}")
-        self.n_samples = n_samples
+    def __init__(self, n_probes: int, probe: str, memory_efficient: bool) -> None:
+        check_count("n_probes", n_probes)
+        check_choice("probe", probe, PROBES)
+        check_flag("memory_efficient", memory_efficient)
+        self.n_probes = n_probes
         self.probe = probe
         self.memory_efficient = memory_efficient
 
@@ -100,10 +103,10 @@ class SeriesEstimator(LogDetEstimator):
         raise NotImplementedError
 
     def draw(self, like: Tensor, graph_free: bool = False) -> Sequence[Sequence[float] | Sequence[Tensor] | Tensor]:
-        """Each Hutchinson sample's term weights (:meth:`term_weights`), or a tail length drawn on
+        """Each probe's term weights (:meth:`term_weights`), or a tail length drawn on
         the device (see :class:`Roulette`); ``graph_free`` says that the series will be computed
         without a graph."""
-        return [self.term_weights() for _ in range(self.n_samples)]
+        return [self.term_weights() for _ in range(self.n_probes)]
 
     def device_series(
         self, products: Linearization, v: Tensor, neumann: bool, tail_length: Tensor
@@ -135,12 +138,12 @@ class SeriesEstimator(LogDetEstimator):
                     value = value + _per_sample_dot(series, v)
                 if neumann:
                     surrogate = surrogate + products.surrogate_gradient(neumann_vector, v)
-        value = value / self.n_samples
+        value = value / self.n_probes
         if not differentiable:
             watched.check()
         if not neumann:
             return in_graph(value, products.output) if differentiable else value.detach()
-        return value.detach() + surrogate / self.n_samples
+        return value.detach() + surrogate / self.n_probes
 
     def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
         params = [p for p in g.parameters() if p.requires_grad]
@@ -149,7 +152,7 @@ class SeriesEstimator(LogDetEstimator):
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
         expansion = _ExpansionWatch()
-        for _ in range(self.n_samples):
+        for _ in range(self.n_probes):
             weights = self.term_weights()
             for v in _probes(x, self.probe):
                 vjp = v  # v^T J^{k-1}
@@ -166,13 +169,13 @@ class SeriesEstimator(LogDetEstimator):
                 if neumann:
                     (jt_w,) = torch.autograd.grad(gx, x, neumann_vector, create_graph=True, retain_graph=True)
                     surrogate = surrogate + _per_sample_dot(jt_w, v)
-        value = value / self.n_samples
+        value = value / self.n_probes
         if not differentiable:
             expansion.check()
         if not neumann:
             return in_graph(value, gx) if differentiable else value.detach()
         inputs = ([x] if x.requires_grad else []) + params
-        grads = torch.autograd.grad(surrogate.sum() / self.n_samples, inputs, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(surrogate.sum() / self.n_probes, inputs, retain_graph=True, allow_unused=True)
         grads = list(grads) if x.requires_grad else [None, *grads]
         return _StoredGradient.apply(value.detach(), grads, x, *params)
 
@@ -227,12 +230,12 @@ def _host_series(
 
 class PowerSeries(SeriesEstimator):
     r"""The i-ResNet estimator: the series truncated after ``n_terms`` terms, traces by
-    Hutchinson with ``n_samples`` probes. Biased: for :math:`\mathrm{Lip}(g) \le L` the
+    Hutchinson with ``n_probes`` probes. Biased: for :math:`\mathrm{Lip}(g) \le L` the
     truncation error is at most :math:`d \sum_{k > n} L^k / k`.
 
     Arguments:
         n_terms: the number of series terms.
-        n_samples: Hutchinson probes per sample.
+        n_probes: Hutchinson probes per sample.
         probe: ``"gaussian"``, ``"rademacher"`` or ``"basis"`` (exact traces, ``d`` passes).
         memory_efficient: Neumann-series gradient computed in the forward pass.
 
@@ -253,13 +256,12 @@ class PowerSeries(SeriesEstimator):
     def __init__(
         self,
         n_terms: int = 5,
-        n_samples: int = 1,
+        n_probes: int = 1,
         probe: str = "gaussian",
         memory_efficient: bool = False,
     ) -> None:
-        super().__init__(n_samples, probe, memory_efficient)
-        if n_terms < 1:
-            raise ValueError(f"n_terms must be at least 1, got {n_terms}")
+        super().__init__(n_probes, probe, memory_efficient)
+        check_count("n_terms", n_terms)
         self.n_terms = n_terms
 
     def term_weights(self) -> list[float]:
@@ -267,6 +269,6 @@ class PowerSeries(SeriesEstimator):
 
     def __repr__(self) -> str:
         return (
-            f"PowerSeries(n_terms={self.n_terms}, n_samples={self.n_samples}, "
+            f"PowerSeries(n_terms={self.n_terms}, n_probes={self.n_probes}, "
             f"probe={self.probe!r}, memory_efficient={self.memory_efficient})"
         )

@@ -3,10 +3,22 @@ clear errors instead of wrong answers (or of an error deep in torch)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteInputError", "check_coeff", "check_count", "check_flag", "check_input", "check_stages"]
+__all__ = [
+    "NonFiniteInputError",
+    "check_choice",
+    "check_coeff",
+    "check_count",
+    "check_flag",
+    "check_input",
+    "check_interval",
+    "check_stages",
+]
 
 
 class NonFiniteInputError(ValueError):
@@ -71,6 +83,39 @@ def check_flag(name: str, value: object) -> None:
         raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of the strings ``choices``.
+
+    >>> check_choice("activation", "tanh", ("elu", "lipswish", "relu"))
+    Traceback (most recent call last):
+        ...
+    ValueError: activation must be one of 'elu', 'lipswish', 'relu', got 'tanh'
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_interval(
+    name: str, value: object, low: float, high: float = math.inf, *, closed: bool = False, optional: bool = False
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number (not a bool) in the open interval
+    ``(low, high)`` (``closed``: ``[low, high]``), or ``None`` where ``optional``.
+
+    >>> check_interval("atol", -1.0, 0, optional=True)
+    Traceback (most recent call last):
+        ...
+    ValueError: atol must be a number in (0, inf), or null, got -1.0
+    """
+    if value is None and optional:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    inside = number and (low <= value <= high if closed else low < value < high)
+    if not inside:
+        interval = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
+        null = ", or null" if optional else ""
+        raise ValueError(f"{name} must be a number in {interval}{null}, got {value!r}")
+
+
 def check_coeff(value: object, *, optional: bool = False) -> None:
     """Raise ``ValueError`` unless ``value``, the Lipschitz bound of every residual branch, lies in
     ``(0, 1)``, where the blocks are invertible and the log-det series converge (``optional``:
@@ -79,7 +124,13 @@ def check_coeff(value: object, *, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         allowed = "a number in (0, 1), or null for unconstrained branches" if optional else "a number in (0, 1)"
+        baseline = (
+            "; null (unnormalised branches) is only for the classifier's ResNet baseline: nothing certifies a flow "
+            "whose branches are not contractive"
+            if value is None
+            else ""
+        )
         raise ValueError(
             f"coeff must be {allowed} (each residual branch's Lipschitz bound, below 1 for the block to be "
-            f"invertible), got {value!r}"
+            f"invertible), got {value!r}{baseline}"
         )

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..core.activations import LipSwish
 from ..core.lipschitz import spectral_norm
+from ..core.validation import check_choice
 
 __all__ = ["ACTIVATIONS", "mlp_branch", "conv_branch", "flat_branch"]
 
@@ -14,15 +15,15 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {"lipswish": LipSwish, "elu": nn.ELU, 
 
 
 def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    check_choice("activation", name, tuple(ACTIVATIONS))
     return ACTIVATIONS[name]()
 
 
 def mlp_branch(
-    dim: int, hidden: int, coeff: float, *, depth: int = 3, activation: str = "lipswish", power_iterations: int = 1
+    dim: int, hidden: int, coeff: float, *, depth: int, activation: str, power_iterations: int
 ) -> nn.Sequential:
-    """``act, Linear(dim, hidden), act, ..., Linear(hidden, dim)`` with ``depth`` linear layers."""
+    """``act, Linear(dim, hidden), act, ..., Linear(hidden, dim)`` with ``depth`` linear layers.
+    The builders' options (:mod:`iresnet.models.options`) hold the defaults."""
     sizes = [dim] + [hidden] * (depth - 1) + [dim]
     layers: list[nn.Module] = []
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
@@ -31,7 +32,7 @@ def mlp_branch(
 
 
 def conv_branch(
-    channels: int, hidden: int, coeff: float | None, *, activation: str = "lipswish", power_iterations: int = 1
+    channels: int, hidden: int, coeff: float | None, *, activation: str, power_iterations: int
 ) -> nn.Sequential:
     """The i-ResNet bottleneck ``act, 3x3 conv, act, 1x1 conv, act, 3x3 conv`` (``channels ->
     hidden -> hidden -> channels``), each convolution normalised as an operator to ``coeff``
@@ -45,10 +46,10 @@ def conv_branch(
 
 
 def flat_branch(
-    shape: tuple[int, int, int], hidden: int, coeff: float, *, activation: str = "lipswish", power_iterations: int = 1
+    shape: tuple[int, int, int], hidden: int, coeff: float, *, activation: str, power_iterations: int
 ) -> nn.Sequential:
     """An MLP branch on a flattened ``(C, H, W)`` feature map, reshaped back: the fully-connected
     blocks that end the Residual Flows image models."""
     dim = shape[0] * shape[1] * shape[2]
-    mlp = mlp_branch(dim, hidden, coeff, activation=activation, power_iterations=power_iterations)
+    mlp = mlp_branch(dim, hidden, coeff, depth=3, activation=activation, power_iterations=power_iterations)
     return nn.Sequential(nn.Flatten(), *mlp, nn.Unflatten(1, shape))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from ..data.toy import TOY_DATASETS
@@ -10,6 +9,7 @@ from ..flows.density import DensityModel
 from .classifier import Classifier, iresnet_classifier
 from .hybrid import HybridModel, hybrid_model
 from .image import image_flow
+from .options import ClassifierOptions, HybridOptions, ImageFlowOptions, ToyFlowOptions
 from .toy import toy_flow
 
 __all__ = ["build_density_model", "build_model", "model_options"]
@@ -46,26 +46,24 @@ def build_model(task: str, data: str, options: dict[str, Any]) -> DensityModel |
     return _call(iresnet_classifier, options, spec.shape, spec.classes, levels=spec.levels)
 
 
+_OPTIONS = {
+    toy_flow: ToyFlowOptions,
+    image_flow: ImageFlowOptions,
+    hybrid_model: HybridOptions,
+    iresnet_classifier: ClassifierOptions,
+}
+
+
 def model_options(builder) -> dict[str, Any]:
-    """The options ``model.KEY`` of ``builder`` with their defaults: its keyword arguments but
-    those the data set decides (a hybrid's are ``classifier`` and the image flow's)."""
-    if builder is hybrid_model:
-        return {"classifier": "linear", **model_options(image_flow)}
-    parameters = inspect.signature(builder).parameters.values()
-    return {p.name: p.default for p in parameters if p.name not in _FROM_THE_DATA}
+    """The options ``model.KEY`` of ``builder`` with their defaults: the fields of its options
+    class (:mod:`iresnet.models.options`), the builder's own first."""
+    return _OPTIONS[builder]().to_dict()
 
 
 def _call(builder, options: dict[str, Any], *args: Any, **from_data: Any) -> DensityModel:
-    """``builder(*args, **from_data, **options)`` once every option is one of ``builder``'s;
-    errors the builder raises pass through as they are."""
-    known = model_options(builder)
+    """``builder(*args, **from_data)`` with ``options`` read into the builder's options class,
+    which refuses an unknown option or a bad value; errors the builder raises pass through as they are."""
     fixed = [key for key in options if key in _FROM_THE_DATA]
     if fixed:
         raise ValueError(f"model option {fixed[0]!r} is set by the data set, not by model.{fixed[0]}=...")
-    unknown = [key for key in options if key not in known]
-    if unknown:
-        raise ValueError(
-            f"unknown model option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
-            f"{builder.__name__}; its options: {', '.join(known)}"
-        )
-    return builder(*args, **from_data, **options)
+    return builder(*args, **from_data, options=_OPTIONS[builder].from_dict(options))

@@ -5,14 +5,17 @@ has unconstrained branches: a plain ResNet baseline, whose trunk need not be inv
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from ..core.layers import ActNorm, InjectivePad, Squeeze
 from ..core.residual import ResidualBlock
-from ..core.validation import check_coeff, check_count, check_stages
+from ..core.validation import check_count
 from ..data.preprocess import Rescale
 from ..flows.composition import Sequential
 from .branches import conv_branch
+from .options import ClassifierOptions
 
 __all__ = ["Classifier", "iresnet_classifier"]
 
@@ -43,12 +46,8 @@ def iresnet_classifier(
     classes: int = 10,
     *,
     levels: int | None = None,
-    pad_channels: int = 0,
-    blocks: tuple[int, ...] = (4, 4, 4),
-    hidden: tuple[int, ...] = (32, 64, 128),
-    coeff: float | None = 0.9,
-    activation: str = "elu",
-    power_iterations: int = 1,
+    options: ClassifierOptions | None = None,
+    **changes: Any,
 ) -> Classifier:
     """The i-ResNet classifier for images of ``shape`` ``(C, H, W)``: integer images with
     ``levels`` levels rescaled to ``[-0.5, 0.5]`` (``None``: inputs taken as they are),
@@ -56,6 +55,9 @@ def iresnet_classifier(
     bottleneck branch of width ``hidden[i]`` (coefficient ``coeff``; ``None`` for a plain ResNet),
     a squeeze between stages; the head is BatchNorm, ReLU, global average pooling and a linear
     layer. The paper's CIFAR-10 model: ``pad_channels=13, blocks=(13, 13, 13)``.
+
+    The options are those of :class:`~iresnet.models.options.ClassifierOptions`, given as
+    ``options``, as keyword arguments, or both (the keyword arguments replace those of ``options``).
 
     References:
         Behrmann et al., "Invertible Residual Networks", ICML 2019, https://arxiv.org/abs/1811.00995
@@ -66,13 +68,8 @@ def iresnet_classifier(
         torch.Size([5, 10])
     """
     check_count("classes", classes)
-    check_count("pad_channels", pad_channels, 0)
-    check_count("power_iterations", power_iterations)
-    check_stages("blocks", blocks)
-    check_stages("hidden", hidden)
-    check_coeff(coeff, optional=True)
-    if len(blocks) != len(hidden):
-        raise ValueError(f"blocks and hidden need one entry per stage, got {blocks} and {hidden}")
+    options = ClassifierOptions.resolve(options, changes)
+    blocks, pad_channels = options.blocks, options.pad_channels
     c, h, w = shape
     if h % 2 ** (len(blocks) - 1) or w % 2 ** (len(blocks) - 1):
         raise ValueError(f"an image of {h}x{w} cannot be squeezed between {len(blocks)} stages")
@@ -80,12 +77,12 @@ def iresnet_classifier(
     if pad_channels:
         layers.append(InjectivePad(pad_channels))
     c += pad_channels
-    for i, (n_blocks, width) in enumerate(zip(blocks, hidden)):
+    for i, (n_blocks, width) in enumerate(zip(blocks, options.hidden)):
         if i:
             layers.append(Squeeze())
             c *= 4
         for _ in range(n_blocks):
-            branch = conv_branch(c, width, coeff, activation=activation, power_iterations=power_iterations)
-            layers += [ActNorm(c), ResidualBlock(branch, logdet=None)]
+            branch = conv_branch(c, width, options.coeff, **options.branch_options())
+            layers += [ActNorm(c), ResidualBlock(branch, logdet=None, **options.block_options())]
     head = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
     return Classifier(Sequential(*layers), head)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..flows.density import DensityModel
 from ..flows.multiscale import MultiScale
 from .image import image_flow
+from .options import HybridOptions
 
 __all__ = ["HybridModel", "hybrid_model"]
 
@@ -63,9 +64,15 @@ class HybridModel(nn.Module):
 
 
 def hybrid_model(
-    shape: tuple[int, int, int], levels: int, classes: int, *, classifier: str = "linear", **flow_options: Any
+    shape: tuple[int, int, int],
+    levels: int,
+    classes: int,
+    *,
+    options: HybridOptions | None = None,
+    **changes: Any,
 ) -> HybridModel:
-    """:func:`~iresnet.models.image_flow` with ``flow_options`` and a classifier on its latent:
+    """:func:`~iresnet.models.image_flow` and a classifier on its latent, the options those of
+    :class:`~iresnet.models.options.HybridOptions` (``options``, keyword arguments, or both):
     ``classifier="linear"``, a linear layer on the output of its last scale (with
     ``factor_out``, the part of the latent not factored out earlier; without, all of it), or
     ``"gaussians"``, the class-conditional mixture prior with means drawn from
@@ -77,13 +84,10 @@ def hybrid_model(
         >>> logits.shape, log_prob.shape
         (torch.Size([3, 10]), torch.Size([3]))
     """
-    flow = image_flow(shape, levels, **flow_options)
-    if classifier == "gaussians":
-        if flow_options.get("learned_prior"):
-            raise ValueError("the class-conditional prior has fixed means: learned_prior must be False")
+    options = HybridOptions.resolve(options, changes)
+    flow = image_flow(shape, levels, options=options)
+    if options.classifier == "gaussians":
         means = torch.randn(classes, *flow.latent_shape)
         return HybridModel(DensityModel(flow.transform, flow.event_shape, class_means=means), classes)
-    if classifier != "linear":
-        raise ValueError(f"classifier must be 'linear' or 'gaussians', got {classifier!r}")
     multiscale = next(m for m in flow.modules() if isinstance(m, MultiScale))
     return HybridModel(flow, classes, math.prod(multiscale.stage_shapes[-1]))

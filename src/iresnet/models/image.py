@@ -10,35 +10,20 @@ from typing import Any
 from torch import nn
 
 from ..core.layers import ActNorm
-from ..core.logdet import LogDetEstimator
 from ..core.residual import ResidualBlock
-from ..core.validation import check_coeff, check_count, check_flag
+from ..core.validation import check_count
 from ..data.preprocess import Logit, Shift, UniformDequantize
 from ..flows.composition import Sequential
 from ..flows.density import DensityModel
 from ..flows.multiscale import MultiScale, _stage_shapes
 from .branches import conv_branch, flat_branch
+from .options import ImageFlowOptions
 
 __all__ = ["image_flow"]
 
 
 def image_flow(
-    shape: tuple[int, int, int],
-    levels: int = 256,
-    *,
-    scales: int = 3,
-    blocks: int = 4,
-    hidden: int = 64,
-    coeff: float = 0.9,
-    activation: str = "lipswish",
-    logdet: str | dict[str, Any] | LogDetEstimator = "roulette",
-    power_iterations: int = 1,
-    logit_alpha: float | None = 0.05,
-    squeeze_first: bool = False,
-    factor_out: bool = True,
-    fc_blocks: int = 0,
-    fc_hidden: int = 128,
-    learned_prior: bool = False,
+    shape: tuple[int, int, int], levels: int = 256, *, options: ImageFlowOptions | None = None, **changes: Any
 ) -> DensityModel:
     """A multi-scale residual flow for images of ``shape`` ``(C, H, W)`` with ``levels``
     intensity levels, taking integer images.
@@ -49,6 +34,9 @@ def image_flow(
     ``[ActNorm, residual block]`` with the branch ``act, 3x3, act, 1x1, act, 3x3`` (``hidden``
     channels); between stages a squeeze, and half the channels factored out to the prior if
     ``factor_out``; the last stage adds ``fc_blocks`` fully-connected blocks (``fc_hidden`` units).
+
+    The options are those of :class:`~iresnet.models.options.ImageFlowOptions`, given as
+    ``options``, as keyword arguments, or both (the keyword arguments replace those of ``options``).
 
     References:
         Behrmann et al., "Invertible Residual Networks", ICML 2019, https://arxiv.org/abs/1811.00995
@@ -62,29 +50,21 @@ def image_flow(
         torch.Size([3])
     """
     check_count("levels", levels, 2)
-    for name, value in {"scales": scales, "blocks": blocks, "hidden": hidden, "fc_hidden": fc_hidden}.items():
-        check_count(name, value)
-    check_count("fc_blocks", fc_blocks, 0)
-    check_count("power_iterations", power_iterations)
-    check_coeff(coeff)
-    if logit_alpha is not None and (not isinstance(logit_alpha, (int, float)) or not 0 < logit_alpha < 0.5):
-        raise ValueError(f"logit_alpha must be a number in (0, 0.5), or null for no logit, got {logit_alpha!r}")
-    check_flag("squeeze_first", squeeze_first)
-    check_flag("factor_out", factor_out)
-    check_flag("learned_prior", learned_prior)
-    stage_shapes = _stage_shapes(tuple(shape), scales, squeeze_first, factor_out)
-    options = {"activation": activation, "power_iterations": power_iterations}
+    options = ImageFlowOptions.resolve(options, changes)
+    scales, coeff, logdet = options.scales, options.coeff, options.logdet
+    stage_shapes = _stage_shapes(tuple(shape), scales, options.squeeze_first, options.factor_out)
+    branch, block = options.branch_options(), options.block_options()
     stages = []
     for i, (c, h, w) in enumerate(stage_shapes):
         layers: list[nn.Module] = []
-        for _ in range(blocks):
-            layers += [ActNorm(c), ResidualBlock(conv_branch(c, hidden, coeff, **options), logdet)]
+        for _ in range(options.blocks):
+            layers += [ActNorm(c), ResidualBlock(conv_branch(c, options.hidden, coeff, **branch), logdet, **block)]
         if i == scales - 1:
-            for _ in range(fc_blocks):
-                layers += [ActNorm(c), ResidualBlock(flat_branch((c, h, w), fc_hidden, coeff, **options), logdet)]
+            for _ in range(options.fc_blocks):
+                g = flat_branch((c, h, w), options.fc_hidden, coeff, **branch)
+                layers += [ActNorm(c), ResidualBlock(g, logdet, **block)]
         stages.append(Sequential(*layers))
-    preprocess: list[nn.Module] = [UniformDequantize(levels), Shift() if logit_alpha is None else Logit(logit_alpha)]
-    transform = Sequential(
-        *preprocess, MultiScale(stages, tuple(shape), squeeze_first=squeeze_first, factor_out=factor_out)
-    )
-    return DensityModel(transform, tuple(shape), learned_prior=learned_prior)
+    alpha = options.logit_alpha
+    preprocess: list[nn.Module] = [UniformDequantize(levels), Shift() if alpha is None else Logit(alpha)]
+    multiscale = MultiScale(stages, tuple(shape), squeeze_first=options.squeeze_first, factor_out=options.factor_out)
+    return DensityModel(Sequential(*preprocess, multiscale), tuple(shape), learned_prior=options.learned_prior)

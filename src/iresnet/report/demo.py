@@ -10,7 +10,7 @@ from torch import nn
 
 from ..core.activations import LipSwish
 from ..core.certificates import lipschitz_bound
-from ..core.lipschitz import converge_spectral_norms, spectral_norm
+from ..core.lipschitz import DEFAULT_COEFF, converge_spectral_norms, spectral_norm
 from ..core.logdet import Exact, PowerSeries, Roulette
 from ..core.residual import ResidualBlock
 
@@ -48,7 +48,7 @@ def fit(block: ResidualBlock, data: torch.Tensor, steps: int) -> tuple[float, fl
 
 
 def run_demo(
-    dim: int = 2, hidden: int = 64, coeff: float = 0.9, n: int = 1000, draws: int = 200, seed: int = 0
+    dim: int = 2, hidden: int = 64, coeff: float = DEFAULT_COEFF, n: int = 1000, draws: int = 200, seed: int = 0
 ) -> dict:
     """Print and return the demo's figures."""
     torch.manual_seed(seed)

@@ -120,7 +120,7 @@ def compare_likelihoods(
     model: DensityModel,
     in_images: Tensor,
     out_images: Tensor,
-    estimator: LogDetEstimator | None = None,
+    estimator: LogDetEstimator | str | None = "auto",
     batch_size: int = 500,
     *,
     seed: int = EVAL_SEED,
@@ -128,7 +128,8 @@ def compare_likelihoods(
 ) -> OODReport:
     r"""Bits/dim of integer images ``in_images`` (the test set) and ``out_images`` under
     ``model``, as :func:`~iresnet.train.evaluate` computes them: eval mode, spectral norms
-    converged, ``estimator`` (default :func:`~iresnet.train.accurate_estimator`) in every block,
+    converged, ``estimator`` in every block (``"auto"``: :func:`~iresnet.train.accurate_estimator`;
+    ``None``: the blocks' own),
     the dequantisation noise and probes drawn after ``torch.manual_seed(seed)`` (the global
     generators are restored afterwards). The AUROC scores each example by :math:`\log p(x)`,
     higher meaning in distribution, and is reported as it is, below 1/2 too (Nalisnick et al.,
@@ -138,7 +139,7 @@ def compare_likelihoods(
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with estimators_set_to(model, estimator or accurate_estimator()):
+        with estimators_set_to(model, accurate_estimator() if estimator == "auto" else estimator):
             in_log_p = _log_likelihoods(model, in_images, batch_size, progress, "in distribution")
             out_log_p = _log_likelihoods(model, out_images, batch_size, progress, "out of distribution")
     size = model.event_size

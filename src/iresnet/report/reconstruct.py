@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..core.attributes import attribute_set
 from ..core.certificates import lipschitz_bound
 from ..core.inverse import InversionError
 from ..core.lipschitz import converge_spectral_norms
@@ -56,8 +55,7 @@ def reconstruct(
         for block in blocks:
             block.last_inversion = None
         try:
-            with attribute_set(blocks, "inverse_method", method):
-                result = model.reconstruct(features)
+            result = _invert_trunk(model, features, method)
         except InversionError as error:
             failure = failure or f"{method}: {error}"
             result = None
@@ -69,3 +67,11 @@ def reconstruct(
         return Reconstruction(None, None, None, reports, failure)
     error = (recovered - images.to(recovered)).abs()
     return Reconstruction(recovered, error.max().item(), error.mean().item(), reports, failure)
+
+
+def _invert_trunk(model: Classifier, features: Tensor, method: str) -> Tensor:
+    """:meth:`Classifier.reconstruct` with every residual block inverted by ``method``."""
+    x = features
+    for layer in reversed(model.trunk):
+        x = layer.inverse(x, method=method) if isinstance(layer, ResidualBlock) else layer.inverse(x)
+    return x

@@ -5,26 +5,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.logdet import ESTIMATORS, make_estimator, update_spec
+from ..models.options import merge_options
 from .presets import PRESETS
 
-__all__ = ["TrainConfig", "read_settings", "resolve_config", "parse_override"]
+__all__ = ["TrainConfig", "read_settings", "resolve_config", "parse_override", "upgrade_settings"]
 
 
 @dataclass
 class TrainConfig:
     r"""Everything a training run depends on.
 
-    ``model`` holds the model builder's keyword arguments; the task and the data set decide the
-    builder (:func:`~iresnet.models.toy_flow` for 2-D data, :func:`~iresnet.models.image_flow` for
-    images, :func:`~iresnet.models.iresnet_classifier` to classify images,
-    :func:`~iresnet.models.hybrid_model` for both at once).
+    ``model`` holds the model builder's options as JSON gives them, read into the builder's
+    options class (:mod:`iresnet.models.options`), which checks them, when the model is built;
+    the task and the data set decide the builder (:func:`~iresnet.models.toy_flow` for 2-D data,
+    :func:`~iresnet.models.image_flow` for images, :func:`~iresnet.models.iresnet_classifier` to
+    classify images, :func:`~iresnet.models.hybrid_model` for both at once).
 
     ``hybrid_lambda`` weighs the density in the hybrid objective
     :math:`\log p(y|x) + \lambda \log p(x) / D`; ``labelled_fraction`` keeps the labels of that
@@ -41,6 +46,12 @@ class TrainConfig:
     A checkpoint is written every ``checkpoint_every`` steps and, between them, once
     ``checkpoint_seconds`` have passed since the last (``None``: by steps alone), so that a killed
     run loses at most about that much time.
+
+    ``eval_logdet`` is the log-det estimator of the test evaluations (training's and ``iresnet
+    eval``'s): ``"auto"`` takes, for images, the roulette with 20 exact terms and 4 probes
+    (:func:`~iresnet.train.evaluate.accurate_estimator`: unbiased, with a small variance) and, for
+    2-D data, the model's own (the toy flow's is exact); ``None`` the model's own; otherwise an
+    estimator's name or a mapping of its name and options, as ``model.logdet`` takes it.
 
     ``threads`` is the number of CPU threads torch uses in each process while training
     (``torch.set_num_threads``; ``None`` keeps torch's default, one per core). One thread is as fast
@@ -75,6 +86,7 @@ class TrainConfig:
     eval_every: int = 500
     log_every: int = 10
     eval_size: int = 20000
+    eval_logdet: str | dict[str, Any] | None = "auto"
     tensorboard: bool = False
     compile: bool = False
     precision: str = "float32"
@@ -119,6 +131,13 @@ class TrainConfig:
             raise ValueError(f"threads must be at least 1 or null, got {self.threads}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
+        if isinstance(self.eval_logdet, str) and self.eval_logdet not in ("auto", *ESTIMATORS):
+            raise ValueError(
+                f"eval_logdet must be auto, one of {', '.join(ESTIMATORS)}, a mapping of an estimator's name and "
+                f"options, or null, got {self.eval_logdet!r}"
+            )
+        if self.eval_logdet != "auto":
+            make_estimator(self.eval_logdet, "eval_logdet")  # raises for an unknown name, option or value
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,6 +161,10 @@ _TYPE_CHECKS = {  # a field's annotation: its check and what it asks for
     "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "list[int]": (lambda v: isinstance(v, list) and all(map(_is_integer, v)), "a list of integers"),
     "dict[str, Any]": (lambda v: isinstance(v, dict), "a mapping"),
+    "str | dict[str, Any] | None": (
+        lambda v: v is None or isinstance(v, (str, dict)),
+        "auto, an estimator's name, a mapping of its name and options, or null",
+    ),
 }
 
 
@@ -168,7 +191,24 @@ def read_settings(path: str | os.PathLike) -> dict[str, Any]:
             found = re.search(rf'"{re.escape(key)}"\s*:', text)  # the line of its first "key":
             line = "" if found is None else f", line {text.count(chr(10), 0, found.start()) + 1}"
             raise _unknown_setting(key, f"{path}{line}")
-    return settings
+    return upgrade_settings(settings, str(path))
+
+
+_RENAMED_ESTIMATOR_OPTIONS = {"n_samples": "n_probes"}  # old name: new name (n_samples is a Monte Carlo sample size)
+
+
+def upgrade_settings(settings: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """``settings`` written before an option was renamed, with the new name: ``model.logdet``'s
+    ``n_samples`` (Hutchinson probes) is ``n_probes``. A warning names ``source`` (none without)."""
+    logdet = settings.get("model", {}).get("logdet") if isinstance(settings.get("model"), dict) else None
+    if not isinstance(logdet, dict) or not any(old in logdet for old in _RENAMED_ESTIMATOR_OPTIONS):
+        return settings
+    renamed = {_RENAMED_ESTIMATOR_OPTIONS.get(key, key): value for key, value in logdet.items()}
+    if source is not None:
+        old_names = [key for key in logdet if key in _RENAMED_ESTIMATOR_OPTIONS]
+        notes = ", ".join(f"model.logdet.{key} as {_RENAMED_ESTIMATOR_OPTIONS[key]}" for key in old_names)
+        warnings.warn(f"{source}: read {notes} (renamed)", stacklevel=2)
+    return {**settings, "model": {**settings["model"], "logdet": renamed}}
 
 
 def _unknown_setting(key: str, where: str) -> ValueError:
@@ -185,25 +225,40 @@ def _merge(base: dict[str, Any], update: dict[str, Any], source: str) -> dict[st
         if key == "model":
             if not isinstance(value, dict):
                 raise ValueError(f"{source}: 'model' must be a mapping of model options, got {value!r}")
-            merged["model"] = {**merged.get("model", {}), **value}
+            merged["model"] = merge_options(merged.get("model", {}), value)
+        elif key == "eval_logdet":
+            merged[key] = _merge_estimator(merged.get(key, "auto"), value, source)
         else:
             merged[key] = value
     return merged
 
 
+def _merge_estimator(base: Any, update: Any, source: str) -> Any:
+    """``eval_logdet`` updated as ``model.logdet`` is (:func:`~iresnet.core.logdet.update_spec`);
+    options without a name need an estimator to belong to, which ``"auto"`` and null are not."""
+    if isinstance(update, dict) and "name" not in update and (base == "auto" or base is None):
+        raise ValueError(
+            f"{source}: eval_logdet is {base!r}, whose estimator has no options to change: give its name too, "
+            f'e.g. eval_logdet={{"name": "roulette", ...}}'
+        )
+    return update_spec(base, update)
+
+
 def parse_override(text: str) -> dict[str, Any]:
-    """``"key=value"`` (``"model.key=value"`` for a model option) as a nested mapping; the value
-    is read as JSON where it parses (numbers, true/false/null, lists), else as a string."""
+    """``"key=value"`` (``"model.key=value"`` for a model option, ``"model.logdet.key=value"`` for
+    one of its estimator's) as a nested mapping; the value is read as JSON where it parses
+    (numbers, true/false/null, lists, objects), else as a string."""
     key, sep, raw = text.partition("=")
-    if not sep or not key or key == "model.":
+    path = key.split(".")
+    if not sep or not all(path):
         raise ValueError(f"an override must look like key=value or model.key=value, got {text!r}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    if key.startswith("model."):
-        return {"model": {key[len("model.") :]: value}}
-    return {key: value}
+    for name in reversed(path):
+        value = {name: value}
+    return value
 
 
 def resolve_config(
@@ -214,7 +269,11 @@ def resolve_config(
     saved: TrainConfig | None = None,
 ) -> TrainConfig:
     """The preset's settings, updated by the JSON ``config_file``, updated by ``overrides`` in
-    order (later wins). ``preset=None`` takes the config file's preset, else ``"toy"``. Where the
+    order (later wins). ``preset=None`` takes the config file's preset, else ``"toy"``. Model
+    options merge one by one (:func:`~iresnet.models.options.merge_options`), and so do the
+    options of a log-det estimator (``model.logdet``, ``eval_logdet``) while its name stays the
+    same: ``model.logdet.n_exact_terms=5`` on the ``cifar10-paper`` preset keeps its Poisson
+    tail and ``memory_efficient``; a new name drops the old estimator's options. Where the
     task or data set call for another model builder than the preset's (``--task classify`` from
     the toy preset, say), the preset's model options are dropped: the builder's defaults apply.
 
@@ -239,7 +298,7 @@ def resolve_config(
     settings["preset"] = name
     for override in overrides:
         settings = _merge(settings, override, "command line")
-    explicit = {k: v for update in (from_file, *overrides) for k, v in update.get("model", {}).items()}
+    explicit = functools.reduce(merge_options, (update.get("model", {}) for update in (from_file, *overrides)), {})
     if _builder(settings) != _builder(preset):  # the preset's model options belong to another builder
         settings["model"] = explicit
     elif settings.get("task") != "hybrid" and "classifier" not in explicit:  # a hybrid's option alone

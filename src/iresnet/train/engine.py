@@ -41,14 +41,14 @@ from .checkpoint import (
     save_weights,
     write_error,
 )
-from .config import TrainConfig
+from .config import TrainConfig, upgrade_settings
 from .distributed import Processes, start_processes
 from .ema import ExponentialMovingAverage
 from .evaluate import (
     ClassifierEvaluation,
     Evaluation,
     HybridEvaluation,
-    accurate_estimator,
+    eval_estimator,
     evaluate,
     evaluate_classifier,
     evaluate_hybrid,
@@ -234,7 +234,7 @@ class _Trainer:
                 f"{self.files.root} already holds a run (checkpoint at step {state['step']}): pass --resume to "
                 "continue it, or --out for a new run directory"
             )
-        self.changed = _check_compatible(state["config"], self.config)
+        self.changed = _check_compatible(upgrade_settings(state["config"]), self.config)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -298,13 +298,14 @@ class _Trainer:
                 return evaluate_classifier(self.eval_model(), test, labels, calibration=self.source.train)
             if self.config.task == "hybrid":
                 images, labels = self.source.test[:size], self.source.test_labels[:size]
-                return evaluate_hybrid(self.eval_model(), images, labels, estimator=accurate_estimator())
+                estimator = eval_estimator(self.config.eval_logdet, discrete=True)
+                return evaluate_hybrid(self.eval_model(), images, labels, estimator=estimator)
             discrete = self.source.levels is not None
             return evaluate(
                 self.eval_model(),
                 self.source.test[: self.config.eval_size],
                 discrete=discrete,
-                estimator=accurate_estimator() if discrete else None,
+                estimator=eval_estimator(self.config.eval_logdet, discrete),
             )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -532,6 +533,7 @@ def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> dict[str, t
     free = {"steps", "out", "checkpoint_every", "checkpoint_seconds", "eval_every", "log_every", "tensorboard"}
     free |= {"device", "download", "lr", "grad_clip"}
     free |= {"compile", "precision", "threads"}  # how the same step is computed
+    free |= {"eval_logdet"}  # how the test evaluations estimate, not what is trained
     saved = {**TrainConfig(out=config.out).to_dict(), **saved}
     new = config.to_dict()
     changed = [k for k, v in new.items() if k not in free and saved.get(k) != v]

@@ -6,13 +6,14 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core.attributes import attribute_set
 from ..core.lipschitz import converge_spectral_norms
-from ..core.logdet import LogDetEstimator, Roulette
+from ..core.logdet import LogDetEstimator, Roulette, make_estimator
 from ..core.residual import ResidualBlock
 from ..data.preprocess import bits_per_dim
 from ..flows.density import DensityModel
@@ -26,6 +27,7 @@ __all__ = [
     "classification",
     "EVAL_SEED",
     "estimators_set_to",
+    "eval_estimator",
     "evaluation_randomness",
     "evaluate",
     "evaluate_baselines",
@@ -72,7 +74,17 @@ def evaluation_randomness(device: torch.device | str = "cpu") -> Iterator[None]:
 def accurate_estimator() -> LogDetEstimator:
     """The evaluation estimator for images: the roulette with 20 exact terms, as the Residual
     Flows paper evaluates (unbiased, with a small variance), and 4 probes where it takes 1."""
-    return Roulette(n_exact_terms=20, n_samples=4)
+    return Roulette(n_exact_terms=20, n_probes=4)
+
+
+def eval_estimator(setting: str | dict[str, Any] | None, discrete: bool) -> LogDetEstimator | None:
+    """The estimator of a run's test evaluations from its ``eval_logdet`` setting (see
+    :class:`~iresnet.train.TrainConfig`): for ``"auto"``, :func:`accurate_estimator` on
+    ``discrete`` data (images) and ``None`` (the model's own) on 2-D data; ``None`` for
+    ``None``; else the estimator the setting names."""
+    if setting == "auto":
+        return accurate_estimator() if discrete else None
+    return make_estimator(setting, "eval_logdet")
 
 
 def estimators_set_to(model: nn.Module, estimator: LogDetEstimator | None) -> contextlib.AbstractContextManager[None]:
