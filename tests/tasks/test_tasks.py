@@ -1,10 +1,12 @@
 """The tasks behind one interface: the registry and its refusal of an unknown name; each task's
-batch, objective on a tiny batch, test record and eval report, flow and data checks."""
+batch, objective on a tiny batch, test record and eval report, flow and data checks; and no
+task name compared outside the registry."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +169,20 @@ def test_each_task_builds_on_its_builder() -> None:
         "classify": [iresnet_classifier, iresnet_classifier],
         "hybrid": [hybrid_model, hybrid_model],
     }
+
+
+def test_task_names_are_compared_in_the_registry_alone() -> None:
+    """Adding a task means adding its file: no module outside iresnet/tasks asks which task it runs."""
+    package = Path(iresnet.__file__).parent
+    names = "|".join(TASKS)
+    compared = [r"\btask\s*(==|!=)", r"(==|!=)\s*[\w.]*\btask\b", r"\.task\s+(not\s+)?in\b"]
+    compared += [rf'(==|!=)\s*"({names})"', rf'"({names})"\s*(==|!=|in\b)']
+    comparison = re.compile("|".join(compared))
+    found = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in package.rglob("*.py")
+        if "tasks" not in path.relative_to(package).parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if comparison.search(line)
+    ]
+    assert found == []

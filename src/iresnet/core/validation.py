@@ -6,12 +6,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteInputError", "check_coeff", "check_count", "check_flag", "check_input", "check_stages"]
+__all__ = [
+    "NonFiniteInputError",
+    "check_coeff",
+    "check_count",
+    "check_flag",
+    "check_input",
+    "check_stages",
+    "reports_non_finite_input",
+]
 
 
 class NonFiniteInputError(ValueError):
     """A layer's input holds NaN or inf: upstream values have overflowed (in training, a sign
     that the weights diverged)."""
+
+
+def reports_non_finite_input(error: BaseException) -> bool:
+    """Whether ``error`` is :func:`check_input`'s report of NaN or inf among a layer's inputs: its
+    :class:`NonFiniteInputError` eagerly, its device assertion's message when compiled."""
+    return isinstance(error, NonFiniteInputError) or (isinstance(error, RuntimeError) and "NaN or inf" in str(error))
 
 
 def check_input(

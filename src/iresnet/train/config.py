@@ -15,7 +15,7 @@ from typing import Any
 from ..tasks import TASKS, get_task, listed
 from .presets import PRESETS
 
-__all__ = ["TrainConfig", "parse_override", "read_settings", "resolve_config"]
+__all__ = ["TrainConfig", "parse_override", "read_settings", "resolve_config", "resume_changes"]
 
 
 @dataclass
@@ -255,6 +255,26 @@ def resolve_config(
     else:  # the same builder, or one that extends it (a hybrid's: the image flow's and its classifier)
         model = {k: v for k, v in config.model.items() if k in takes or k in explicit}
     return dataclasses.replace(config, model=model)
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """What resuming the run saved with the settings ``saved`` as ``config`` changes: the settings
+    (but ``out``) with their old and new values. A resumed run may change how long it trains, its
+    learning rate and clipping (the advice after a non-finite loss), how it logs and how its step
+    is computed, not what it trains (``ValueError`` naming each such change). A setting that
+    ``saved`` lacks (it came later) had its default value."""
+    free = {"steps", "out", "checkpoint_every", "checkpoint_seconds", "eval_every", "log_every", "tensorboard"}
+    free |= {"device", "download", "lr", "grad_clip"}
+    free |= {"compile", "precision", "threads"}  # how the same step is computed
+    saved = {**TrainConfig(out=config.out).to_dict(), **saved}
+    new = config.to_dict()
+    changed = [k for k, v in new.items() if k not in free and saved.get(k) != v]
+    if changed:
+        raise ValueError(
+            "cannot resume with different settings for "
+            + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})" for k in changed)
+        )
+    return {k: (saved.get(k), v) for k, v in new.items() if k != "out" and saved.get(k) != v}
 
 
 def _options(task: str, data: str) -> dict[str, Any]:
