@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 import iresnet
 from iresnet.data import Logit, UniformDequantize
-from iresnet.models.image import MultiScale
+from iresnet.flows.multiscale import MultiScale
 
 SHAPE, SCALES, BLOCKS, HIDDEN, COEFF, N_EXACT, GEOM_P, POWER_ITERATIONS = (1, 28, 28), 3, 4, 64, 0.98, 2, 0.5, 5
 STAGES = [(SHAPE[0] * 2**i, SHAPE[1] // 2**i, SHAPE[2] // 2**i) for i in range(SCALES)]  # squeeze, keep half

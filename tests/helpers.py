@@ -40,6 +40,18 @@ def binding(g: nn.Sequential, factor: float = 10.0) -> nn.Sequential:
     return g
 
 
+def mlp_branch(dim: int, coeff: float, hidden: int = 32) -> nn.Sequential:
+    """A dense branch of three layers whose spectral normalisation binds, converged."""
+    g = binding(dense_branch(dim, hidden, coeff, depth=3))
+    iresnet.converge_spectral_norms(g)
+    return g
+
+
+def block_of(g: nn.Module, device, dtype=torch.float64, **options) -> iresnet.ResidualBlock:
+    """An exact-log-det residual block of ``g`` on ``device`` in ``dtype``."""
+    return iresnet.ResidualBlock(g.to(device=device, dtype=dtype), "exact", **options)
+
+
 def jacobian_logdet(f, x: torch.Tensor) -> torch.Tensor:
     """log|det| of the Jacobian of one sample's map ``z -> f(z[None])[0][0]``, for each sample of
     ``x``, by torch.autograd.functional.jacobian: the brute-force reference."""

@@ -8,19 +8,17 @@ References:
 """
 
 from .core.activations import LipSwish
-from .core.blocks import ActNorm, ResidualBlock, Sequential, Squeeze, initialize_from_data
+from .core.certificates import circular_conv_bound, lipschitz_bound, operator_norm_bound
 from .core.inverse import InversionError, InversionReport, solve_fixed_point
+from .core.invertible import InvertibleLayer, sum_logdets
 from .core.jacobian import Linearization, linearize, register_linearization
-from .core.lipschitz import (
-    SpectralNorm,
-    circular_conv_bound,
-    converge_spectral_norms,
-    lipschitz_bound,
-    operator_norm_bound,
-    spectral_norm,
-)
+from .core.layers import ActNorm, InjectivePad, Squeeze, initialize_from_data
+from .core.lipschitz import SpectralNorm, converge_spectral_norms, spectral_norm
 from .core.logdet import Exact, LogDetEstimator, PowerSeries, Roulette
+from .core.residual import ResidualBlock
+from .flows.composition import Sequential
 from .flows.distributions import Flow, ModuleTransform, as_transform
+from .flows.multiscale import MultiScale
 
 __version__ = "0.1.0"
 
@@ -28,12 +26,15 @@ __all__ = [
     "ActNorm",
     "Exact",
     "Flow",
+    "InjectivePad",
     "InversionError",
     "InversionReport",
+    "InvertibleLayer",
     "Linearization",
     "LipSwish",
     "LogDetEstimator",
     "ModuleTransform",
+    "MultiScale",
     "PowerSeries",
     "ResidualBlock",
     "Roulette",
@@ -50,4 +51,5 @@ __all__ = [
     "register_linearization",
     "solve_fixed_point",
     "spectral_norm",
+    "sum_logdets",
 ]

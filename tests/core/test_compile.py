@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 import iresnet
 from helpers import binding, dense_branch
-from iresnet.core.logdet import _host_series
+from iresnet.core.series import _host_series
 from iresnet.models import image_flow, toy_flow
 from iresnet.train import resolve_config, train
 
@@ -67,7 +67,7 @@ def test_compiled_flow_matches_eager(device, build, logdet):
     torch.manual_seed(0)
     model, x = build(logdet)
     model, x = model.to(device), x.to(device)
-    iresnet.core.blocks.initialize_from_data(model, x)
+    iresnet.initialize_from_data(model, x)
     twin = copy.deepcopy(model)
     eager_loss, eager_grads = _loss_and_grads(model, x, seed=3)
     compiled_loss, compiled_grads = _loss_and_grads(torch.compile(twin), x, seed=3)
@@ -147,7 +147,7 @@ def test_device_roulette_training_never_recompiles(device):
     torch.manual_seed(0)
     model, x = _toy({"name": "roulette", "memory_efficient": True})
     model, x = model.to(device), x.to(device)
-    iresnet.core.blocks.initialize_from_data(model, x)
+    iresnet.initialize_from_data(model, x)
     compiled = torch.compile(model, backend="aot_eager")
     _training_steps(compiled, x, 2)
     warm = _graphs()
@@ -170,7 +170,7 @@ def test_bucketed_roulette_recompiles_at_most_once_per_bucket(device):
         if isinstance(block, iresnet.ResidualBlock):
             draw = block.logdet.draw_tail_length
             block.logdet.draw_tail_length = lambda draw=draw: tails.append(draw()) or tails[-1]
-    iresnet.core.blocks.initialize_from_data(model, x)
+    iresnet.initialize_from_data(model, x)
     compiled = torch.compile(model, backend="aot_eager")
     _training_steps(compiled, x, 2)
     warm, buckets_seen = _graphs(), {_bucket(t) for t in tails}

@@ -136,7 +136,7 @@ def test_paper_presets_count_epochs_one_way(name: str) -> None:
 def test_squeeze_then_split_keeps_what_split_then_squeeze_keeps() -> None:
     """The audit: ours squeezes then splits, the i-ResNet code splits then squeezes. Both keep the
     squeeze of the first C/2 channels and factor out the other half's values, permuted."""
-    from iresnet.core.blocks import Squeeze
+    from iresnet.core.layers import Squeeze
 
     squeeze = Squeeze()
     x = torch.randn(3, 6, 4, 4)

@@ -405,8 +405,8 @@ def test_a_picture_that_cannot_be_drawn_is_reported_and_the_run_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """A diverged model's inverse may fail: the run, its weights and the other pictures stay."""
-    from iresnet.report import plots
     from iresnet.core.inverse import InversionError
+    from iresnet.report import plots
 
     def failing(*args, **kwargs):
         raise InversionError("fixed-point inversion (fixed_point) failed for 5 of 2000 samples")

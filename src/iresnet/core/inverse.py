@@ -66,7 +66,7 @@ def solve_fixed_point(
     memory: int = 5,
     iteration: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, InversionReport]:
-    """Solve :math:`x + g(x) = y` per sample; ``g`` must act on each sample independently.
+    r"""Solve :math:`x + g(x) = y` per sample; ``g`` must act on each sample independently.
 
     Arguments:
         g: the residual branch.
@@ -85,6 +85,19 @@ def solve_fixed_point(
     Raises:
         InversionError: when a sample has not converged after ``max_iter`` iterations or its
             iterate left the finite numbers.
+
+    Example:
+        For :math:`g(x) = x / 2` the solution of :math:`x + x / 2 = y` is :math:`2y/3`. The
+        Banach iteration halves the error at each step (:math:`\mathrm{Lip}(g) = 1/2`), so it
+        reaches float64's tolerance of 1e-10 in 33; Anderson acceleration solves a linear
+        :math:`g` in 3:
+
+        >>> y = torch.ones(3, 2, dtype=torch.float64)
+        >>> x, report = solve_fixed_point(lambda x: x / 2, y)
+        >>> torch.allclose(x, 2 * y / 3, rtol=0, atol=1e-9), report.iterations
+        (True, 33)
+        >>> solve_fixed_point(lambda x: x / 2, y, "anderson")[1].iterations
+        3
     """
     if method not in ("fixed_point", "anderson"):
         raise ValueError(f"method must be 'fixed_point' or 'anderson', got {method!r}")

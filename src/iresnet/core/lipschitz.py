@@ -1,4 +1,4 @@
-r"""Lipschitz-constrained linear layers.
+r"""Lipschitz-constrained linear layers: spectral normalisation.
 
 Spectral normalisation rescales a weight so that the operator norm of its layer stays below a
 coefficient :math:`c < 1`,
@@ -10,10 +10,9 @@ with :math:`\hat\sigma` the largest singular value estimated by power iteration 
 size (with its stride, padding and dilation) for :class:`~torch.nn.Conv2d`.
 
 Power iteration approaches :math:`\sigma` from below, so an estimate that lags the weights lets
-the true norm exceed :math:`c`. :func:`lipschitz_bound` gives a certificate instead: exact
-singular values by SVD for dense layers and, for convolutions, the exact norm of the circular
-convolution on the padded grid from the per-frequency matrices of the kernel's DFT, which bounds
-the zero-padded, strided operator.
+the true norm exceed :math:`c`: :func:`converge_spectral_norms` converges every estimate for the
+weights as they are, and :mod:`iresnet.core.certificates` certifies the result
+(:func:`~iresnet.core.certificates.lipschitz_bound`).
 
 References:
     Miyato et al., "Spectral Normalization for Generative Adversarial Networks", ICLR 2018,
@@ -23,9 +22,6 @@ References:
     https://arxiv.org/abs/1804.04368
 
     Behrmann et al., "Invertible Residual Networks", ICML 2019, https://arxiv.org/abs/1811.00995
-
-    Sedghi, Gupta, Long, "The Singular Values of Convolutional Layers", ICLR 2019,
-    https://arxiv.org/abs/1805.10408
 """
 
 from __future__ import annotations
@@ -40,19 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .activations import LipSwish
 from .attributes import attribute_set
 
-__all__ = [
-    "SpectralNorm",
-    "spectral_norm",
-    "converge_spectral_norms",
-    "frozen_power_iteration",
-    "lipschitz_bound",
-    "operator_norm_bound",
-    "circular_conv_bound",
-    "design_bound",
-]
+__all__ = ["SpectralNorm", "spectral_norm", "spectral_norms", "converge_spectral_norms", "frozen_power_iteration"]
 
 
 _CONVERGE_TOLERANCE = 1e-6
@@ -301,7 +287,7 @@ def spectral_norm(
     input_shape: tuple[int, ...] | None = None,
 ) -> nn.Linear | nn.Conv2d:
     r"""Constrain the operator norm of ``module`` to at most ``coeff`` (approximately: see
-    :class:`SpectralNorm`; :func:`lipschitz_bound` certifies it).
+    :class:`SpectralNorm`; :func:`~iresnet.core.certificates.lipschitz_bound` certifies it).
 
     The weight becomes a :mod:`torch.nn.utils.parametrize` parametrization, so ``state_dict``,
     optimisers, ``torch.compile`` and ``parametrize.remove_parametrizations`` work as usual.
@@ -320,7 +306,8 @@ def spectral_norm(
     return module
 
 
-def _spectral_norms(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralNorm]]:
+def spectral_norms(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralNorm]]:
+    """Every layer of ``model`` with a :class:`SpectralNorm` on its weight, with that parametrization."""
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
             for p in module.parametrizations.weight:
@@ -347,7 +334,7 @@ def converge_spectral_norms(
         True
     """
     count = 0
-    for module, p in _spectral_norms(model):
+    for module, p in spectral_norms(model):
         if p.input_shape is None:
             raise RuntimeError(
                 f"{module} has not seen an input yet, so its operator is unknown: "
@@ -362,206 +349,4 @@ def frozen_power_iteration(model: nn.Module) -> contextlib.AbstractContextManage
     """Within the context no training-mode spectral norm in ``model`` updates its estimate, so
     that repeated evaluations (an inversion's iterations) see one fixed function: the one of the
     last training-mode call. Eval-mode layers are fixed already."""
-    return attribute_set((p for _, p in _spectral_norms(model)), "frozen", True)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
-
-
-_EXACT_CONV_MAX_DIM = 2048
-
-
-def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
-    """A guaranteed upper bound on the operator norm of a linear layer's linear part at
-    ``input_shape`` (one input, no batch), computed in float64.
-
-    Exact for ``nn.Linear``, and for ``nn.Conv2d`` whose input and output have at most 2048
-    entries (the SVD of the operator's matrix, its padding mode included). Larger convolutions
-    get the exact norm of the circular convolution on a grid large enough that the padded,
-    strided convolution is one of its restrictions: an upper bound that is loose by about
-    ``k / H`` on ``H x H`` maps. A padding mode other than zeros (reflect, replicate, circular)
-    copies input entries: its norm, the square root of the most copies of one entry, multiplies
-    that bound.
-    """
-    weight = layer.weight.detach().double()
-    if isinstance(layer, nn.Linear):
-        return torch.linalg.matrix_norm(weight, ord=2).item()
-    if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
-            raise ValueError("operator_norm_bound supports Conv2d with groups=1 only")
-        pads = _padding_amounts(layer)
-        n_in = torch.Size(input_shape).numel()
-        n_out = layer.out_channels * torch.Size(_conv_output_size(layer, input_shape)).numel()
-        if max(n_in, n_out) <= _EXACT_CONV_MAX_DIM:
-            basis = torch.eye(n_in, dtype=weight.dtype, device=weight.device).view(n_in, *input_shape)
-            columns = F.conv2d(_pad(basis, pads, layer.padding_mode), weight, None, layer.stride, 0, layer.dilation)
-            return torch.linalg.matrix_norm(columns.reshape(n_in, -1), ord=2).item()
-        if layer.padding_mode == "zeros":
-            return circular_conv_bound(layer, input_shape)
-        copies = _most_copies(input_shape[1:], pads, layer.padding_mode)
-        _, height, width = input_shape
-        padded = (input_shape[0], height + sum(pads[0]), width + sum(pads[1]))
-        unpadded = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, 0, layer.dilation)
-        unpadded.weight = nn.Parameter(weight, requires_grad=False)
-        return copies**0.5 * circular_conv_bound(unpadded, padded)
-    raise TypeError(f"no operator norm for {type(layer).__name__}")
-
-
-def _padding_amounts(layer: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
-    """``((top, bottom), (left, right))``: the padding the layer adds, ``"same"`` and
-    ``"valid"`` included."""
-    if layer.padding == "valid":
-        return (0, 0), (0, 0)
-    if layer.padding == "same":
-        totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
-        return tuple((t // 2, t - t // 2) for t in totals)
-    return tuple((p, p) for p in layer.padding)
-
-
-def _pad(x: Tensor, pads: tuple[tuple[int, int], tuple[int, int]], mode: str) -> Tensor:
-    (top, bottom), (left, right) = pads
-    return F.pad(x, (left, right, top, bottom), mode="constant" if mode == "zeros" else mode)
-
-
-def _most_copies(size: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]], mode: str) -> int:
-    """How often the padding copies its most copied input entry (the padding map's rows are
-    unit vectors, so its norm is the square root of this)."""
-    index = torch.arange(size[0] * size[1], dtype=torch.float64).view(1, 1, *size)
-    return int(torch.bincount(_pad(index, pads, mode).flatten().long()).max())
-
-
-def circular_conv_bound(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> float:
-    """The norm of the circular convolution with ``layer``'s kernel on the smallest grid of
-    which the zero-padded, strided convolution at ``input_shape`` is a restriction: the largest
-    singular value of the per-frequency ``c_out x c_in`` matrices of the kernel's 2-D DFT
-    (Sedghi et al. 2019). An upper bound on the layer's operator norm with zero padding."""
-    weight = layer.weight.detach().double()
-    _, height, width = input_shape
-    grid = [
-        max(size + before + after, size + dil * (k - 1))
-        for size, (before, after), dil, k in zip(
-            (height, width), _padding_amounts(layer), layer.dilation, weight.shape[2:]
-        )
-    ]
-    c_out, c_in, kh, kw = weight.shape
-    dh, dw = layer.dilation
-    kernel = weight.new_zeros(c_out, c_in, *grid)
-    kernel[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw] = weight
-    spectrum = torch.fft.fft2(kernel).permute(2, 3, 0, 1)  # (H, W, c_out, c_in)
-    norm = 0.0
-    for row in spectrum:  # one frequency row at a time bounds the memory of the SVDs
-        norm = max(norm, torch.linalg.matrix_norm(row, ord=2).max().item())
-    return norm
-
-
-def _conv_output_size(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> tuple[int, int]:
-    return tuple(
-        (size + before + after - dil * (k - 1) - 1) // stride + 1
-        for size, (before, after), dil, k, stride in zip(
-            input_shape[1:], _padding_amounts(layer), layer.dilation, layer.kernel_size, layer.stride
-        )
-    )
-
-
-_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten, LipSwish)
-
-
-def _activation_lipschitz(module: nn.Module) -> float | None:
-    if isinstance(module, _ONE_LIPSCHITZ):
-        return 1.0
-    if isinstance(module, nn.ELU):
-        return max(1.0, module.alpha)
-    if isinstance(module, nn.LeakyReLU):
-        return max(1.0, abs(module.negative_slope))
-    if isinstance(module, nn.Sigmoid):
-        return 0.25
-    return None
-
-
-def _chain(g: nn.Module) -> Iterator[nn.Module]:
-    """The layers of ``g`` in the order a plain (nested) ``nn.Sequential`` runs them; raises
-    ``TypeError`` for what changes that order or the layers' outputs: a ``Sequential`` subclass
-    with its own ``forward``, or a module with hooks other than :func:`spectral_norm`'s."""
-    hooks = [h for h in (*g._forward_hooks.values(), *g._forward_pre_hooks.values()) if not records_input_shape(h)]
-    if hooks:
-        raise TypeError(f"cannot certify {type(g).__name__}: it has forward hooks, which may change what it computes")
-    if isinstance(g, nn.Sequential):
-        if type(g).forward is not nn.Sequential.forward:
-            raise TypeError(
-                f"cannot certify {type(g).__name__}: a Sequential subclass with its own forward may not run its "
-                "layers as a chain"
-            )
-        for child in g:
-            yield from _chain(child)
-    else:
-        yield g
-
-
-def design_bound(g: nn.Module) -> float | None:
-    r"""The bound on :math:`\mathrm{Lip}(g)` that ``g``'s construction promises: the product of its
-    spectral norms' coefficients and its activations' constants, for a chain (see
-    :func:`lipschitz_bound`) whose every linear layer is spectral-normalised; ``None`` where
-    the construction promises nothing."""
-    bound = 1.0
-    try:
-        layers = list(_chain(g))
-    except TypeError:
-        return None
-    if not any(isinstance(layer, (nn.Linear, nn.Conv2d)) for layer in layers):
-        return None  # no weight, no coefficient: nothing was promised
-    for layer in layers:
-        norms = [p for _, p in _spectral_norms(layer)]
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            if not norms:
-                return None
-            bound *= min(p.coeff for p in norms)
-        else:
-            constant = _activation_lipschitz(layer)
-            if constant is None:
-                return None
-            bound *= constant
-    return bound
-
-
-@torch.no_grad()
-def lipschitz_bound(g: nn.Module, input_shape: tuple[int, ...]) -> float:
-    r"""A certified upper bound on :math:`\mathrm{Lip}(g)` in the Euclidean norm for a chain
-    ``g`` (a layer or nested ``nn.Sequential``) of ``nn.Linear`` / ``nn.Conv2d`` layers, spectral
-    normalised or not, and activations with known Lipschitz constants:
-    :math:`\mathrm{Lip}(g) \le \prod_i \|W_i\|_2 \prod_j \mathrm{Lip}(\phi_j)`.
-
-    The weights are read as the layers use them in eval mode; nothing is updated.
-    ``input_shape`` is the shape of one input, without batch.
-    """
-    shape = tuple(input_shape)
-    bound = 1.0
-    with _eval_mode(g):
-        for layer in _chain(g):
-            if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                bound *= operator_norm_bound(layer, shape)
-            else:
-                constant = _activation_lipschitz(layer)
-                if constant is None:
-                    raise TypeError(
-                        f"cannot certify the Lipschitz constant of {type(layer).__name__}; "
-                        "lipschitz_bound knows Linear, Conv2d, LipSwish, ReLU, ELU, LeakyReLU, "
-                        "Tanh, Sigmoid, Identity, Dropout, Flatten and Unflatten"
-                    )
-                bound *= constant
-            probe = torch.zeros((1, *shape), dtype=_dtype_of(layer, g))
-            shape = tuple(layer(probe).shape[1:])
-    return bound
-
-
-def _dtype_of(layer: nn.Module, model: nn.Module) -> torch.dtype:
-    for tensor in (*layer.parameters(), *model.parameters()):
-        return tensor.dtype
-    return torch.get_default_dtype()
+    return attribute_set((p for _, p in spectral_norms(model)), "frozen", True)

@@ -1,7 +1,7 @@
 """Data: toy 2-D densities and the pre-processing of discrete images."""
 
 from .images import IMAGE_DATASETS, ImageSpec, image_spec, load_images
-from .preprocess import Logit, UniformDequantize, bits_per_dim
+from .preprocess import Logit, Rescale, Shift, UniformDequantize, bits_per_dim
 from .toy import TOY_DATASETS, eight_gaussians_log_prob, sample_toy, toy_entropy
 
 __all__ = [
@@ -9,6 +9,8 @@ __all__ = [
     "TOY_DATASETS",
     "ImageSpec",
     "Logit",
+    "Rescale",
+    "Shift",
     "UniformDequantize",
     "bits_per_dim",
     "eight_gaussians_log_prob",

@@ -13,6 +13,10 @@ log-likelihood :math:`\log P(x)` (Theis et al., 2016). So
 
 the usual ``+ log2(256)`` for 8-bit data and ``+ log2(17)`` for the digits.
 
+Each step is an :class:`~iresnet.core.invertible.InvertibleLayer`: :class:`UniformDequantize`,
+then :class:`Logit` (Residual Flows) or :class:`Shift` (i-ResNet) in the density models;
+:class:`Rescale` alone in the classifiers.
+
 References:
     Theis, van den Oord, Bethge, "A note on the evaluation of generative models", ICLR 2016,
     https://arxiv.org/abs/1511.01844
@@ -26,29 +30,39 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["UniformDequantize", "Logit", "bits_per_dim"]
+from ..core.invertible import InvertibleLayer
+
+__all__ = ["UniformDequantize", "Logit", "Shift", "Rescale", "bits_per_dim"]
 
 
 def _event_size(x: Tensor) -> int:
-    return x[0].numel()
+    return math.prod(x.shape[1:])
 
 
-class UniformDequantize(nn.Module):
+def _checked_levels(levels: int) -> int:
+    if levels < 2:
+        raise ValueError(f"levels must be at least 2, got {levels}")
+    return levels
+
+
+def _floating(x: Tensor) -> Tensor:
+    """``x``, integer images converted to the default floating dtype."""
+    return x if x.is_floating_point() else x.to(torch.get_default_dtype())
+
+
+class UniformDequantize(InvertibleLayer):
     r"""``x -> (x + u) / levels`` for integer-valued ``x`` in ``[0, levels - 1]``, with
     :math:`u \sim U[0, 1)` per dimension and log-det :math:`-D \log L`. The inverse rounds
     down: ``floor(y * levels)`` clamped to the valid levels."""
 
     def __init__(self, levels: int) -> None:
         super().__init__()
-        if levels < 2:
-            raise ValueError(f"levels must be at least 2, got {levels}")
-        self.levels = levels
+        self.levels = _checked_levels(levels)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if not x.is_floating_point():
-            x = x.float()
+        x = _floating(x)
         if x.dim() < 2:
             raise ValueError(f"UniformDequantize input: expected (batch, ...), got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all() or (x != x.round()).any() or x.min() < 0 or x.max() > self.levels - 1:
@@ -68,7 +82,7 @@ class UniformDequantize(nn.Module):
         return f"levels={self.levels}"
 
 
-class Logit(nn.Module):
+class Logit(InvertibleLayer):
     r"""The logit transform :math:`y = \log s - \log(1 - s)`, :math:`s = \alpha + (1 - 2\alpha) x`,
     mapping :math:`[0, 1]` into :math:`\mathbb{R}`, with log-det
     :math:`\sum_i \log(1 - 2\alpha) - \log s_i - \log(1 - s_i)`."""
@@ -92,6 +106,38 @@ class Logit(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}"
+
+
+class Shift(InvertibleLayer):
+    """``x -> x - 0.5`` (log-det 0): centres dequantised data on ``[-0.5, 0.5)``, the i-ResNet
+    pre-processing where no logit transform is used."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x - 0.5, x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y + 0.5
+
+
+class Rescale(InvertibleLayer):
+    r"""Integer images with ``levels`` levels to ``[-0.5, 0.5]``: the affine map
+    :math:`y = x / (L - 1) - 1/2`, with log-det :math:`-D \log(L - 1)`. Integer inputs become
+    floats of the default dtype. The i-ResNet classifier's first step."""
+
+    def __init__(self, levels: int) -> None:
+        super().__init__()
+        self.levels = _checked_levels(levels)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = _floating(x)
+        logdet = x.new_full((x.shape[0],), -_event_size(x) * math.log(self.levels - 1))
+        return x / (self.levels - 1) - 0.5, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return (y + 0.5) * (self.levels - 1)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}"
 
 
 def bits_per_dim(log_prob: Tensor, event_size: int) -> Tensor:

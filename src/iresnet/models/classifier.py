@@ -5,60 +5,16 @@ has unconstrained branches: a plain ResNet baseline, whose trunk need not be inv
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from ..core.blocks import ActNorm, ResidualBlock, Sequential, Squeeze
+from ..core.layers import ActNorm, InjectivePad, Squeeze
+from ..core.residual import ResidualBlock
 from ..core.validation import check_coeff, check_count, check_stages
+from ..data.preprocess import Rescale
+from ..flows.composition import Sequential
 from .branches import conv_branch
 
-__all__ = ["Rescale", "InjectivePad", "Classifier", "iresnet_classifier"]
-
-
-class Rescale(nn.Module):
-    """Integer images with ``levels`` levels to ``[-0.5, 0.5]``: ``x / (levels - 1) - 0.5``, an
-    invertible affine map (no log-det is needed in a classifier's trunk: ``None``)."""
-
-    def __init__(self, levels: int) -> None:
-        super().__init__()
-        if levels < 2:
-            raise ValueError(f"levels must be at least 2, got {levels}")
-        self.levels = levels
-
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        if not x.is_floating_point():
-            x = x.to(torch.get_default_dtype())
-        return x / (self.levels - 1) - 0.5, None
-
-    def inverse(self, y: Tensor) -> Tensor:
-        return (y + 0.5) * (self.levels - 1)
-
-    def extra_repr(self) -> str:
-        return f"levels={self.levels}"
-
-
-class InjectivePad(nn.Module):
-    """Appends ``extra`` zero channels: injective, not bijective, so there is no log-det
-    (``None``); the inverse drops the extra channels. More channels give the residual branches
-    room (Behrmann et al. pad 13 zero channels onto CIFAR-10's 3)."""
-
-    def __init__(self, extra: int) -> None:
-        super().__init__()
-        if extra < 0:
-            raise ValueError(f"extra must be non-negative, got {extra}")
-        self.extra = extra
-
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        if x.dim() != 4:
-            raise ValueError(f"InjectivePad input: expected (batch, C, H, W), got shape {tuple(x.shape)}")
-        zeros = x.new_zeros(x.shape[0], self.extra, *x.shape[2:])
-        return torch.cat([x, zeros], 1), None
-
-    def inverse(self, y: Tensor) -> Tensor:
-        return y[:, : y.shape[1] - self.extra]
-
-    def extra_repr(self) -> str:
-        return f"extra={self.extra}"
+__all__ = ["Classifier", "iresnet_classifier"]
 
 
 class Classifier(nn.Module):

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..flows.density import DensityModel
-from .image import MultiScale, image_flow
+from ..flows.multiscale import MultiScale
+from .image import image_flow
 
 __all__ = ["HybridModel", "hybrid_model"]
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.blocks import ActNorm, ResidualBlock, Sequential
+from ..core.layers import ActNorm
 from ..core.logdet import LogDetEstimator
+from ..core.residual import ResidualBlock
 from ..core.validation import check_coeff, check_count, check_flag
+from ..flows.composition import Sequential
 from ..flows.density import DensityModel
 from .branches import mlp_branch
 

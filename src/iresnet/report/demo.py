@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from ..core.activations import LipSwish
-from ..core.blocks import ResidualBlock
-from ..core.lipschitz import converge_spectral_norms, lipschitz_bound, spectral_norm
+from ..core.certificates import lipschitz_bound
+from ..core.lipschitz import converge_spectral_norms, spectral_norm
 from ..core.logdet import Exact, PowerSeries, Roulette
+from ..core.residual import ResidualBlock
 
 
 def build_block(dim: int, hidden: int, coeff: float) -> ResidualBlock:

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from ..core.attributes import attribute_set
-from ..core.blocks import ResidualBlock
+from ..core.certificates import lipschitz_bound
 from ..core.inverse import InversionError
-from ..core.lipschitz import converge_spectral_norms, lipschitz_bound
+from ..core.lipschitz import converge_spectral_norms
+from ..core.residual import ResidualBlock
 from ..models.classifier import Classifier
 from ..train.checkpoint import load_run
 from ..train.distributed import resolve_device

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.attributes import attribute_set
-from ..core.blocks import ResidualBlock
 from ..core.logdet import LogDetEstimator, Roulette
+from ..core.residual import ResidualBlock
 
 if TYPE_CHECKING:
     from ..flows.density import DensityModel

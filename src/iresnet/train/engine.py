@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.blocks import initialize_from_data
 from ..core.compiled import memory_lean
+from ..core.layers import initialize_from_data
 from ..core.lipschitz import converge_spectral_norms
 from ..core.validation import reports_non_finite_input
 from ..data.preprocess import bits_per_dim

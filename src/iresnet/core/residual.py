@@ -1,25 +1,26 @@
-r"""Invertible layers with one convention: ``forward(x) -> (y, logdet)`` with ``logdet`` the
-per-sample :math:`\log|\det \partial y / \partial x|` of shape ``(batch,)`` (or ``None`` where it
-is not computed), and ``inverse(y) -> x``."""
+r"""The invertible residual block :math:`F(x) = x + g(x)`, :math:`\mathrm{Lip}(g) < 1`: the
+log-determinant by an estimator of :mod:`iresnet.core.logdet`, the inverse by the fixed-point
+iteration of :mod:`iresnet.core.inverse`."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .activations import LipSwish
+from .certificates import design_bound
 from .compiled import compiled_iteration
 from .inverse import InversionError, InversionReport, default_tolerances, solve_fixed_point
+from .invertible import InvertibleLayer
 from .jacobian import linearization_refusal, linearize
-from .lipschitz import design_bound, frozen_power_iteration
+from .lipschitz import frozen_power_iteration
 from .logdet import LogDetEstimator, make_estimator
 from .validation import check_input
 
-__all__ = ["ResidualBlock", "ActNorm", "Squeeze", "Sequential", "initialize_from_data"]
+__all__ = ["ResidualBlock"]
 
 
 def _parameter_dtype(module: nn.Module) -> torch.dtype | None:
@@ -58,7 +59,7 @@ def _first_layer_mismatch(g: nn.Module, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(InvertibleLayer):
     r"""An invertible residual block :math:`F(x) = x + g(x)` for :math:`\mathrm{Lip}(g) < 1`.
 
     ``y, logdet = block(x)`` returns :math:`F(x)` and an estimate of
@@ -73,7 +74,7 @@ class ResidualBlock(nn.Module):
         g: the residual branch, Lipschitz below 1 (see :func:`~iresnet.spectral_norm`); it must
             act on each sample independently and keep the shape. A chain of spectral-normalised
             layers whose coefficients allow :math:`\mathrm{Lip}(g) \ge 1`
-            (:func:`~iresnet.core.lipschitz.design_bound`) is refused with ``ValueError``: nothing can
+            (:func:`~iresnet.core.certificates.design_bound`) is refused with ``ValueError``: nothing can
             check an arbitrary ``g``, and for one that is not contractive the inverse and the
             log-det series are wrong.
         logdet: ``"exact"``, ``"series"``, ``"roulette"``, a mapping of a name and options
@@ -271,178 +272,3 @@ class ResidualBlock(nn.Module):
     def extra_repr(self) -> str:
         path = "autograd" if self.jacobian == "autograd" or self._explicit_refusal() else "explicit"  # never raises
         return f"logdet={self.logdet!r}, jacobian={path!r}, inverse_method={self.inverse_method!r}"
-
-
-class ActNorm(nn.Module):
-    r"""Per-channel affine map :math:`y = (x + b) \odot e^{s}` on dimension 1, initialised from
-    the first training batch to zero mean and unit variance per channel (across processes
-    under ``torch.distributed``): :math:`b = -\mu`, :math:`s = -\frac12 \log(\sigma^2 + \epsilon)`,
-    the statistics by two passes in float64; a channel constant in that batch keeps
-    :math:`s = 0`. A first batch with fewer than two values per channel raises ``ValueError``.
-    :math:`\log|\det| = (\prod_{i \ge 2} n_i) \sum_c s_c`.
-
-    References:
-        Kingma, Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
-        NeurIPS 2018, https://arxiv.org/abs/1807.03039
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.log_scale = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("initialized", torch.tensor(False))
-        self._seen_initialized = False  # a Python mirror of the buffer once it is True: no tensor branch
-
-    def _broadcast(self, p: Tensor, x: Tensor) -> Tensor:
-        return p.view(1, -1, *[1] * (x.dim() - 2))
-
-    def _check(self, x: Tensor, name: str) -> None:
-        check_input(x, name, None, self.bias.dtype)
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{name}: expected {self.num_features} channels in dimension 1, got shape {tuple(x.shape)}"
-            )
-
-    @torch.no_grad()
-    def _initialise(self, x: Tensor) -> None:
-        """Zero mean and unit variance per channel, by two passes in float64 (a one-pass float32
-        variance loses every digit for data with mean 100 and std 0.01). A channel without
-        variance in the batch is centred and keeps its scale."""
-        dims = [0, *range(2, x.dim())]
-        count = torch.tensor(float(x.numel() // self.num_features), dtype=torch.float64, device=x.device)
-        total = x.double().sum(dims)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count)
-            dist.all_reduce(total)
-        if count < 2:
-            raise ValueError(
-                f"ActNorm initialises from its first training batch, which holds {int(count)} value(s) per channel: "
-                "pass a batch of at least 2 samples (or call iresnet.initialize_from_data with one)"
-            )
-        mean = total / count
-        squares = (x.double() - self._broadcast(mean, x)).pow(2).sum(dims)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(squares)
-        variance = squares / count
-        constant = variance <= (1e-12 * mean.abs().clamp_min(1.0)) ** 2
-        log_scale = torch.where(constant, 0.0, -0.5 * torch.log(variance + self.eps))
-        self.bias.copy_(-mean)
-        self.log_scale.copy_(log_scale)
-        self.initialized.fill_(True)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._seen_initialized = False  # read the loaded buffer at the next training call
-
-    def _logdet(self, x: Tensor) -> Tensor:
-        return (self.log_scale.sum() * x[0, 0].numel()).expand(x.shape[0])
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(x, "ActNorm input")
-        if self.training and not self._seen_initialized:
-            if not self.initialized:
-                self._initialise(x)
-            self._seen_initialized = True
-        y = (x + self._broadcast(self.bias, x)) * self._broadcast(self.log_scale, x).exp()
-        return y, self._logdet(x)
-
-    def inverse(self, y: Tensor) -> Tensor:
-        self._check(y, "ActNorm.inverse input")
-        return y * self._broadcast(-self.log_scale, y).exp() - self._broadcast(self.bias, y)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}"
-
-
-@torch.no_grad()
-def initialize_from_data(model: nn.Module, *inputs: Any) -> None:
-    """Give every :class:`ActNorm` in a training-mode ``model`` its data-dependent initialisation
-    from ``inputs`` (a no-op for those already initialised, and in eval mode, where ActNorm does
-    not initialise), and fix the shapes the layers learn from their first input. Before
-    ``torch.compile``, so that the compiled graph holds no data-dependent branch.
-
-    Nothing else changes: the other modules run in eval mode (no power-iteration step, no
-    BatchNorm statistics), every module's mode is restored, and so is the random state (a
-    convolution's spectral norm met here for the first time starts its power iteration from the
-    forked stream). The ActNorms see their inputs as eval-mode layers before them make them."""
-    actnorms = [m for m in model.modules() if isinstance(m, ActNorm)]
-    if not model.training:
-        return
-    modes = {m: m.training for m in model.modules()}
-    devices = [t.device for t in inputs if isinstance(t, Tensor) and t.device.type == "cuda"]
-    with torch.random.fork_rng(devices=devices):
-        model.eval()
-        for m in actnorms:
-            m.train()
-        try:
-            model(*inputs)
-        finally:
-            for m, mode in modes.items():
-                m.train(mode)
-
-
-class Squeeze(nn.Module):
-    """2x2 space-to-depth, ``(C, H, W) -> (4C, H/2, W/2)``: invertible downsampling with
-    log-det 0 (Dinh et al., "Density estimation using Real NVP", ICLR 2017)."""
-
-    def _check(self, x: Tensor, name: str) -> None:
-        check_input(x, name, None, None)
-        if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
-            raise ValueError(f"{name}: expected (batch, C, H, W) with even H and W, got {tuple(x.shape)}")
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._check(x, "Squeeze input")
-        b, c, h, w = x.shape
-        y = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
-        return y, x.new_zeros(b)
-
-    def forward_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of one output for an input of ``shape`` ``(C, H, W)``."""
-        c, h, w = shape
-        return (4 * c, h // 2, w // 2)
-
-    def inverse_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        c, h, w = shape
-        return (c // 4, 2 * h, 2 * w)
-
-    def inverse(self, y: Tensor) -> Tensor:
-        check_input(y, "Squeeze.inverse input", None, None)
-        b, c4, h, w = y.shape
-        if c4 % 4:
-            raise ValueError(f"Squeeze.inverse input: channels must be a multiple of 4, got {c4}")
-        c = c4 // 4
-        return y.view(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
-
-
-class Sequential(nn.Sequential):
-    """A composition of invertible layers: log-dets add up (``None`` if any layer gives
-    ``None``) and the inverse runs the layers' inverses in reverse order."""
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        total: Tensor | None = None
-        missing = False
-        for layer in self:
-            x, logdet = layer(x)
-            if logdet is None:
-                missing = True
-            elif not missing:
-                total = logdet if total is None else total + logdet
-        return x, None if missing else total
-
-    def inverse(self, y: Tensor) -> Tensor:
-        for layer in reversed(self):
-            y = layer.inverse(y)
-        return y
-
-    def forward_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of one output; layers without ``forward_shape`` keep the shape."""
-        for layer in self:
-            shape = layer.forward_shape(shape) if hasattr(layer, "forward_shape") else shape
-        return shape
-
-    def inverse_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        for layer in reversed(self):
-            shape = layer.inverse_shape(shape) if hasattr(layer, "inverse_shape") else shape
-        return shape
