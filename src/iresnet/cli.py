@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
-from torch import nn
-
-if TYPE_CHECKING:
-    from .flows.density import DensityModel
-    from .report.ood import OODReport
-    from .train import TrainConfig
-    from .train.sources import DataSource
+from typing import Any
 
 _TRAIN_EPILOG = """settings come from the preset, then --config (a JSON object of settings), then the
 flags, then KEY=VALUE overrides (model options as model.KEY=VALUE, e.g. model.hidden=64; an
@@ -198,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import RunInUseError, TrainingError, parse_override, resolve_config
-    from .train.checkpoint import WriteError, default_run_directory, load_config
+    from .report.evaluation import training_summary
+    from .report.pictures import write_final_files
+    from .train import RunInUseError, TrainingError, parse_override, resolve_config, train
+    from .train.checkpoint import WriteError, resumed_config
 
     flags = (
         "task",
@@ -219,13 +211,15 @@ def _train(args: argparse.Namespace) -> int:
     )
     overrides: list[dict[str, Any]] = [{k: getattr(args, k) for k in flags if getattr(args, k) is not None}]
     overrides += [parse_override(text) for text in args.overrides]
-    saved = None
-    if args.resume:  # the run's own settings, then what this command line changes
-        run = args.out or default_run_directory(args.preset or "toy", resume=True)
-        saved = dataclasses.replace(load_config(run), out=str(run))
+    saved = resumed_config(args.out, args.preset) if args.resume else None  # then what this command line changes
     config = resolve_config(args.preset, args.config, overrides, saved=saved)
     try:
-        return _train_and_report(args, config)
+        result = train(config, resume=args.resume, progress=args.progress, finish=write_final_files)
+        if result.main and result.interrupted:
+            print(f"interrupted at step {result.step}; continue with: iresnet train --out {result.run_dir} --resume")
+        elif result.main:
+            print(training_summary(result, config))
+        return 130 if result.interrupted else 0
     except TrainingError as error:
         print(f"iresnet: {error}", file=sys.stderr)
         return 1
@@ -237,178 +231,24 @@ def _train(args: argparse.Namespace) -> int:
         return 130
 
 
-def _train_and_report(args: argparse.Namespace, config: TrainConfig) -> int:
-    from .train import train
-
-    result = train(config, resume=args.resume, progress=args.progress)
-    if not result.main:
-        return 130 if result.interrupted else 0
-    if result.interrupted:
-        print(f"interrupted at step {result.step}; continue with: iresnet train --out {result.run_dir} --resume")
-        return 130
-    print(f"run written to {result.run_dir}")
-    if result.evaluation is not None:
-        print(result.evaluation)
-        density = getattr(result.evaluation, "density", result.evaluation)  # a hybrid's density part
-        if getattr(density, "bits_per_dim", None) is not None:
-            _print_baselines(_baselines(_source(config)))
-    return 0
-
-
-def _source(config):
-    from .train import make_source
-
-    return make_source(
-        config.data,
-        config.seed,
-        config.eval_size,
-        config.data_dir,
-        config.download,
-        labelled_fraction=config.labelled_fraction,
-    )
-
-
-def _baselines(source) -> dict[str, Any]:
-    """The independent-pixel and Gaussian baselines' test bits/dim, for a run on images."""
-    from .train import evaluate_baselines
-
-    return evaluate_baselines(source.train, source.test, source.levels)
-
-
-def _print_baselines(baselines: dict[str, Any]) -> None:
-    for name, value in baselines.items():
-        print(f"  baseline, {name}: {value.bits_per_dim:.4f} +- {value.bits_per_dim_se:.4f} bits/dim")
-
-
 def _evaluate(args: argparse.Namespace) -> int:
-    """``iresnet eval``: the run's model and data, then its evaluation with the dequantisation
-    noise and probes of training's evaluations."""
-    from .train import load_run
-    from .train.distributed import resolve_device
-    from .train.evaluate import evaluation_randomness
+    """``iresnet eval``: the figures first, then ``RUN/eval.json`` (a warning where it cannot be
+    written: the answer was given), then the OOD picture's error, if any."""
+    from .report.evaluation import evaluate_run, save_report
 
-    device = resolve_device(args.device)
-    model, config = load_run(args.run, device)
-    source = _source(config)
-    if args.ood is not None and (config.task == "classify" or source.levels is None):
-        raise ValueError(
-            f"--ood needs a density model of images; {args.run} holds a {config.task} run on {config.data}"
-        )
-    if args.ood == config.data:
-        raise ValueError(f"--ood {args.ood} is the run's own data set: choose noise, inverted or another data set")
-    with evaluation_randomness(device):
-        return _evaluate_model(args, model, config, source)
-
-
-def _evaluate_model(args: argparse.Namespace, model: nn.Module, config: TrainConfig, source: DataSource) -> int:
-    from dataclasses import asdict
-
-    from .train import evaluate, evaluate_classifier, evaluate_hybrid
-    from .train.evaluate import eval_estimator
-
-    if config.task == "classify":
-        result = evaluate_classifier(model, source.test, source.test_labels, args.batch_size, calibration=source.train)
-        report = {"run": str(args.run), "data": config.data, "task": config.task, **asdict(result)}
-        print(json.dumps(report) if args.json else result)
-        _save_report(args, report)
-        return 0
-    discrete = source.levels is not None
-    estimator = eval_estimator(config.eval_logdet, discrete)
-    classifier = None
-    if config.task == "hybrid":
-        test = (source.test, source.test_labels)
-        hybrid = evaluate_hybrid(model, *test, batch_size=args.batch_size, estimator=estimator)
-        classifier, result, model = hybrid.classifier, hybrid.density, model.density
-    if args.ood is not None:  # the comparison's test-set likelihoods are the usual evaluation
-        comparison = _compare_ood(args, model, config, source)
-        result = comparison.in_distribution
-        picture = f"{args.run}/ood-{args.ood}.png"
-        unwritten = _draw_ood(args.ood, config, comparison, picture)
-        written = picture if unwritten is None else None
-    elif classifier is None:
-        result = evaluate(
-            model,
-            source.test,
-            discrete=discrete,
-            batch_size=args.batch_size,
-            estimator=estimator,
-            progress=not args.json,
-        )
-    baselines = _baselines(source) if discrete else {}
-    report = {"run": str(args.run), "data": config.data, "task": config.task, **asdict(result)}
-    if classifier is not None:
-        report["classifier"] = asdict(classifier)
-    if baselines:
-        report["baselines"] = {name: asdict(value) for name, value in baselines.items()}
-    if args.ood is not None:
-        report["ood"] = {
-            "data": args.ood,
-            "in": asdict(comparison.in_distribution),
-            "out": asdict(comparison.out_of_distribution),
-            "auroc": comparison.auroc,
-            "picture": written,
-        }
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(result if classifier is None else f"{classifier}\n{result}")
-        _print_baselines(baselines)
-        if args.ood is not None:
-            _print_ood(f"{config.data} test", args.ood, comparison, written)
-    _save_report(args, report)
-    if args.ood is not None and unwritten is not None:  # the figures are out; the picture is not
-        _cannot_write(args, picture, unwritten)
+    result = evaluate_run(
+        args.run, device=args.device, batch_size=args.batch_size, ood=args.ood, progress=not args.json
+    )
+    print(json.dumps(result.report) if args.json else result.text)
+    try:
+        path = save_report(args.run, result.report)
+        print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
+    except OSError as error:
+        _cannot_write(args, Path(args.run) / "eval.json", error, "warning")
+    if result.picture_error is not None:
+        _cannot_write(args, result.picture, result.picture_error)
         return 1
     return 0
-
-
-def _compare_ood(args: argparse.Namespace, model: DensityModel, config: TrainConfig, source: DataSource) -> OODReport:
-    """The likelihoods of the test set and of the ``--ood`` data."""
-    from .report.ood import compare_likelihoods, ood_inputs
-    from .train.evaluate import eval_estimator
-
-    generator = torch.Generator().manual_seed(config.seed)
-    out_images = ood_inputs(args.ood, source.test, source.levels, generator, config.data_dir, config.download)
-    estimator = eval_estimator(config.eval_logdet, discrete=True)
-    return compare_likelihoods(
-        model, source.test, out_images, estimator, batch_size=args.batch_size, progress=not args.json
-    )
-
-
-def _draw_ood(data: str, config: TrainConfig, comparison: OODReport, picture: str) -> OSError | None:
-    """The histograms of both likelihoods, written to ``picture``; the error where it cannot be."""
-    from .report import plots
-
-    labels = (f"{config.data} test", data)
-    try:
-        plots.likelihood_histograms(
-            comparison.in_bits_per_dim, comparison.out_bits_per_dim, labels, comparison.auroc, path=picture
-        )
-    except OSError as error:
-        return error
-    return None
-
-
-def _print_ood(in_name: str, out_name: str, comparison: OODReport, picture: str | None) -> None:
-    print(f"{'data set':<20} {'n':>6}  bits/dim")
-    for name, result in ((in_name, comparison.in_distribution), (out_name, comparison.out_of_distribution)):
-        print(f"{name:<20} {result.n:>6}  {result.bits_per_dim:.4f} +- {result.bits_per_dim_se:.4f}")
-    print(f"AUROC {comparison.auroc:.4f} (in-distribution = higher likelihood)")
-    if picture is not None:
-        print(f"likelihood histograms written to {picture}")
-
-
-def _save_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
-    """``RUN/eval.json``, written once the report is printed, and a line saying so (on standard
-    error with ``--json``, whose standard output is the JSON alone); where it cannot be
-    written, a warning, and the answer given stands."""
-    path = Path(args.run) / "eval.json"
-    try:
-        path.write_text(json.dumps(report, indent=2))
-    except OSError as error:
-        _cannot_write(args, path, error, "warning")
-        return
-    print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
 
 
 def _cannot_write(args: argparse.Namespace, path: str | Path, error: OSError, kind: str = "error") -> None:
@@ -417,75 +257,27 @@ def _cannot_write(args: argparse.Namespace, path: str | Path, error: OSError, ki
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .core.lipschitz import converge_spectral_norms
-    from .report.pictures import draw_samples
-    from .train import load_run
-    from .train.distributed import resolve_device
+    from .report.pictures import sample_run
 
-    model, config = load_run(args.run, resolve_device(args.device))
-    if config.task == "classify":
-        raise ValueError(f"{args.run} holds a 'classify' run: only density and hybrid models can be sampled")
-    if config.task == "hybrid":
-        model = model.density
-    if args.by_class and model.class_means is None:
-        raise ValueError("--by-class needs a hybrid with a class-conditional prior (model.classifier=gaussians)")
-    converge_spectral_norms(model)
-    source = _source(config)
-    path = args.out or f"{args.run}/samples.png"
-    try:
-        samples = draw_samples(model, source, path, args.n, args.seed, by_class=args.by_class)
-    except OSError as error:
-        _cannot_write(args, path, error)
+    samples = sample_run(args.run, args.n, seed=args.seed, out=args.out, by_class=args.by_class, device=args.device)
+    if samples.error is not None:
+        _cannot_write(args, samples.path, samples.error)
         return 1
-    rows = f", a row for each of the {len(model.class_means)} classes" if args.by_class else ""
-    print(f"{len(samples)} samples written to {path}{rows}")
+    print(samples)
     return 0
 
 
-def _iteration_cells(counts: list[int | None]) -> list[str]:
-    """Iteration counts per block; the trunk inverts from its last block to its first, so the last
-    block without a count failed and the ones before it were not reached."""
-    failed = max((i for i, c in enumerate(counts) if c is None), default=None)
-    return [str(c) if c is not None else "failed" if i == failed else "not reached" for i, c in enumerate(counts)]
-
-
 def _reconstruct(args: argparse.Namespace) -> int:
-    from .report import plots
-    from .report.reconstruct import reconstruct
-    from .train import load_run
-    from .train.distributed import resolve_device
+    from .report.reconstruct import reconstruct_run
 
-    device = resolve_device(args.device)
-    model, config = load_run(args.run, device)
-    if config.task != "classify":
-        raise ValueError(f"{args.run} holds a {config.task!r} run: reconstruct inverts a classifier's trunk")
-    source = _source(config)
-    images = source.test[: args.n].to(device)
-    result = reconstruct(model, images)
-    print(f"{'block':>5} {'certified Lip(g)':>17} {'fixed-point iterations':>23} {'Anderson iterations':>20}")
-    columns = []
-    for method in ("fixed_point", "anderson"):
-        counts = [block.iterations.get(method) for block in result.blocks]
-        failed = max((i for i, c in enumerate(counts) if c is None), default=None)  # inverted last to first
-        columns.append(
-            [str(c) if c is not None else "failed" if i == failed else "not reached" for i, c in enumerate(counts)]
-        )
-    for i, block in enumerate(result.blocks):
-        print(f"{i:>5} {block.bound:>17.4f} {columns[0][i]:>23} {columns[1][i]:>20}")
-    if result.images is None:
-        print(f"the inversion failed, so the trunk cannot be inverted from its features: {result.failure}")
+    done = reconstruct_run(args.run, args.n, out=args.out, device=args.device)
+    print(done.table())
+    if done.reconstruction.images is None:
         return 1
-    path = args.out or f"{args.run}/reconstructions.png"
-    shown = result.images.round().clamp(0, source.levels - 1).to(torch.uint8).cpu()
-    scale = max(1, 64 // images.shape[-1])
-    nrow = math.ceil(math.sqrt(len(images)))
-    try:
-        plots.side_by_side(images.cpu(), shown, path, levels=source.levels, scale=scale, nrow=nrow)
-    except OSError as error:
-        _cannot_write(args, path, error)
+    if done.error is not None:
+        _cannot_write(args, done.path, done.error)
         return 1
-    print(f"originals | reconstructions written to {path}")
-    print(f"max abs error {result.max_error:.3g}, mean abs error {result.mean_error:.3g} (in intensity levels)")
+    print(done.summary())
     return 0
 
 

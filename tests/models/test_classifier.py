@@ -85,7 +85,7 @@ def test_bad_architecture_raises() -> None:
 
 
 def test_recalibrated_batch_norm_statistics_are_those_of_the_images() -> None:
-    from iresnet.train.evaluate import recalibrate_batch_norms
+    from iresnet.tasks.classify import recalibrate_batch_norms
 
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
     model[1].running_mean.fill_(50.0)  # stale statistics, as a lagging running average leaves them
@@ -101,7 +101,7 @@ def test_recalibrated_batch_norm_statistics_are_those_of_the_images() -> None:
 def test_evaluation_recalibrates_a_classifier_with_stale_statistics() -> None:
     """The test error with recalibrated BatchNorm statistics is that of batch statistics, however
     far the stored running averages are off."""
-    from iresnet.train.evaluate import evaluate_classifier
+    from iresnet.tasks.classify import evaluate_classifier
 
     model = iresnet_classifier((1, 8, 8), 10, levels=17, pad_channels=3, blocks=(1, 1), hidden=(8, 8))
     images, labels = torch.randint(0, 17, (64, 1, 8, 8)), torch.randint(0, 10, (64,))

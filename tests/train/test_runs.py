@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import iresnet
+from iresnet.report.pictures import write_final_files
 from iresnet.train import resolve_config, train
 from iresnet.train.checkpoint import default_run_directory
 
@@ -411,7 +412,7 @@ def test_a_picture_that_cannot_be_drawn_is_reported_and_the_run_completes(
         raise InversionError("fixed-point inversion (fixed_point) failed for 5 of 2000 samples")
 
     monkeypatch.setattr(plots, "density_map", failing)
-    result = train(config(tmp_path / "run", steps=2), progress=False)
+    result = train(config(tmp_path / "run", steps=2), progress=False, finish=write_final_files)
     assert "iresnet: density.png was not drawn: fixed-point inversion" in capsys.readouterr().err
     assert result.step == 2 and not result.interrupted
     assert not (tmp_path / "run/density.png").exists()

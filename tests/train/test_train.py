@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from helpers import stop_after
 from iresnet.flows.density import DensityModel
+from iresnet.report.pictures import write_final_files
 from iresnet.train import TrainingError, evaluate, load_run, make_source, parse_override, resolve_config, train
 from iresnet.train.presets import PRESETS
 
@@ -65,9 +66,11 @@ def test_run_directory_and_saved_config(tmp_path: Path) -> None:
     cfg = config(tmp_path / "run", steps=4, eval_every=2)
     result = train(cfg, progress=False)
     run = tmp_path / "run"
-    for name in ("config.json", "checkpoint.pt", "model.safetensors", "metrics.jsonl", "curves.png"):
+    for name in ("config.json", "checkpoint.pt", "model.safetensors", "metrics.jsonl"):
         assert (run / name).exists(), name
-    for name in ("density.png", "samples.png"):
+    assert not list(run.glob("*.png"))  # the pictures are the caller's final step
+    train(config(run, steps=4, eval_every=2), resume=True, progress=False, finish=write_final_files)
+    for name in ("curves.png", "density.png", "samples.png"):
         assert (run / name).exists(), name
     assert json.loads((run / "config.json").read_text()) == cfg.to_dict()
     assert [r["step"] for r in records(run)] == [1, 2, 3, 4]
@@ -243,7 +246,7 @@ def hybrid_config(out: Path, **settings):
 
 
 def test_hybrid_run_logs_accuracy_and_bits_per_dim(tmp_path: Path) -> None:
-    result = train(hybrid_config(tmp_path / "run", steps=3, eval_every=3), progress=False)
+    result = train(hybrid_config(tmp_path / "run", steps=3, eval_every=3), progress=False, finish=write_final_files)
     entry = records(tmp_path / "run")[-1]
     assert {"cross_entropy", "accuracy", "nll", "bits_per_dim"} <= entry.keys()
     test = records(tmp_path / "run", "test")[-1]

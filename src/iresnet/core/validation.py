@@ -18,12 +18,19 @@ __all__ = [
     "check_input",
     "check_interval",
     "check_stages",
+    "reports_non_finite_input",
 ]
 
 
 class NonFiniteInputError(ValueError):
     """A layer's input holds NaN or inf: upstream values have overflowed (in training, a sign
     that the weights diverged)."""
+
+
+def reports_non_finite_input(error: BaseException) -> bool:
+    """Whether ``error`` is :func:`check_input`'s report of NaN or inf among a layer's inputs: its
+    :class:`NonFiniteInputError` eagerly, its device assertion's message when compiled."""
+    return isinstance(error, NonFiniteInputError) or (isinstance(error, RuntimeError) and "NaN or inf" in str(error))
 
 
 def check_input(

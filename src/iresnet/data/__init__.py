@@ -1,6 +1,6 @@
 """Data: toy 2-D densities and the pre-processing of discrete images."""
 
-from .images import IMAGE_DATASETS, ImageSpec, load_images
+from .images import IMAGE_DATASETS, ImageSpec, image_spec, load_images
 from .preprocess import Logit, Rescale, Shift, UniformDequantize, bits_per_dim
 from .toy import TOY_DATASETS, eight_gaussians_log_prob, sample_toy, toy_entropy
 
@@ -14,6 +14,7 @@ __all__ = [
     "UniformDequantize",
     "bits_per_dim",
     "eight_gaussians_log_prob",
+    "image_spec",
     "load_images",
     "sample_toy",
     "toy_entropy",

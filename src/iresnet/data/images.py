@@ -39,7 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["IMAGE_DATASETS", "ImageSpec", "load_images"]
+from .toy import TOY_DATASETS
+
+__all__ = ["IMAGE_DATASETS", "ImageSpec", "image_spec", "load_images"]
 
 DEFAULT_ROOT = "~/.cache/iresnet/data"
 
@@ -69,6 +71,22 @@ IMAGE_DATASETS: dict[str, ImageSpec] = {
     "mnist": ImageSpec("mnist", (1, 28, 28), levels=256, classes=10),
     "cifar10": ImageSpec("cifar10", (3, 32, 32), levels=256, classes=10),
 }
+
+
+def image_spec(data: str) -> ImageSpec | None:
+    """Toy or image, decided here alone: the :class:`ImageSpec` of the image data set ``data``,
+    ``None`` for a toy 2-D density (:data:`~iresnet.data.TOY_DATASETS`), and ``ValueError``
+    listing both kinds for any other name.
+
+    >>> image_spec("digits").levels, image_spec("moons")
+    (17, None)
+    """
+    if data in IMAGE_DATASETS:
+        return IMAGE_DATASETS[data]
+    if data in TOY_DATASETS:
+        return None
+    raise ValueError(f"unknown data set {data!r}; toy: {', '.join(TOY_DATASETS)}; images: {', '.join(IMAGE_DATASETS)}")
+
 
 # What torchvision 0.29 reads: (folder under root, files, where the files come from).
 # MNIST checks that all four uncompressed files exist (no checksum) for either split; CIFAR10

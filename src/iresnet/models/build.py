@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data.toy import TOY_DATASETS
+from ..data.images import IMAGE_DATASETS, ImageSpec, image_spec
 from ..flows.density import DensityModel
 from .classifier import Classifier, iresnet_classifier
 from .hybrid import HybridModel, hybrid_model
@@ -12,7 +12,7 @@ from .image import image_flow
 from .options import ClassifierOptions, HybridOptions, ImageFlowOptions, ToyFlowOptions
 from .toy import toy_flow
 
-__all__ = ["build_density_model", "build_model", "model_options"]
+__all__ = ["build_classifier", "build_density_model", "build_hybrid_model", "build_model", "model_options"]
 
 _FROM_THE_DATA = ("dim", "shape", "levels", "classes")  # what the data set decides, not model.KEY
 
@@ -20,29 +20,15 @@ _FROM_THE_DATA = ("dim", "shape", "levels", "classes")  # what the data set deci
 def build_density_model(data: str, options: dict[str, Any]) -> DensityModel:
     """:func:`toy_flow` for a toy 2-D data set, :func:`image_flow` (with the data set's shape and
     levels) for an image data set; ``options`` are the builder's keyword arguments."""
-    if data in TOY_DATASETS:
+    spec = image_spec(data)
+    if spec is None:
         return _call(toy_flow, options, 2)
-    from ..data.images import IMAGE_DATASETS
-
-    if data not in IMAGE_DATASETS:
-        raise ValueError(f"unknown data set {data!r}")
-    spec = IMAGE_DATASETS[data]
     return _call(image_flow, options, spec.shape, spec.levels)
 
 
-def build_model(task: str, data: str, options: dict[str, Any]) -> DensityModel | Classifier | HybridModel:
-    """The model of a run: a density model (``task="density"``), the i-ResNet classifier
-    (``task="classify"``) or the hybrid model (``task="hybrid"``), the last two for image data
-    only, with the data set's shape, classes and levels."""
-    if task == "density":
-        return build_density_model(data, options)
-    from ..data.images import IMAGE_DATASETS
-
-    if data not in IMAGE_DATASETS:
-        raise ValueError(f"task {task!r} needs a labelled image data set ({', '.join(IMAGE_DATASETS)}), got {data!r}")
-    spec = IMAGE_DATASETS[data]
-    if task == "hybrid":
-        return _call(hybrid_model, options, spec.shape, spec.levels, spec.classes)
+def build_classifier(data: str, options: dict[str, Any]) -> Classifier:
+    """:func:`iresnet_classifier` with the image data set's shape, classes and levels."""
+    spec = _labelled_images(data, iresnet_classifier)
     return _call(iresnet_classifier, options, spec.shape, spec.classes, levels=spec.levels)
 
 
@@ -52,6 +38,28 @@ _OPTIONS = {
     hybrid_model: HybridOptions,
     iresnet_classifier: ClassifierOptions,
 }
+
+
+def build_hybrid_model(data: str, options: dict[str, Any]) -> HybridModel:
+    """:func:`hybrid_model` with the image data set's shape, levels and classes."""
+    spec = _labelled_images(data, hybrid_model)
+    return _call(hybrid_model, options, spec.shape, spec.levels, spec.classes)
+
+
+def build_model(task: str, data: str, options: dict[str, Any]) -> DensityModel | Classifier | HybridModel:
+    """The model of a run of ``task`` on ``data``: the task's builder (see :mod:`iresnet.tasks`)."""
+    from ..tasks import get_task  # the tasks build on this module
+
+    return get_task(task).build_model(data, options)
+
+
+def _labelled_images(data: str, builder) -> ImageSpec:
+    spec = image_spec(data)
+    if spec is None:
+        raise ValueError(
+            f"{builder.__name__} needs a labelled image data set ({', '.join(IMAGE_DATASETS)}), got {data!r}"
+        )
+    return spec
 
 
 def model_options(builder) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from ..core.logdet import LogDetEstimator
 from ..data.images import IMAGE_DATASETS, load_images
 from ..data.preprocess import bits_per_dim
 from ..flows.density import DensityModel
-from ..train.evaluate import EVAL_SEED, Evaluation, accurate_estimator, estimators_set_to, summarize
+from ..tasks import EVAL_SEED, Evaluation, accurate_estimator, estimators_set_to, summarize
 
 __all__ = ["OOD_CHOICES", "OODReport", "auroc", "compare_likelihoods", "ood_inputs"]
 
@@ -127,8 +127,8 @@ def compare_likelihoods(
     progress: bool = False,
 ) -> OODReport:
     r"""Bits/dim of integer images ``in_images`` (the test set) and ``out_images`` under
-    ``model``, as :func:`~iresnet.train.evaluate` computes them: eval mode, spectral norms
-    converged, ``estimator`` in every block (``"auto"``: :func:`~iresnet.train.accurate_estimator`;
+    ``model``, as :func:`~iresnet.tasks.evaluate` computes them: eval mode, spectral norms
+    converged, ``estimator`` in every block (``"auto"``: :func:`~iresnet.tasks.accurate_estimator`;
     ``None``: the blocks' own),
     the dequantisation noise and probes drawn after ``torch.manual_seed(seed)`` (the global
     generators are restored afterwards). The AUROC scores each example by :math:`\log p(x)`,

@@ -1,27 +1,42 @@
-"""The pictures written at the end of a run: training curves for every run; the learned
-density beside the data and samples beside data for 2-D runs; a grid of samples for images."""
+"""The pictures of a run: those written once its training is complete (training curves for
+every run; where its task's model holds a flow, the learned density beside the data and samples
+beside data for 2-D data, a grid of samples for images), and samples on demand (``iresnet
+sample``)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..core.lipschitz import converge_spectral_norms
 from ..flows.density import DensityModel
-from ..train.checkpoint import RunFiles
-from ..train.sources import DataSource
+from ..tasks import TASKS, get_task, listed
+from ..train.checkpoint import load_run
+from ..train.distributed import resolve_device
+from ..train.sources import run_source
 from . import plots
 
-__all__ = ["draw_run", "draw_samples", "run_pictures"]
+if TYPE_CHECKING:
+    from ..tasks import Task
+    from ..train.checkpoint import RunFiles
+    from ..train.engine import FinishedRun
+    from ..train.sources import DataSource
+
+__all__ = ["Samples", "draw_samples", "run_pictures", "sample_run", "write_final_files"]
 
 _SAMPLE_SEED = 11
 
 
 def draw_samples(
     model: DensityModel, source: DataSource, path, n: int, seed: int = _SAMPLE_SEED, *, by_class: bool = False
-) -> torch.Tensor:
+) -> Tensor:
     """``n`` samples of ``model`` (eval mode, spectral norms converged) drawn with ``seed``,
     written to ``path``: a scatter beside the data for 2-D data, an image grid for images;
     ``by_class`` (a class-conditional prior): ``n`` samples of every class, a row each."""
@@ -29,7 +44,7 @@ def draw_samples(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         samples = model.sample(n if labels is None else len(labels), labels).cpu()
-    if source.levels is None:
+    if not source.is_image:
         plots.scatter_samples(samples, source.test[: max(n, 2000)].cpu(), path)
     else:
         images = samples.round().clamp(0, source.levels - 1).to(torch.uint8)
@@ -39,25 +54,83 @@ def draw_samples(
 
 
 def run_pictures(
-    model: nn.Module, source: DataSource, files: RunFiles, task: str = "density"
+    model: nn.Module, source: DataSource, files: RunFiles, task: Task
 ) -> dict[Path, Callable[[Path], object]]:
     """The pictures of a finished run: where each belongs, and the call that draws it to a path."""
     pictures: dict[Path, Callable[[Path], object]] = {
         files.root / "curves.png": lambda path: plots.training_curves(files.metrics, path)
     }
-    if task == "classify":
+    flow = task.flow(model)
+    if flow is None:
         return pictures
-    if task == "hybrid":
-        model = model.density
-    if source.levels is None:
-        test = source.test.to(next(model.parameters()).device)
-        pictures[files.root / "density.png"] = lambda path: plots.density_map(model, test, path)
-        pictures[files.root / "samples.png"] = lambda path: draw_samples(model, source, path, 2000)
+    if source.is_image:
+        pictures[files.root / "samples.png"] = lambda path: draw_samples(flow, source, path, 64)
     else:
-        pictures[files.root / "samples.png"] = lambda path: draw_samples(model, source, path, 64)
+        test = source.test.to(next(flow.parameters()).device)
+        pictures[files.root / "density.png"] = lambda path: plots.density_map(flow, test, path)
+        pictures[files.root / "samples.png"] = lambda path: draw_samples(flow, source, path, 2000)
     return pictures
 
 
-def draw_run(model: nn.Module, source: DataSource, files: RunFiles, task: str = "density") -> None:
-    for path, draw in run_pictures(model, source, files, task).items():
-        draw(path)
+def write_final_files(run: FinishedRun) -> None:
+    """The final step of ``iresnet train`` (``train(config, finish=write_final_files)``): the
+    evaluation weights, then the pictures, each drawn to a partial file, then renamed. A picture
+    that cannot be drawn (a diverged model) is reported and skipped: the run itself is complete."""
+    print(f"writing the evaluation weights and the pictures to {run.files.root}", flush=True)
+    pictures = run_pictures(run.model, run.source, run.files, run.task)
+    run.unwritten += [path.name for path in pictures]
+    run.save_weights()
+    for path, draw in pictures.items():
+        partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+        try:
+            draw(partial)
+            os.replace(partial, path)
+            run.unwritten.remove(path.name)
+        except Exception as error:  # reported; the run stays complete
+            print(f"iresnet: {path.name} was not drawn: {error}", file=sys.stderr)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+@dataclass
+class Samples:
+    """Samples drawn for the picture ``path`` (``error``: why it could not be written);
+    ``classes``: drawn for each class of that many, a row each."""
+
+    samples: Tensor
+    path: Path
+    classes: int | None = None
+    error: OSError | None = None
+
+    def __str__(self) -> str:
+        rows = f", a row for each of the {self.classes} classes" if self.classes else ""
+        return f"{len(self.samples)} samples written to {self.path}{rows}"
+
+
+def sample_run(
+    run: str | os.PathLike,
+    n: int = 64,
+    *,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    by_class: bool = False,
+    device: str = "auto",
+) -> Samples:
+    """``iresnet sample``: ``n`` samples of a trained run's flow (``by_class``: ``n`` of every
+    class of a class-conditional prior) drawn with ``seed``, written to ``out`` (default
+    ``RUN/samples.png``). ``ValueError`` for a run without a flow, or ``by_class`` without such
+    a prior."""
+    model, config = load_run(run, resolve_device(device))
+    flow = get_task(config.task).flow(model)
+    if flow is None:
+        samplers = listed([name for name, task in TASKS.items() if task.generative])
+        raise ValueError(f"{run} holds a {config.task!r} run: only {samplers} models can be sampled")
+    if by_class and flow.class_means is None:
+        raise ValueError("--by-class needs a hybrid with a class-conditional prior (model.classifier=gaussians)")
+    converge_spectral_norms(flow)
+    path = Path(out) if out is not None else Path(run) / "samples.png"
+    source, classes = run_source(config), len(flow.class_means) if by_class else None
+    try:
+        return Samples(draw_samples(flow, source, path, n, seed, by_class=by_class), path, classes)
+    except OSError as error:
+        return Samples(torch.empty(0), path, classes, error)

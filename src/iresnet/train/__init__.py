@@ -1,9 +1,7 @@
-"""Training, evaluation and run directories."""
+"""Training and run directories; the evaluations of the tasks (:mod:`iresnet.tasks`), as they
+were named here before."""
 
-from .checkpoint import RunFiles, RunInUseError, load_run
-from .config import TrainConfig, parse_override, resolve_config
-from .engine import StoppedAtOnce, TrainingError, TrainResult, train
-from .evaluate import (
+from ..tasks import (
     ClassifierEvaluation,
     Evaluation,
     HybridEvaluation,
@@ -13,11 +11,15 @@ from .evaluate import (
     evaluate_classifier,
     evaluate_hybrid,
 )
+from .checkpoint import RunFiles, RunInUseError, load_run
+from .config import TrainConfig, parse_override, resolve_config
+from .engine import FinishedRun, StoppedAtOnce, TrainingError, TrainResult, train
 from .sources import make_source
 
 __all__ = [
     "ClassifierEvaluation",
     "Evaluation",
+    "FinishedRun",
     "HybridEvaluation",
     "RunFiles",
     "RunInUseError",

@@ -5,6 +5,8 @@ the model is rebuilt from the config."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import pickle
@@ -17,21 +19,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.build import build_model
+from ..tasks import get_task
 from .config import TrainConfig, read_settings
-from .distributed import resolve_device
+from .distributed import Processes, resolve_device
 
 __all__ = [
     "RunFiles",
     "RunInUseError",
     "WriteError",
     "atomic_save",
+    "claimed_run",
     "default_run_directory",
+    "load_config",
     "load_run",
     "read_checkpoint",
     "remove_leftovers",
+    "resumed_config",
     "run_lock",
     "save_weights",
+    "starting_state",
+    "truncate_metrics",
 ]
 
 
@@ -99,6 +106,53 @@ def run_lock(root: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def claimed_run(config: TrainConfig, procs: Processes, resume: bool) -> Iterator[TrainConfig]:
+    """``config`` with its run directory (``out``; where it is ``None``, the main process's choice
+    of :func:`default_run_directory`), created if missing and locked by the main process while the
+    context lasts (:class:`RunInUseError` on every process where another run holds it), the
+    leftovers of a write cut short removed. A directory this call created is removed again if the
+    context fails before anything was written into it."""
+    created = False
+    if config.out is None:  # every process takes the main process's choice
+        chosen = default_run_directory(config.preset, resume) if procs.main else None
+        config = dataclasses.replace(config, out=str(procs.gather(chosen)[0]))
+        created = not resume
+    root = Path(config.out)
+    with contextlib.ExitStack() as held:
+        if procs.main:
+            try:
+                root.mkdir(parents=True)
+                created = True
+            except FileExistsError:
+                pass
+        refused = None
+        if procs.main:
+            try:
+                held.enter_context(run_lock(root))
+            except RunInUseError as error:
+                refused = str(error)
+        refused = procs.gather(refused)[0]
+        if refused is not None:
+            raise RunInUseError(refused)
+        if procs.main and (removed := remove_leftovers(RunFiles(root))):
+            print(f"removed {', '.join(removed)} in {root}, left by a write that was cut short")
+        try:
+            yield config
+        except BaseException:
+            if created and procs.main:
+                _remove_if_empty(root)
+            raise
+
+
+def _remove_if_empty(root: Path) -> None:
+    """Remove a run directory that holds nothing but its lock."""
+    with contextlib.suppress(OSError):  # never in the way of the error that ended the run
+        if {p.name for p in root.iterdir()} <= {".lock"}:
+            (root / ".lock").unlink(missing_ok=True)
+            root.rmdir()
 
 
 def remove_leftovers(files: RunFiles) -> list[str]:
@@ -210,6 +264,62 @@ def load_config(run: str | os.PathLike) -> TrainConfig:
         raise ValueError(f"{files.config}: {error}") from None
 
 
+def starting_state(files: RunFiles, resume: bool, device: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The training state in the checkpoint of ``files`` to ``resume`` from, or ``None`` for a new
+    run. Refused, each with what to do: a resume with no checkpoint, a new run over a checkpoint,
+    and a new run over the records of one that stopped before its first checkpoint."""
+    if not files.checkpoint.exists():
+        logged = files.metrics.exists() and files.metrics.read_text().strip()
+        if resume:
+            early = " (its run stopped before its first checkpoint)" if logged else ""
+            raise FileNotFoundError(f"nothing to resume: {files.checkpoint} does not exist{early}")
+        if logged:
+            raise FileExistsError(
+                f"{files.root} holds {files.metrics.name} of an earlier run that stopped before its first "
+                "checkpoint: it cannot be resumed, and a new run there would add its records to the old ones. "
+                f"Choose another --out, or remove {files.root} (or move its metrics.jsonl away) to start again there"
+            )
+        return None
+    state = read_checkpoint(files.checkpoint, device)
+    if not resume:
+        raise FileExistsError(
+            f"{files.root} already holds a run (checkpoint at step {state['step']}): pass --resume to continue it, "
+            "or --out for a new run directory"
+        )
+    return state
+
+
+def resumed_config(out: str | os.PathLike | None, preset: str | None) -> TrainConfig:
+    """The settings of the run to resume: ``out``'s, or, where ``out`` is ``None``, those of the
+    latest run of ``preset`` (default ``toy``), with ``out`` set to its directory."""
+    run = out if out is not None else default_run_directory(preset or "toy", resume=True)
+    return dataclasses.replace(load_config(run), out=str(run))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records of steps after the checkpoint (written before a crash), so a resumed run
+    does not log them twice, and a last line written only in part (a warning says so)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if record["step"] <= step:
+                kept.append(line)
+        except (ValueError, TypeError, KeyError):
+            if number < len(lines):
+                raise ValueError(
+                    f"{path}, line {number}, is not a record of the run ({line[:60]!r}): repair or remove that line, "
+                    "then resume again"
+                ) from None
+            warnings.warn(f"{path}: dropped its last line, written only in part ({line[:60]!r})", stacklevel=2)
+    save_text("".join(line + "\n" for line in kept), path)
+
+
 def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, TrainConfig]:
     """The trained model of a run directory (its evaluation weights, from ``model.safetensors``,
     or else from the last checkpoint), in eval mode on ``device`` (``"auto"`` too, see
@@ -219,7 +329,7 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
     ``config.json`` describes, is passed over for the checkpoint with a warning naming it; where
     neither file gives the weights, ``ValueError`` names both and what is wrong with each."""
     files, config = RunFiles(run), load_config(run)
-    model = build_model(config.task, config.data, config.model)
+    model = get_task(config.task).build_model(config.data, config.model)
     problems = []
     for path, read in ((files.weights, _safetensors_weights), (files.checkpoint, _checkpoint_weights)):
         if not path.exists():

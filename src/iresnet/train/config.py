@@ -16,9 +16,10 @@ from typing import Any
 
 from ..core.logdet import ESTIMATORS, make_estimator, update_spec
 from ..models.options import merge_options
+from ..tasks import TASKS, get_task, listed
 from .presets import PRESETS
 
-__all__ = ["TrainConfig", "read_settings", "resolve_config", "parse_override", "upgrade_settings"]
+__all__ = ["TrainConfig", "parse_override", "read_settings", "resolve_config", "resume_changes", "upgrade_settings"]
 
 
 @dataclass
@@ -49,7 +50,7 @@ class TrainConfig:
 
     ``eval_logdet`` is the log-det estimator of the test evaluations (training's and ``iresnet
     eval``'s): ``"auto"`` takes, for images, the roulette with 20 exact terms and 4 probes
-    (:func:`~iresnet.train.evaluate.accurate_estimator`: unbiased, with a small variance) and, for
+    (:func:`~iresnet.tasks.accurate_estimator`: unbiased, with a small variance) and, for
     2-D data, the model's own (the toy flow's is exact); ``None`` the model's own; otherwise an
     estimator's name or a mapping of its name and options, as ``model.logdet`` takes it.
 
@@ -102,8 +103,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.task not in ("density", "classify", "hybrid"):
-            raise ValueError(f"task must be 'density', 'classify' or 'hybrid', got {self.task!r}")
+        task = get_task(self.task)
         if self.precision not in ("float32", "bf16"):
             raise ValueError(f"precision must be 'float32' or 'bf16', got {self.precision!r}")
         if self.optimizer not in ("adam", "adamax", "sgd"):
@@ -117,10 +117,15 @@ class TrainConfig:
             raise ValueError(f"hybrid_lambda must be non-negative, got {self.hybrid_lambda}")
         if not 0 < self.labelled_fraction <= 1:
             raise ValueError(f"labelled_fraction must lie in (0, 1], got {self.labelled_fraction}")
-        if self.labelled_fraction < 1 and self.task == "density":
-            raise ValueError("labelled_fraction is for the tasks classify and hybrid; a density model uses no labels")
-        if self.hybrid_lambda != 1 and self.task != "hybrid":
-            raise ValueError(f"hybrid_lambda is for the task hybrid, not {self.task}")
+        if self.labelled_fraction < 1 and not task.labelled:
+            users = listed([t.name for t in TASKS.values() if t.labelled])
+            raise ValueError(f"labelled_fraction is for the tasks {users}; a {task.title} uses no labels")
+        for setting in {name for t in TASKS.values() for name in t.settings} - set(task.settings):
+            if getattr(self, setting) != getattr(TrainConfig, setting):
+                users = [t.name for t in TASKS.values() if setting in t.settings]
+                raise ValueError(
+                    f"{setting} is for the task{'s' if len(users) > 1 else ''} {listed(users)}, not {self.task}"
+                )
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -276,6 +281,8 @@ def resolve_config(
     tail and ``memory_efficient``; a new name drops the old estimator's options. Where the
     task or data set call for another model builder than the preset's (``--task classify`` from
     the toy preset, say), the preset's model options are dropped: the builder's defaults apply.
+    A builder that extends the preset's (``--task hybrid`` from the digits preset: the image
+    flow's options, and the classifier) keeps them, and drops those it does not take.
 
     To resume a run, ``saved`` (its ``config.json``) takes the preset's place: the run goes on as
     it was configured, changed only by ``config_file`` and ``overrides``; ``preset``, if given,
@@ -298,19 +305,40 @@ def resolve_config(
     settings["preset"] = name
     for override in overrides:
         settings = _merge(settings, override, "command line")
+    config = TrainConfig(**settings)
     explicit = functools.reduce(merge_options, (update.get("model", {}) for update in (from_file, *overrides)), {})
-    if _builder(settings) != _builder(preset):  # the preset's model options belong to another builder
-        settings["model"] = explicit
-    elif settings.get("task") != "hybrid" and "classifier" not in explicit:  # a hybrid's option alone
-        settings["model"].pop("classifier", None)
-    return TrainConfig(**settings)
+    takes = _options(config.task, config.data)
+    preset_takes = _options(preset.get("task", TrainConfig.task), preset.get("data", TrainConfig.data))
+    if not (takes.items() <= preset_takes.items() or preset_takes.items() <= takes.items()):
+        model = explicit  # the preset's model options belong to another builder
+    else:  # the same builder, or one that extends it (a hybrid's: the image flow's and its classifier)
+        model = {k: v for k, v in config.model.items() if k in takes or k in explicit}
+    return dataclasses.replace(config, model=model)
 
 
-def _builder(settings: dict[str, Any]) -> str:
-    """Which builder takes the model options: the classifier's, the toy flow's or the image flow's
-    (a density model and a hybrid share it)."""
-    from ..data.toy import TOY_DATASETS
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """What resuming the run saved with the settings ``saved`` as ``config`` changes: the settings
+    (but ``out``) with their old and new values. A resumed run may change how long it trains, its
+    learning rate and clipping (the advice after a non-finite loss), how it logs and how its step
+    is computed, not what it trains (``ValueError`` naming each such change). A setting that
+    ``saved`` lacks (it came later) had its default value."""
+    free = {"steps", "out", "checkpoint_every", "checkpoint_seconds", "eval_every", "log_every", "tensorboard"}
+    free |= {"device", "download", "lr", "grad_clip"}
+    free |= {"compile", "precision", "threads"}  # how the same step is computed
+    free |= {"eval_logdet"}  # how the test evaluations estimate, not what is trained
+    saved = {**TrainConfig(out=config.out).to_dict(), **saved}
+    new = config.to_dict()
+    changed = [k for k, v in new.items() if k not in free and saved.get(k) != v]
+    if changed:
+        raise ValueError(
+            "cannot resume with different settings for "
+            + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})" for k in changed)
+        )
+    return {k: (saved.get(k), v) for k, v in new.items() if k != "out" and saved.get(k) != v}
 
-    if settings.get("task", "density") == "classify":
-        return "classifier"
-    return "toy" if settings.get("data", "8gaussians") in TOY_DATASETS else "image"
+
+def _options(task: str, data: str) -> dict[str, Any]:
+    """The model options of the builder that ``task`` calls for on ``data``."""
+    from ..models.build import model_options
+
+    return model_options(get_task(task).builder(data))

@@ -1,21 +1,18 @@
 """The training loop: a run directory with its config, metrics, atomic checkpoints, exact
 resumption, a clean stop on Ctrl-C, a loud stop on a non-finite loss, warm-up, clipping, an
-EMA for evaluation, and ``torchrun`` data parallelism."""
+EMA for evaluation, and ``torchrun`` data parallelism. What is trained, and how it is scored,
+is the task's (:mod:`iresnet.tasks`); the pictures of a finished run are its caller's
+(``train(..., finish=...)``)."""
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import copy
-import dataclasses
 import json
 import math
-import os
-import signal
-import sys
 import time
 import warnings
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,39 +22,28 @@ from torch import nn
 
 from ..core.compiled import memory_lean
 from ..core.layers import initialize_from_data
-from ..core.validation import NonFiniteInputError
+from ..core.lipschitz import converge_spectral_norms
+from ..core.validation import reports_non_finite_input
 from ..data.preprocess import bits_per_dim
-from ..models.build import build_model
+from ..tasks import Evaluated, Task, evaluation_randomness, get_task
 from .checkpoint import (
     RunFiles,
-    RunInUseError,
     atomic_save,
-    default_run_directory,
-    read_checkpoint,
-    remove_leftovers,
-    run_lock,
+    claimed_run,
     save_config,
-    save_text,
     save_weights,
+    starting_state,
+    truncate_metrics,
     write_error,
 )
-from .config import TrainConfig, upgrade_settings
+from .config import TrainConfig, resume_changes, upgrade_settings
 from .distributed import Processes, start_processes
 from .ema import ExponentialMovingAverage
-from .evaluate import (
-    ClassifierEvaluation,
-    Evaluation,
-    HybridEvaluation,
-    eval_estimator,
-    evaluate,
-    evaluate_classifier,
-    evaluate_hybrid,
-    evaluation_randomness,
-    recalibrate_batch_norms,
-)
+from .optim import optimizer, set_lr
 from .sources import DataSource, make_source
+from .stopping import StoppedAtOnce, StopRequests
 
-__all__ = ["StoppedAtOnce", "TrainingError", "TrainResult", "train"]
+__all__ = ["FinishedRun", "StoppedAtOnce", "TrainingError", "TrainResult", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -69,81 +55,37 @@ class TrainResult:
     run_dir: Path
     step: int
     interrupted: bool
-    evaluation: Evaluation | None
+    evaluation: Evaluated | None  # the last test evaluation (the task's)
     main: bool = True  # whether this is the process that writes (rank 0)
 
 
-class StoppedAtOnce(KeyboardInterrupt):
-    """A second Ctrl-C or SIGTERM: training stopped without finishing its step or its final
-    files; the last checkpoint is intact (the message says which files were written)."""
+@dataclass
+class FinishedRun:
+    """A run whose training is complete, as the main process hands it to the final step that
+    :func:`train`'s caller gives (``finish``): the evaluation model (the EMA weights where kept,
+    eval mode), its data, files and task, and ``unwritten``, the final files not written yet, which
+    a second Ctrl-C names (a final step adds its own, and removes each once written)."""
 
+    model: nn.Module
+    source: DataSource
+    files: RunFiles
+    task: Task
+    unwritten: list[str]
 
-class _StopRequests:
-    """The first SIGINT / SIGTERM asks the loop to stop after the current step (it then writes a
-    checkpoint), or, while the final weights and pictures are written, lets them finish; the
-    next one raises :class:`StoppedAtOnce`. Each request says so at once on standard error."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        self.requested = False
-        self.finishing = False  # writing the final weights and pictures
-        self.quiet = quiet  # a process other than the main one
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise StoppedAtOnce
-        self.requested = True
-        if self.quiet:
-            return
-        if self.finishing:
-            _notice("stop requested: finishing the final pictures first (seconds); press Ctrl-C again to stop at once")
-        else:
-            _notice("stop requested: stopping after this step with a checkpoint; press Ctrl-C again to stop at once")
-
-    @contextmanager
-    def installed(self):
-        try:
-            previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        except ValueError:  # not the main thread: no handlers
-            yield self
-            return
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
-def _notice(text: str) -> None:
-    """A line on standard error from a signal handler: written to the file descriptor, since the
-    handler may interrupt a write to ``sys.stderr`` (a progress bar's), which cannot be reentered."""
-    try:
-        os.write(sys.stderr.fileno(), f"\n{text}\n".encode())
-    except (OSError, ValueError, AttributeError):  # no descriptor (captured output): nothing to say
-        pass
-
-
-def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    kind = {"adam": torch.optim.Adam, "adamax": torch.optim.Adamax}[config.optimizer]
-    return kind(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _schedule(config: TrainConfig):
-    """The learning-rate factor of a step: a linear warm-up, times ``lr_gamma`` for every
-    milestone passed."""
-
-    def factor(step: int) -> float:
-        warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
-        return warmup * config.lr_gamma ** bisect.bisect_right(config.lr_milestones, step)
-
-    return factor
+    def save_weights(self) -> None:
+        """``model.safetensors``: the model with its spectral norms converged and calibrated as
+        the task asks (the classifier's BatchNorm statistics); the final step of a run without one."""
+        converge_spectral_norms(self.model)
+        self.task.calibrate(self.model, self.source)
+        save_weights(self.model, self.files.weights)
+        self.unwritten.remove(self.files.weights.name)
 
 
 class _Trainer:
     def __init__(self, config: TrainConfig, procs: Processes, progress: bool) -> None:
         self.config, self.procs, self.progress = config, procs, progress
         self.files = RunFiles(config.out)
+        self.task = get_task(config.task)
         torch.manual_seed(config.seed + procs.rank)
         self.source: DataSource = make_source(
             config.data,
@@ -154,21 +96,14 @@ class _Trainer:
             augment=config.augment,
             labelled_fraction=config.labelled_fraction,
         )
-        if config.task != "density" and not hasattr(self.source, "labelled_batch"):
-            raise ValueError(f"task {config.task!r} needs labelled image data, and {config.data!r} has no labels")
-        if config.task != "density" and len(self.source.labelled) < config.batch_size:
-            raise ValueError(
-                f"labelled_fraction {config.labelled_fraction} keeps {len(self.source.labelled)} labelled images, "
-                f"fewer than a batch of {config.batch_size}: raise the fraction or lower batch_size"
-            )
+        self.task.check(self.source, config)
         if config.precision == "bf16" and procs.device.type != "cuda":
             raise ValueError(
                 f"precision=bf16 runs on CUDA only (bfloat16 autocast of the branches), and this run is on "
                 f"{procs.device}: use precision=float32, or device=cuda on a machine with a GPU"
             )
-        self.model = build_model(config.task, config.data, config.model).to(procs.device)
-        self.optimizer = _optimizer(config, self.model)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(config))
+        self.model = self.task.build_model(config.data, config.model).to(procs.device)
+        self.optimizer, self.scheduler = optimizer(config, self.model)
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
         self.changed: dict[str, tuple[Any, Any]] = {}  # settings a resume changes: old and new values
@@ -177,7 +112,7 @@ class _Trainer:
         self.pending_seconds = 0.0  # their time, from a checkpoint
         self.logged_at = time.perf_counter()  # when the last train record was written
         self.saved_at = time.monotonic()  # when the last checkpoint was written (or the loop began)
-        self.evaluation: Evaluation | ClassifierEvaluation | HybridEvaluation | None = None
+        self.evaluation: Evaluated | None = None
         self.writer = None
         self.unwritten: list[str] = []  # the final files not written yet
 
@@ -215,26 +150,11 @@ class _Trainer:
         return self.procs.any(time.monotonic() - self.saved_at >= config.checkpoint_seconds)
 
     def restore(self, resume: bool) -> None:
-        if not self.files.checkpoint.exists():
-            logged = self.files.metrics.exists() and self.files.metrics.read_text().strip()
-            if resume:
-                early = " (its run stopped before its first checkpoint)" if logged else ""
-                raise FileNotFoundError(f"nothing to resume: {self.files.checkpoint} does not exist{early}")
-            if logged:
-                raise FileExistsError(
-                    f"{self.files.root} holds {self.files.metrics.name} of an earlier run that stopped before its "
-                    "first checkpoint: it cannot be resumed, and a new run there would add its records to the old "
-                    f"ones. Choose another --out, or remove {self.files.root} (or move its metrics.jsonl away) to "
-                    "start again there"
-                )
+        """The state of the checkpoint to ``resume`` from; nothing for a new run."""
+        state = starting_state(self.files, resume, self.procs.device)
+        if state is None:
             return
-        state = read_checkpoint(self.files.checkpoint, self.procs.device)
-        if not resume:
-            raise FileExistsError(
-                f"{self.files.root} already holds a run (checkpoint at step {state['step']}): pass --resume to "
-                "continue it, or --out for a new run directory"
-            )
-        self.changed = _check_compatible(upgrade_settings(state["config"]), self.config)
+        self.changed = resume_changes(upgrade_settings(state["config"]), self.config)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -253,19 +173,11 @@ class _Trainer:
                 torch.cuda.set_rng_state(rng["cuda"].cpu(), self.procs.device)
         self.step = self.saved_step = state["step"]
         if state["config"].get("lr") != self.config.lr:
-            self._set_lr(self.config.lr)
+            set_lr(self.optimizer, self.scheduler, self.config, self.step)
         pending = state.get("pending", {"steps": [], "seconds": 0.0})  # older checkpoints: none
         self.pending, self.pending_seconds = list(pending["steps"]), pending["seconds"]
         if self.procs.main:
-            _truncate_metrics(self.files.metrics, self.step)
-
-    def _set_lr(self, lr: float) -> None:
-        """Another learning rate for a resumed run: the schedule's factor at this step times ``lr``."""
-        factor = _schedule(self.config)(self.step)
-        for group in self.optimizer.param_groups:
-            group["initial_lr"], group["lr"] = lr, lr * factor
-        self.scheduler.base_lrs = [lr for _ in self.optimizer.param_groups]
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            truncate_metrics(self.files.metrics, self.step)
 
     # -- records -----------------------------------------------------------------------------
     def record(self, entry: dict[str, Any]) -> None:
@@ -290,62 +202,24 @@ class _Trainer:
             self.ema.copy_to(model)
         return model.eval()
 
-    def run_evaluation(self) -> Evaluation | ClassifierEvaluation | HybridEvaluation:
+    def run_evaluation(self) -> Evaluated:
         with evaluation_randomness(self.procs.device):
-            size = self.config.eval_size
-            if self.config.task == "classify":
-                test, labels = self.source.test[:size], self.source.test_labels[:size]
-                return evaluate_classifier(self.eval_model(), test, labels, calibration=self.source.train)
-            if self.config.task == "hybrid":
-                images, labels = self.source.test[:size], self.source.test_labels[:size]
-                estimator = eval_estimator(self.config.eval_logdet, discrete=True)
-                return evaluate_hybrid(self.eval_model(), images, labels, estimator=estimator)
-            discrete = self.source.levels is not None
-            return evaluate(
-                self.eval_model(),
-                self.source.test[: self.config.eval_size],
-                discrete=discrete,
-                estimator=eval_estimator(self.config.eval_logdet, discrete),
+            config = self.config
+            return self.task.evaluate(
+                self.eval_model(), self.source, size=config.eval_size, eval_logdet=config.eval_logdet
             )
 
     # -- the loop ------------------------------------------------------------------------------
     def step_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This step's inputs on the device and their labels (``None`` for a density model). With
-        a labelled fraction below 1 (and :math:`\\lambda > 0`), a hybrid's labelled batch is
-        joined by a batch of unlabelled images: the first ``len(labels)`` rows are labelled."""
-        config, procs = self.config, self.procs
-        if config.task == "density":
-            return self.source.batch(self.step, config.batch_size, procs.rank, procs.world).to(procs.device), None
-        x, y = self.source.labelled_batch(self.step, config.batch_size, procs.rank, procs.world)
-        if config.task == "hybrid" and config.labelled_fraction < 1 and config.hybrid_lambda > 0:
-            x = torch.cat([x, self.source.batch(self.step, config.batch_size, procs.rank, procs.world)])
-        return x.to(procs.device), y.to(procs.device)
+        """This step's inputs on the device and their labels (``None`` for a task without)."""
+        procs = self.procs
+        x, y = self.task.batch(self.source, self.step, self.config, procs.rank, procs.world)
+        return x.to(procs.device), None if y is None else y.to(procs.device)
 
     def objective(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """This step's loss (mean NLL of the data, cross-entropy of the labels, or the hybrid
-        objective) and what to log."""
-        if self.config.task == "hybrid":
-            return self.hybrid_objective(model)
+        """This step's loss and what to log: the task's objective on :meth:`step_batch`."""
         x, y = self.step_batch()
-        if self.config.task == "classify":
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            return loss, {"cross_entropy": loss.detach(), "accuracy": (logits.argmax(1) == y).double().mean()}
-        loss = -model(x).mean()
-        return loss, {"nll": loss.detach()}
-
-    def hybrid_objective(self, model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        r"""Cross-entropy of the labelled images plus :math:`\lambda` times the NLL per dimension
-        of all the step's images (:meth:`step_batch`)."""
-        config = self.config
-        x, y = self.step_batch()
-        logits, log_prob = model(x)
-        logits = logits[: len(y)]
-        cross_entropy = nn.functional.cross_entropy(logits, y)
-        nll = -log_prob.mean()
-        loss = cross_entropy + config.hybrid_lambda * nll / self.source.event_size
-        accuracy = (logits.argmax(1) == y).double().mean()
-        return loss, {"cross_entropy": cross_entropy.detach(), "accuracy": accuracy, "nll": nll.detach()}
+        return self.task.objective(model, x, y, self.config)
 
     def train_step(self, model: nn.Module) -> dict[str, float]:
         config = self.config
@@ -355,7 +229,7 @@ class _Trainer:
             with lean, torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, logged = self.objective(model)
         except (ValueError, RuntimeError) as error:
-            if not _non_finite(error):
+            if not reports_non_finite_input(error):  # the weights have diverged
                 raise
             raise TrainingError(self._failure(f"values inside the model overflowed ({error})")) from error
         reported = {key: self.procs.mean(value).item() for key, value in logged.items()}
@@ -403,7 +277,7 @@ class _Trainer:
         for key in steps[0]:
             if key != "grad_norm":
                 entry[key] = sum(s[key] for s in steps) / len(steps)
-        if self.config.task != "classify" and self.source.levels is not None:
+        if "nll" in entry and self.source.is_image:
             entry["bits_per_dim"] = bits_per_dim(torch.tensor(-entry["nll"]), self.source.event_size).item()
         entry.update(
             lr=self.optimizer.param_groups[0]["lr"],
@@ -412,36 +286,7 @@ class _Trainer:
         )
         return entry
 
-    def test_metrics(self, evaluation: Evaluation | ClassifierEvaluation | HybridEvaluation) -> dict[str, Any]:
-        if isinstance(evaluation, HybridEvaluation):
-            classifier, density = evaluation.classifier, evaluation.density
-            return {
-                "step": self.step,
-                "split": "test",
-                "cross_entropy": classifier.nll,
-                "accuracy": classifier.accuracy,
-                "error_percent": classifier.error_percent,
-                "error_percent_se": classifier.error_percent_se,
-                "nll": density.nll,
-                "nll_se": density.nll_se,
-                "bits_per_dim": density.bits_per_dim,
-                "bits_per_dim_se": density.bits_per_dim_se,
-            }
-        if isinstance(evaluation, ClassifierEvaluation):
-            return {
-                "step": self.step,
-                "split": "test",
-                "cross_entropy": evaluation.nll,
-                "accuracy": evaluation.accuracy,
-                "error_percent": evaluation.error_percent,
-                "error_percent_se": evaluation.error_percent_se,
-            }
-        entry = {"step": self.step, "split": "test", "nll": evaluation.nll, "nll_se": evaluation.nll_se}
-        if evaluation.bits_per_dim is not None:
-            entry.update(bits_per_dim=evaluation.bits_per_dim, bits_per_dim_se=evaluation.bits_per_dim_se)
-        return entry
-
-    def loop(self, stop: _StopRequests) -> bool:
+    def loop(self, stop: StopRequests) -> bool:
         """Train to ``config.steps``; returns whether a stop was requested first."""
         from tqdm.auto import tqdm
 
@@ -469,7 +314,7 @@ class _Trainer:
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     if self.procs.main:
                         self.evaluation = self.run_evaluation()
-                        self.record(self.test_metrics(self.evaluation))
+                        self.record({"step": self.step, "split": "test", **self.evaluation.metrics()})
                         bar.write(f"step {self.step}: {self.evaluation}")
                 if self.checkpoint_due():
                     self.save_checkpoint()
@@ -482,35 +327,13 @@ class _Trainer:
             bar.close()
         return False
 
-    def finish(self) -> None:
-        """The evaluation weights alone, and the pictures (each written to a temporary file, then
-        renamed). A picture that cannot be drawn (a diverged model) is reported and skipped: the
-        run itself is complete."""
+    def finish(self, final_step: Callable[[FinishedRun], None]) -> None:
+        """The main process's final files: ``final_step`` of the finished run (at least
+        :meth:`FinishedRun.save_weights`)."""
         if not self.procs.main:
             return
-        self.unwritten = [self.files.weights.name, "the pictures"]
-        print(f"writing the evaluation weights and the pictures to {self.files.root}", flush=True)
-        from ..core.lipschitz import converge_spectral_norms
-        from ..report.pictures import run_pictures
-
-        model = self.eval_model()
-        pictures = run_pictures(model, self.source, self.files, self.config.task)
-        self.unwritten = [self.files.weights.name, *(path.name for path in pictures)]
-        converge_spectral_norms(model)
-        if self.config.task == "classify":
-            recalibrate_batch_norms(model, self.source.train)
-        save_weights(model, self.files.weights)
-        self.unwritten.remove(self.files.weights.name)
-        for path, draw in pictures.items():
-            partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-            try:
-                draw(partial)
-                os.replace(partial, path)
-                self.unwritten.remove(path.name)
-            except Exception as error:  # reported; the run stays complete
-                print(f"iresnet: {path.name} was not drawn: {error}", file=sys.stderr)
-            finally:
-                partial.unlink(missing_ok=True)
+        self.unwritten = [self.files.weights.name]
+        final_step(FinishedRun(self.eval_model(), self.source, self.files, self.task, self.unwritten))
 
     def stopped_at_once(self, finishing: bool) -> str:
         """What a second signal left behind."""
@@ -525,84 +348,30 @@ class _Trainer:
         )
 
 
-def _check_compatible(saved: dict[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """A resumed run may change how long it trains, its learning rate and clipping (the advice
-    after a non-finite loss), how it logs and how its step is computed, not what it trains. A
-    setting that the checkpoint lacks (it came later) had its default value. Returns the changed
-    settings (but ``out``) with their old and new values."""
-    free = {"steps", "out", "checkpoint_every", "checkpoint_seconds", "eval_every", "log_every", "tensorboard"}
-    free |= {"device", "download", "lr", "grad_clip"}
-    free |= {"compile", "precision", "threads"}  # how the same step is computed
-    free |= {"eval_logdet"}  # how the test evaluations estimate, not what is trained
-    saved = {**TrainConfig(out=config.out).to_dict(), **saved}
-    new = config.to_dict()
-    changed = [k for k, v in new.items() if k not in free and saved.get(k) != v]
-    if changed:
-        raise ValueError(
-            "cannot resume with different settings for "
-            + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})" for k in changed)
-        )
-    return {k: (saved.get(k), v) for k, v in new.items() if k != "out" and saved.get(k) != v}
-
-
-def _non_finite(error: BaseException) -> bool:
-    """Whether an error raised inside a training step reports NaN or inf among a layer's inputs
-    (:func:`iresnet.core.validation.check_input`: its error eagerly, its device assertion's message
-    when compiled): the weights have diverged."""
-    return isinstance(error, NonFiniteInputError) or (isinstance(error, RuntimeError) and "NaN or inf" in str(error))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records of steps after the checkpoint (written before a crash), so a resumed run
-    does not log them twice, and a last line written only in part (a warning says so)."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if record["step"] <= step:
-                kept.append(line)
-        except (ValueError, TypeError, KeyError):
-            if number < len(lines):
-                raise ValueError(
-                    f"{path}, line {number}, is not a record of the run ({line[:60]!r}): repair or remove that line, "
-                    "then resume again"
-                ) from None
-            warnings.warn(f"{path}: dropped its last line, written only in part ({line[:60]!r})", stacklevel=2)
-    save_text("".join(line + "\n" for line in kept), path)
-
-
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    finish: Callable[[FinishedRun], None] | None = None,
+) -> TrainResult:
     """Train the model ``config`` describes into ``config.out``; under ``torchrun``, with
     ``DistributedDataParallel`` over the processes (each takes a share of every batch). Torch's
-    CPU thread count is ``config.threads`` while it runs (then back to what it was)."""
+    CPU thread count is ``config.threads`` while it runs (then back to what it was).
+
+    Once training is complete, the main process hands the :class:`FinishedRun` to ``finish``,
+    the caller's final step (``iresnet train`` gives
+    :func:`iresnet.report.pictures.write_final_files`: the weights, then the pictures), while the
+    run directory is still held and a first Ctrl-C lets it finish; without one, the weights alone
+    are written (:meth:`FinishedRun.save_weights`)."""
     threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     procs = start_processes(config.device)
     try:
-        created = False  # whether this process made the run directory (then it removes it if setup fails)
-        if config.out is None:  # every process takes the main process's choice
-            chosen = default_run_directory(config.preset, resume) if procs.main else None
-            config = dataclasses.replace(config, out=str(procs.gather(chosen)[0]))
-            created = not resume
-        with contextlib.ExitStack() as held:
-            if procs.main:
-                created = _make_directory(Path(config.out)) or created
-            _hold(Path(config.out), procs, held)
-            if procs.main and (removed := remove_leftovers(RunFiles(config.out))):
-                print(f"removed {', '.join(removed)} in {config.out}, left by a write that was cut short")
-            try:
-                trainer = _Trainer(config, procs, progress)
-                trainer.restore(resume)
-            except BaseException:
-                if created and procs.main:
-                    _remove_if_empty(Path(config.out))
-                raise
+        with claimed_run(config, procs, resume) as config:
+            trainer = _Trainer(config, procs, progress)
+            trainer.restore(resume)
             if procs.main:
                 parameters = sum(p.numel() for p in trainer.model.parameters())
                 resuming = f", resuming at step {trainer.step}" if trainer.step else ""
@@ -611,50 +380,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 save_config(config, trainer.files.config)
                 if config.tensorboard:
                     trainer.writer = _tensorboard(trainer.files.root / "tensorboard")
-            stop = _StopRequests(quiet=not procs.main)
+            stop = StopRequests(quiet=not procs.main)
             try:
                 with stop.installed():
                     interrupted = trainer.loop(stop)
                     if not interrupted:
                         stop.finishing = True
-                        trainer.finish()
+                        trainer.finish(finish or FinishedRun.save_weights)
             except StoppedAtOnce:
                 raise StoppedAtOnce(trainer.stopped_at_once(stop.finishing)) from None
             return TrainResult(trainer.files.root, trainer.step, interrupted, trainer.evaluation, procs.main)
     finally:
         procs.close()
         torch.set_num_threads(threads)
-
-
-def _make_directory(root: Path) -> bool:
-    """Create ``root`` (and its parents); whether this call created it."""
-    try:
-        root.mkdir(parents=True)
-        return True
-    except FileExistsError:
-        return False
-
-
-def _hold(root: Path, procs: Processes, held: contextlib.ExitStack) -> None:
-    """The main process locks the run directory until ``held`` closes; every process raises
-    :class:`RunInUseError` if another run holds it."""
-    refused = None
-    if procs.main:
-        try:
-            held.enter_context(run_lock(root))
-        except RunInUseError as error:
-            refused = str(error)
-    refused = procs.gather(refused)[0]
-    if refused is not None:
-        raise RunInUseError(refused)
-
-
-def _remove_if_empty(root: Path) -> None:
-    """Remove a run directory this process created when the run failed before writing anything."""
-    with contextlib.suppress(OSError):  # never in the way of the error that ended the run
-        if {p.name for p in root.iterdir()} <= {".lock"}:
-            (root / ".lock").unlink(missing_ok=True)
-            root.rmdir()
 
 
 def _tensorboard(path: Path):

@@ -5,14 +5,19 @@ its share (rows ``rank::world``) of the same global batch."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..data.augment import random_crop_flip
-from ..data.toy import TOY_DATASETS, sample_toy
+from ..data.images import image_spec, load_images
+from ..data.toy import sample_toy
 
-__all__ = ["DataSource", "ToySource", "ImageSource", "make_source"]
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+__all__ = ["DataSource", "ImageSource", "ToySource", "make_source", "run_source"]
 
 _TEST_SEED = 20190612  # one test set for every toy run, whatever its training seed
 
@@ -28,12 +33,15 @@ _SUBSET_SEED = 20240101  # one labelled subset for every run with the same fract
 
 
 class DataSource:
-    """``batch(step)`` for training and ``test`` (a fixed tensor) for evaluation."""
+    """``batch(step)`` for training and ``test`` (a fixed tensor) for evaluation. ``is_image``
+    tells labelled integer images (with ``levels``, ``labelled_batch``, ``train``, ``test_labels``)
+    from toy 2-D points; :func:`make_source` decides it, by :func:`~iresnet.data.image_spec`."""
 
     name: str
     event_shape: tuple[int, ...]
     levels: int | None  # intensity levels of image data, None for continuous data
     test: Tensor
+    is_image: bool
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Tensor:
         raise NotImplementedError
@@ -45,6 +53,8 @@ class DataSource:
 
 class ToySource(DataSource):
     """Fresh samples of a toy density at every step; ``eval_size`` fixed test samples."""
+
+    is_image = False
 
     def __init__(self, name: str, seed: int, eval_size: int) -> None:
         self.name, self.seed, self.event_shape, self.levels = name, seed, (2,), None
@@ -64,6 +74,8 @@ class ImageSource(DataSource):
     permutation per class); :meth:`labelled_batch` draws from them alone, :meth:`batch` from all.
     """
 
+    is_image = True
+
     def __init__(
         self,
         name: str,
@@ -74,9 +86,7 @@ class ImageSource(DataSource):
         augment: bool = False,
         labelled_fraction: float = 1.0,
     ) -> None:
-        from ..data.images import IMAGE_DATASETS, load_images
-
-        spec = IMAGE_DATASETS[name]
+        spec = image_spec(name)
         self.name, self.seed, self.event_shape, self.levels = name, seed, spec.shape, spec.levels
         self.augment = augment
         self.train, self.train_labels = load_images(name, root, train=True, download=download)
@@ -141,12 +151,20 @@ def make_source(
 ) -> DataSource:
     """The source for a data set name: one of the toy densities or the image data sets (with
     :class:`ImageSource`'s ``augment`` and ``labelled_fraction``, which toy data do not take)."""
-    if data in TOY_DATASETS:
-        if augment or labelled_fraction != 1:
-            raise ValueError(f"augment and labelled_fraction are for image data, not the toy density {data!r}")
-        return ToySource(data, seed, eval_size)
-    from ..data.images import IMAGE_DATASETS
-
-    if data in IMAGE_DATASETS:
+    if image_spec(data) is not None:
         return ImageSource(data, seed, root, download, augment=augment, labelled_fraction=labelled_fraction)
-    raise ValueError(f"unknown data set {data!r}; toy: {', '.join(TOY_DATASETS)}; images: {', '.join(IMAGE_DATASETS)}")
+    if augment or labelled_fraction != 1:
+        raise ValueError(f"augment and labelled_fraction are for image data, not the toy density {data!r}")
+    return ToySource(data, seed, eval_size)
+
+
+def run_source(config: TrainConfig) -> DataSource:
+    """The data of the run ``config`` describes, as its evaluation sees them (no augmentation)."""
+    return make_source(
+        config.data,
+        config.seed,
+        config.eval_size,
+        config.data_dir,
+        config.download,
+        labelled_fraction=config.labelled_fraction,
+    )

@@ -1,0 +1,145 @@
+"""What ``iresnet eval`` and the end of ``iresnet train`` report: a trained run's test figures
+(its task's evaluation), with, for a density of images, two baselines beside them and, on
+request, the likelihoods of other data (:mod:`iresnet.report.ood`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..data.images import image_spec
+from ..tasks import Evaluation, eval_estimator, evaluate_baselines, evaluation_randomness, get_task
+from ..train.checkpoint import load_run
+from ..train.distributed import resolve_device
+from ..train.sources import run_source
+from . import plots
+from .ood import OODReport, compare_likelihoods, ood_inputs
+
+if TYPE_CHECKING:
+    from ..flows.density import DensityModel
+    from ..train.config import TrainConfig
+    from ..train.engine import TrainResult
+    from ..train.sources import DataSource
+
+__all__ = ["RunReport", "baselines", "evaluate_run", "save_report", "training_summary"]
+
+
+@dataclass
+class RunReport:
+    """A run's evaluation: ``report`` (the JSON of ``eval.json``), ``text`` (the same for people),
+    and, with an OOD comparison, its ``picture`` and the error that kept it from being written."""
+
+    report: dict[str, Any]
+    text: str
+    picture: Path | None = None
+    picture_error: OSError | None = None
+
+
+def baselines(source: DataSource) -> dict[str, Evaluation]:
+    """The independent-pixel and Gaussian baselines' test bits/dim, for a run on images."""
+    return evaluate_baselines(source.train, source.test, source.levels)
+
+
+def _baseline_lines(figures: dict[str, Evaluation]) -> list[str]:
+    return [
+        f"  baseline, {name}: {value.bits_per_dim:.4f} +- {value.bits_per_dim_se:.4f} bits/dim"
+        for name, value in figures.items()
+    ]
+
+
+def evaluate_run(
+    run: str | os.PathLike,
+    *,
+    device: str = "auto",
+    batch_size: int = 500,
+    ood: str | None = None,
+    progress: bool = True,
+) -> RunReport:
+    """``iresnet eval``: the run's model on its whole test set, as training evaluates it (the same
+    dequantisation noise and probes); for a density of images, the baselines beside it. ``ood``
+    (noise, inverted, or an image data set of the run's shape) also scores those data, writing
+    their likelihood histograms to ``RUN/ood-DATA.png``. ``ValueError`` where the run has no
+    density of images to score other data with."""
+    device = resolve_device(device)
+    model, config = load_run(run, device)
+    task, source = get_task(config.task), run_source(config)
+    flow = task.flow(model)
+    if ood is not None and (flow is None or not source.is_image):
+        raise ValueError(f"--ood needs a density model of images; {run} holds a {config.task} run on {config.data}")
+    if ood == config.data:
+        raise ValueError(f"--ood {ood} is the run's own data set: choose noise, inverted or another data set")
+    with evaluation_randomness(device):
+        comparison = None if ood is None else _compare(flow, config, source, ood, batch_size, progress)
+        density = None if comparison is None else comparison.in_distribution  # the usual evaluation
+        evaluation = task.evaluate(
+            model, source, batch_size=batch_size, progress=progress, density=density, eval_logdet=config.eval_logdet
+        )
+    figures, text = task.report(evaluation)
+    report = {"run": str(run), "data": config.data, "task": config.task, **figures}
+    lines = [text]
+    if flow is not None and source.is_image:
+        scores = baselines(source)
+        report["baselines"] = {name: asdict(value) for name, value in scores.items()}
+        lines += _baseline_lines(scores)
+    if comparison is None:
+        return RunReport(report, "\n".join(lines))
+    picture, error = Path(run) / f"ood-{ood}.png", None
+    try:
+        labels = (f"{config.data} test", ood)
+        plots.likelihood_histograms(
+            comparison.in_bits_per_dim, comparison.out_bits_per_dim, labels, comparison.auroc, path=picture
+        )
+    except OSError as failure:
+        error = failure
+    report["ood"] = {
+        "data": ood,
+        "in": asdict(comparison.in_distribution),
+        "out": asdict(comparison.out_of_distribution),
+        "auroc": comparison.auroc,
+        "picture": None if error else str(picture),
+    }
+    lines += _ood_lines(f"{config.data} test", ood, comparison, None if error else picture)
+    return RunReport(report, "\n".join(lines), picture, error)
+
+
+def _compare(
+    flow: DensityModel, config: TrainConfig, source: DataSource, ood: str, batch_size: int, progress: bool
+) -> OODReport:
+    """The likelihoods of the test set and of the ``ood`` data."""
+    generator = torch.Generator().manual_seed(config.seed)
+    out_images = ood_inputs(ood, source.test, source.levels, generator, config.data_dir, config.download)
+    estimator = eval_estimator(config.eval_logdet, discrete=True)
+    return compare_likelihoods(flow, source.test, out_images, estimator, batch_size=batch_size, progress=progress)
+
+
+def _ood_lines(in_name: str, out_name: str, comparison: OODReport, picture: Path | None) -> list[str]:
+    lines = [f"{'data set':<20} {'n':>6}  bits/dim"]
+    for name, result in ((in_name, comparison.in_distribution), (out_name, comparison.out_of_distribution)):
+        lines.append(f"{name:<20} {result.n:>6}  {result.bits_per_dim:.4f} +- {result.bits_per_dim_se:.4f}")
+    lines.append(f"AUROC {comparison.auroc:.4f} (in-distribution = higher likelihood)")
+    if picture is not None:
+        lines.append(f"likelihood histograms written to {picture}")
+    return lines
+
+
+def save_report(run: str | os.PathLike, report: dict[str, Any]) -> Path:
+    """``RUN/eval.json``, the report of :func:`evaluate_run` (``OSError`` where it cannot be written)."""
+    path = Path(run) / "eval.json"
+    path.write_text(json.dumps(report, indent=2))
+    return path
+
+
+def training_summary(result: TrainResult, config: TrainConfig) -> str:
+    """What ``iresnet train`` says of a completed run: where it is, its last test evaluation, and,
+    for a density of images, the baselines beside it."""
+    lines = [f"run written to {result.run_dir}"]
+    if result.evaluation is not None:
+        lines.append(str(result.evaluation))
+        if get_task(config.task).generative and image_spec(config.data) is not None:
+            lines += _baseline_lines(baselines(run_source(config)))
+    return "\n".join(lines)
