@@ -17,7 +17,7 @@ from iresnet.cli import main
 from iresnet.core.logdet import make_estimator
 from iresnet.train import TrainConfig, parse_override, resolve_config, train
 from iresnet.train.checkpoint import load_config
-from iresnet.train.evaluate import eval_estimator
+from iresnet.tasks import eval_estimator
 from iresnet.train.presets import PRESETS
 
 TINY = {"model": {"blocks": 2, "hidden": 16}, "batch_size": 64, "eval_size": 200, "log_every": 1}
@@ -106,7 +106,7 @@ def test_eval_estimator_reads_the_setting() -> None:
 def test_trainings_and_iresnet_evals_evaluations_use_eval_logdet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    evaluation = importlib.import_module("iresnet.train.evaluate")
+    evaluation = importlib.import_module("iresnet.tasks.density")  # where the density evaluation sets the estimator
     used = []
     original = evaluation.estimators_set_to
 
