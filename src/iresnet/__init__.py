@@ -8,6 +8,7 @@ References:
 """
 
 from .core.activations import LipSwish
+from .core.aol import AOL, aol
 from .core.certificates import circular_conv_bound, lipschitz_bound, operator_norm_bound
 from .core.inverse import InversionError, InversionReport, solve_fixed_point
 from .core.invertible import InvertibleLayer, sum_logdets
@@ -23,6 +24,7 @@ from .flows.multiscale import MultiScale
 __version__ = "0.1.0"
 
 __all__ = [
+    "AOL",
     "ActNorm",
     "Exact",
     "Flow",
@@ -41,6 +43,7 @@ __all__ = [
     "Sequential",
     "SpectralNorm",
     "Squeeze",
+    "aol",
     "as_transform",
     "circular_conv_bound",
     "converge_spectral_norms",

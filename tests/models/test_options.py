@@ -32,6 +32,7 @@ CLASSES = [ToyFlowOptions, ImageFlowOptions, HybridOptions, ClassifierOptions]
 # option: (a value of the wrong type, a value out of range or not among the choices, the message's start)
 SHARED = {
     "coeff": ("high", 1.0, r"coeff must be a number in \(0, 1\)"),
+    "lipschitz": (0.9, "orthogonal", "lipschitz must be one of 'spectral', 'aol'"),
     "activation": (3, "tanh", "activation must be one of 'lipswish', 'elu', 'relu'"),
     "power_iterations": (1.5, 0, "power_iterations must be an integer of at least 1"),
     "inverse_method": (None, "newton", "inverse_method must be one of 'fixed_point', 'anderson'"),

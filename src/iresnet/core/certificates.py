@@ -23,9 +23,11 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .activations import LipSwish
-from .lipschitz import records_input_shape, spectral_norms
+from .aol import AOL
+from .lipschitz import SpectralNorm, records_input_shape
 
 __all__ = ["lipschitz_bound", "operator_norm_bound", "circular_conv_bound", "design_bound"]
 
@@ -170,11 +172,25 @@ def _chain(g: nn.Module) -> Iterator[nn.Module]:
         yield g
 
 
+def _promised_norm(layer: nn.Linear | nn.Conv2d) -> float | None:
+    """The norm a layer's parametrizations promise, applied in order: an AOL rescaling sets it
+    to its coefficient (it may scale up), a spectral norm caps it at its own (it only scales down)."""
+    promised = None
+    if parametrize.is_parametrized(layer, "weight"):
+        for p in layer.parametrizations.weight:
+            if isinstance(p, AOL):
+                promised = p.coeff
+            elif isinstance(p, SpectralNorm):
+                promised = p.coeff if promised is None else min(promised, p.coeff)
+    return promised
+
+
 def design_bound(g: nn.Module) -> float | None:
     r"""The bound on :math:`\mathrm{Lip}(g)` that ``g``'s construction promises: the product of its
-    spectral norms' coefficients and its activations' constants, for a chain (see
-    :func:`lipschitz_bound`) whose every linear layer is spectral-normalised; ``None`` where
-    the construction promises nothing."""
+    spectral norms' and AOL layers' coefficients and its activations' constants, for a chain (see
+    :func:`lipschitz_bound`) whose every linear layer is spectral-normalised
+    (:func:`~iresnet.spectral_norm`) or AOL-rescaled (:func:`~iresnet.aol`); ``None`` where the
+    construction promises nothing."""
     bound = 1.0
     try:
         layers = list(_chain(g))
@@ -183,11 +199,11 @@ def design_bound(g: nn.Module) -> float | None:
     if not any(isinstance(layer, (nn.Linear, nn.Conv2d)) for layer in layers):
         return None  # no weight, no coefficient: nothing was promised
     for layer in layers:
-        norms = [p for _, p in spectral_norms(layer)]
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            if not norms:
+            coeff = _promised_norm(layer)
+            if coeff is None:
                 return None
-            bound *= min(p.coeff for p in norms)
+            bound *= coeff
         else:
             constant = _activation_lipschitz(layer)
             if constant is None:

@@ -30,6 +30,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -323,13 +324,23 @@ def spectral_norm(
     return module
 
 
-def spectral_norms(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralNorm]]:
-    """Every layer of ``model`` with a :class:`SpectralNorm` on its weight, with that parametrization."""
+_Parametrization = TypeVar("_Parametrization", bound=nn.Module)
+
+
+def weight_parametrizations(
+    model: nn.Module, kind: type[_Parametrization]
+) -> Iterator[tuple[nn.Module, _Parametrization]]:
+    """Every layer of ``model`` with a parametrization of type ``kind`` on its weight, with it."""
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
             for p in module.parametrizations.weight:
-                if isinstance(p, SpectralNorm):
+                if isinstance(p, kind):
                     yield module, p
+
+
+def spectral_norms(model: nn.Module) -> Iterator[tuple[nn.Module, SpectralNorm]]:
+    """Every layer of ``model`` with a :class:`SpectralNorm` on its weight, with that parametrization."""
+    return weight_parametrizations(model, SpectralNorm)
 
 
 @torch.no_grad()

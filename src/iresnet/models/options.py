@@ -8,8 +8,8 @@ the coefficient :data:`~iresnet.core.lipschitz.DEFAULT_COEFF`, the power iterati
 :data:`~iresnet.core.lipschitz.DEFAULT_POWER_ITERATIONS`, the inverse's cap
 :data:`~iresnet.core.inverse.MAX_ITER`; the rest are defined here, once.
 
-- :class:`BranchOptions`: what every residual block shares, its branch (``coeff``, ``activation``,
-  ``power_iterations``) and its inverse (``inverse_method``, ``atol``, ``rtol``, ``max_iter``).
+- :class:`BranchOptions`: what every residual block shares, its branch (``coeff``, ``lipschitz``,
+  ``activation``, ``power_iterations``) and its inverse (``inverse_method``, ``atol``, ``rtol``, ``max_iter``).
 - :class:`FlowOptions`: a flow's blocks also estimate a log-determinant (``logdet``), and the flow
   has a base density (``learned_prior``). A flow's ``coeff`` must lie in :math:`(0, 1)`.
 - :class:`ToyFlowOptions`, :class:`ImageFlowOptions`, :class:`HybridOptions` and
@@ -42,7 +42,7 @@ from ..core.inverse import INVERSE_METHODS, MAX_ITER
 from ..core.lipschitz import DEFAULT_COEFF, DEFAULT_POWER_ITERATIONS
 from ..core.logdet import LogDetEstimator, make_estimator, update_spec
 from ..core.validation import check_choice, check_coeff, check_count, check_flag, check_interval, check_stages
-from .branches import ACTIVATIONS
+from .branches import ACTIVATIONS, LIPSCHITZ
 
 __all__ = [
     "BranchOptions",
@@ -67,8 +67,13 @@ class BranchOptions:
     Arguments:
         coeff: the bound on each spectral-normalised layer's norm, and so on each branch's
             Lipschitz constant, in :math:`(0, 1)`.
+        lipschitz: how each branch layer's norm is held at ``coeff``: ``"spectral"``, spectral
+            normalisation (:func:`~iresnet.spectral_norm`, power iteration), or ``"aol"``, the
+            almost-orthogonal rescaling (:func:`~iresnet.aol`: guaranteed at every step, nothing
+            to converge, looser).
         activation: the branches' activation, ``"lipswish"``, ``"elu"`` or ``"relu"`` (all 1-Lipschitz).
-        power_iterations: power-iteration steps per training evaluation of a normalised weight.
+        power_iterations: power-iteration steps per training evaluation of a normalised weight
+            (spectral normalisation only).
         inverse_method: how a block is inverted, ``"fixed_point"`` (Banach iteration) or ``"anderson"``.
         atol, rtol: the inversion's stopping rule :math:`|f(x) - x| \\le atol + rtol |f(x)|`
             (``None``: by dtype, about 1e-5 in float32 and 1e-10 in float64).
@@ -81,6 +86,7 @@ class BranchOptions:
     """Whether ``coeff=None`` (unnormalised branches) is allowed."""
 
     coeff: float = DEFAULT_COEFF
+    lipschitz: str = LIPSCHITZ[0]
     activation: str = "lipswish"
     power_iterations: int = DEFAULT_POWER_ITERATIONS
     inverse_method: str = INVERSE_METHODS[0]
@@ -90,6 +96,7 @@ class BranchOptions:
 
     def __post_init__(self) -> None:
         check_coeff(self.coeff, optional=self.coeff_optional)
+        check_choice("lipschitz", self.lipschitz, LIPSCHITZ)
         check_choice("activation", self.activation, tuple(ACTIVATIONS))
         check_count("power_iterations", self.power_iterations)
         check_choice("inverse_method", self.inverse_method, INVERSE_METHODS)
@@ -141,7 +148,7 @@ class BranchOptions:
 
     def branch_options(self) -> dict[str, Any]:
         """The keyword arguments of the branch builders in :mod:`iresnet.models.branches`."""
-        return {"activation": self.activation, "power_iterations": self.power_iterations}
+        return {"activation": self.activation, "power_iterations": self.power_iterations, "lipschitz": self.lipschitz}
 
     def block_options(self) -> dict[str, Any]:
         """The keyword arguments of every :class:`~iresnet.ResidualBlock`: the inverse's settings."""
