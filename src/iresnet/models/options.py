@@ -65,7 +65,7 @@ class BranchOptions:
     """What every residual block of a model shares: its branch and its inverse.
 
     Arguments:
-        coeff: the bound on each spectral-normalised layer's norm, and so on each branch's
+        coeff: the bound on each branch layer's norm (see ``lipschitz``), and so on each branch's
             Lipschitz constant, in :math:`(0, 1)`.
         lipschitz: how each branch layer's norm is held at ``coeff``: ``"spectral"``, spectral
             normalisation (:func:`~iresnet.spectral_norm`, power iteration), or ``"aol"``, the
