@@ -61,9 +61,9 @@ def aol_conv(channels: int, hidden: int, coeff: float, activation: str = "lipswi
     coeff=st.floats(0.1, 1.5),
     seed=st.integers(0, 2**16),
 )
-def test_linear_exact_norm_is_at_most_coeff(n_in, n_out, scale, coeff, seed):
+def test_linear_exact_norm_is_at_most_coeff(device, n_in, n_out, scale, coeff, seed):
     torch.manual_seed(seed)
-    layer = iresnet.aol(nn.Linear(n_in, n_out).to(DTYPE), coeff)
+    layer = iresnet.aol(nn.Linear(n_in, n_out).to(device=device, dtype=DTYPE), coeff)
     with torch.no_grad():
         layer.parametrizations.weight.original.mul_(scale)
     assert exact_norm(layer, (n_in,)) <= coeff * ROUNDING
@@ -80,38 +80,40 @@ def test_linear_exact_norm_is_at_most_coeff(n_in, n_out, scale, coeff, seed):
     size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
     seed=st.integers(0, 2**16),
 )
-def test_conv_exact_norm_is_at_most_coeff(c_in, c_out, kernel, stride, padding, dilation, size, seed):
+def test_conv_exact_norm_is_at_most_coeff(device, c_in, c_out, kernel, stride, padding, dilation, size, seed):
     """Every stride, zero padding and dilation, and maps from one pixel up: the zero-padded,
     strided operator is a restriction of the convolution on the infinite grid."""
     span = [d * (k - 1) + 1 for d, k in zip(dilation, kernel)]
     size = tuple(max(s, sp - 2 * p) for s, sp, p in zip(size, span, padding))  # at least one output
     torch.manual_seed(seed)
-    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation).to(DTYPE)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation).to(device=device, dtype=DTYPE)
     layer = iresnet.aol(conv, 0.9)
     assert exact_norm(layer, (c_in, *size)) <= 0.9 * ROUNDING
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
-def test_conv_padded_by_name_is_bounded(padding):
-    layer = iresnet.aol(nn.Conv2d(3, 2, 3, padding=padding, dilation=2).to(DTYPE), 0.8)
-    out = layer(torch.randn(1, 3, 7, 7, dtype=DTYPE))
+def test_conv_padded_by_name_is_bounded(device, padding):
+    layer = iresnet.aol(nn.Conv2d(3, 2, 3, padding=padding, dilation=2).to(device=device, dtype=DTYPE), 0.8)
+    out = layer(torch.randn(1, 3, 7, 7, dtype=DTYPE, device=device))
     n = 3 * 7 * 7
-    columns = F.conv2d(torch.eye(n, dtype=DTYPE).view(n, 3, 7, 7), layer.weight, None, 1, padding, 2)
+    columns = F.conv2d(torch.eye(n, dtype=DTYPE, device=device).view(n, 3, 7, 7), layer.weight, None, 1, padding, 2)
     assert columns.shape[2:] == out.shape[2:]
     assert torch.linalg.matrix_norm(columns.reshape(n, -1), 2) <= 0.8 * ROUNDING
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [1, 8, 64, 200])
-def test_orthogonal_weight_meets_the_bound_without_rounding_over_it(dtype, n):
+def test_orthogonal_weight_meets_the_bound_without_rounding_over_it(device, dtype, n):
     """An orthogonal W has W^T W = I, so D = I and the norm is exactly coeff: the bound is
     tight there, and the margin on the row sums keeps float32 rounding below it."""
     worst = 0.0
     for seed in range(5):
         torch.manual_seed(seed)
-        layer = iresnet.aol(nn.Linear(n, n).to(dtype), 0.9)
+        layer = iresnet.aol(nn.Linear(n, n).to(device=device, dtype=dtype), 0.9)
         with torch.no_grad():
-            layer.parametrizations.weight.original.copy_(torch.linalg.qr(torch.randn(n, n, dtype=DTYPE))[0])
+            layer.parametrizations.weight.original.copy_(
+                torch.linalg.qr(torch.randn(n, n, dtype=DTYPE, device=device))[0]
+            )
         worst = max(worst, exact_norm(layer, (n,)))
     assert 0.9 * (1 - 1e-4) < worst <= 0.9
 
@@ -212,19 +214,19 @@ def lipschitz_ratio(g: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (diff.pow(2).sum(1) / delta.flatten(1).pow(2).sum(1)).mean()
 
 
-def layer_norms(g: nn.Module, input_shape: tuple[int, ...]) -> list[float]:
+def layer_norms(g: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> list[float]:
     """The exact norm of each linear layer of a pre-activation branch (shapes tracked through it)."""
     norms, shape = [], input_shape
     for layer in g:
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
             norms.append(exact_norm(layer, shape))
         with torch.no_grad():
-            shape = tuple(layer(torch.zeros(1, *shape, dtype=DTYPE)).shape[1:])
+            shape = tuple(layer(torch.zeros(1, *shape, dtype=DTYPE, device=device)).shape[1:])
     return norms
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])
-def test_adversarial_training_never_lifts_the_exact_norm(kind):
+def test_adversarial_training_never_lifts_the_exact_norm(device, kind):
     """Adam at lr 0.05 maximising the branches' Lipschitz constants: at every step each layer's
     exact norm is at most coeff, and the certified chain bound at most coeff^3 < 1."""
     coeff = 0.97
@@ -234,16 +236,16 @@ def test_adversarial_training_never_lifts_the_exact_norm(kind):
     else:
         shape = (2, 6, 6)
         branches = [aol_conv(2, 8, coeff, activation="elu") for _ in range(2)]
-    model = iresnet.Sequential(*[iresnet.ResidualBlock(g.to(DTYPE), None) for g in branches])
+    model = iresnet.Sequential(*[iresnet.ResidualBlock(g.to(device=device, dtype=DTYPE), None) for g in branches])
     optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
     worst_layer, start, end = 0.0, None, None
     for _ in range(60):
-        x = torch.randn(32, *shape, dtype=DTYPE)
+        x = torch.randn(32, *shape, dtype=DTYPE, device=device)
         loss = -sum(lipschitz_ratio(block.g, x) for block in model)
         optimizer.zero_grad()
         loss.backward()
         for block in model:
-            worst_layer = max(worst_layer, *layer_norms(block.g, shape))
+            worst_layer = max(worst_layer, *layer_norms(block.g, shape, device))
         bound = max(iresnet.lipschitz_bound(block.g, shape) for block in model)
         assert bound <= coeff**3 * ROUNDING
         start = bound if start is None else start
@@ -270,9 +272,9 @@ BRANCHES = [
 
 
 @pytest.mark.parametrize("make, shape", BRANCHES)
-def test_block_inverse_and_exact_logdet(make, shape):
-    block = iresnet.ResidualBlock(make().to(DTYPE), "exact")
-    x = 2 * torch.randn(5, *shape, dtype=DTYPE)
+def test_block_inverse_and_exact_logdet(device, make, shape):
+    block = iresnet.ResidualBlock(make().to(device=device, dtype=DTYPE), "exact")
+    x = 2 * torch.randn(5, *shape, dtype=DTYPE, device=device)
     y, logdet = block(x)
     torch.testing.assert_close(block.inverse(y), x, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(logdet, jacobian_logdet(block, x), atol=1e-10, rtol=1e-10)
@@ -284,13 +286,13 @@ def test_block_inverse_and_exact_logdet(make, shape):
 
 @pytest.mark.parametrize("estimator", ["series", "roulette"])
 @pytest.mark.parametrize("make, shape", BRANCHES)
-def test_explicit_path_equals_autograd_path(make, shape, estimator):
+def test_explicit_path_equals_autograd_path(device, make, shape, estimator):
     """linearize reads the AOL weight under parametrize.cached(): the explicit products give the
     autograd path's log-det and gradients for the input and every parameter."""
     options = {"n_probes": 2} if estimator == "series" else {"n_exact_terms": 2}
     estimator_of = iresnet.PowerSeries if estimator == "series" else iresnet.Roulette
-    g = make().to(DTYPE)
-    x = 1.5 * torch.randn(3, *shape, dtype=DTYPE)
+    g = make().to(device=device, dtype=DTYPE)
+    x = 1.5 * torch.randn(3, *shape, dtype=DTYPE, device=device)
     products = iresnet.linearize(g, x)
     v = torch.randn_like(x)
     torch.testing.assert_close(products.jvp(v), torch.func.jvp(g, (x,), (v,))[1], rtol=1e-12, atol=1e-12)
@@ -301,7 +303,7 @@ def test_explicit_path_equals_autograd_path(make, shape, estimator):
         torch.manual_seed(5)
         xx = x.clone().requires_grad_()
         y, logdet = block(xx)
-        r = torch.linspace(-1, 1, y.numel(), dtype=DTYPE).view_as(y)
+        r = torch.linspace(-1, 1, y.numel(), dtype=DTYPE, device=device).view_as(y)
         grads = torch.autograd.grad(logdet.sum() + (r * y).sum(), [xx, *block.parameters()])
         results.append((logdet.detach(), grads))
     (value, grads), (reference, reference_grads) = results
