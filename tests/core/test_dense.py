@@ -1,7 +1,7 @@
 """i-DenseNets (Perugachi-Diaz, Tomczak, Bhulai, NeurIPS 2021) in float64: CLipSwish's Lipschitz
 constant measured, the dense layers' and dense branches' certificates against exact Jacobian
 norms, residual blocks of dense branches (inverse, log-det, gradients), the explicit Jacobian
-products against autograd."""
+products against autograd, and the builders' ``block`` option."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import iresnet
 from helpers import binding, jacobian_logdet
 from iresnet.core.activations import CLIPSWISH_CONSTANT
 from iresnet.core.certificates import design_bound
-from iresnet.models import branches
+from iresnet.models import branches, image_flow, toy_flow
 
 DTYPE = torch.float64
 PATHS = dict(rtol=1e-10, atol=1e-10)
@@ -268,3 +268,30 @@ def test_dense_branch_property(dim, growth, layers, coeff, seed):
     block = iresnet.ResidualBlock(g, "exact")
     y, _ = block(x)
     torch.testing.assert_close(block.inverse(y), x, rtol=1e-8, atol=1e-8)
+
+
+# 4. The builders' option ----------------------------------------------------------------------
+
+
+def test_block_option_reaches_the_toy_flow():
+    model = toy_flow(2, blocks=2, hidden=8, depth=3, block="densenet")
+    blocks = [m for m in model.modules() if isinstance(m, iresnet.ResidualBlock)]
+    assert len(blocks) == 2
+    for block in blocks:
+        assert sum(isinstance(m, iresnet.DenseLayer) for m in block.g.modules()) == 2
+        assert any(isinstance(m, iresnet.CLipSwish) for m in block.g.modules())
+        assert block.jacobian_path == "explicit"
+        assert design_bound(block.g) == pytest.approx(0.9)
+    assert model(torch.randn(5, 2)).shape == (5,)
+    plain = toy_flow(2, blocks=1, hidden=8)
+    assert not any(isinstance(m, iresnet.DenseLayer) for m in plain.modules())
+
+
+def test_block_option_reaches_the_image_flow():
+    model = image_flow((1, 8, 8), 17, scales=2, blocks=1, hidden=8, fc_blocks=1, fc_hidden=8, block="densenet")
+    blocks = [m for m in model.modules() if isinstance(m, iresnet.ResidualBlock)]
+    assert len(blocks) == 3
+    assert all(any(isinstance(m, iresnet.DenseLayer) for m in b.g.modules()) for b in blocks)
+    assert model(torch.randint(0, 17, (3, 1, 8, 8))).shape == (3,)
+    with pytest.raises(ValueError, match="block must be one of 'resflow', 'densenet'"):
+        image_flow((1, 8, 8), 17, block="dense")
