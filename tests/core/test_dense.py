@@ -295,3 +295,28 @@ def test_block_option_reaches_the_image_flow():
     assert model(torch.randint(0, 17, (3, 1, 8, 8))).shape == (3,)
     with pytest.raises(ValueError, match="block must be one of 'resflow', 'densenet'"):
         image_flow((1, 8, 8), 17, block="dense")
+
+
+# 5. The compiled inverse ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["vector", "conv"])
+def test_dense_branch_as_a_function_of_its_tensors(kind):
+    """The compiled inverse's description of a dense branch (its tensors and a static spec)
+    evaluates to g itself."""
+    from iresnet.core.compiled import _described, _evaluate
+
+    shape = (3,) if kind == "vector" else (2, 4, 4)
+    x = torch.randn(3, *shape, dtype=DTYPE)
+    g = converged(with_learned_eta(binding(vector_branch() if kind == "vector" else image_branch())), x)
+    tensors, spec = _described(g)
+    torch.testing.assert_close(_evaluate(x, tensors, spec), g(x), rtol=0, atol=1e-14)
+
+
+def test_compiled_inverse_of_a_dense_block():
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, dtype=DTYPE)
+    g = converged(with_learned_eta(binding(vector_branch(2, 4, 2))), x)
+    block = iresnet.ResidualBlock(g, "exact", compile_inverse=True)
+    y, _ = block(x)
+    torch.testing.assert_close(block.inverse(y), x, rtol=1e-8, atol=1e-8)

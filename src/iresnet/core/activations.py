@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CLipSwish", "CLIPSWISH_CONSTANT", "LipSwish"]
+__all__ = ["CLipSwish", "CLIPSWISH_CONSTANT", "LipSwish", "clipswish"]
 
 
 class _LearnableBeta(nn.Module):
@@ -98,6 +98,11 @@ class CLipSwish(_LearnableBeta):
     """
 
     def forward(self, z: Tensor) -> Tensor:
-        beta_z = self.beta * z
-        both = torch.cat([z * torch.sigmoid(beta_z), -z * torch.sigmoid(-beta_z)], dim=1)
-        return both / CLIPSWISH_CONSTANT
+        return clipswish(z, self.beta)
+
+
+def clipswish(z: Tensor, beta: Tensor) -> Tensor:
+    """:class:`CLipSwish` as a function of its input and :math:`\\beta`."""
+    beta_z = beta * z
+    both = torch.cat([z * torch.sigmoid(beta_z), -z * torch.sigmoid(-beta_z)], dim=1)
+    return both / CLIPSWISH_CONSTANT

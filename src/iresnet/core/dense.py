@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .jacobian import LayerJacobian, chain_factor_gradients, linearize, register_linearization
 
-__all__ = ["DenseLayer", "ETA_FLOOR"]
+__all__ = ["DenseLayer", "ETA_FLOOR", "dense_weights"]
 
 ETA_FLOOR = 0.1
 """The floor added to each weight's softplus before normalisation (the paper's)."""
@@ -81,8 +81,7 @@ class DenseLayer(nn.Module):
     @property
     def eta(self) -> Tensor:
         r"""The weights :math:`(\eta_1, \eta_2)`, of norm ``coeff``."""
-        eta = F.softplus(self.raw_eta) + ETA_FLOOR
-        return eta * (self.coeff / torch.linalg.vector_norm(eta))
+        return dense_weights(self.raw_eta, self.coeff)
 
     def forward(self, x: Tensor) -> Tensor:
         eta = self.eta
@@ -90,6 +89,13 @@ class DenseLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"coeff={self.coeff:g}, learnable={isinstance(self.raw_eta, nn.Parameter)}"
+
+
+def dense_weights(raw_eta: Tensor, coeff: float) -> Tensor:
+    r"""The weights :math:`\eta = c \, \hat\eta / \|\hat\eta\|`, :math:`\hat\eta =
+    \mathrm{softplus}(\kappa) + 0.1`, from :math:`\kappa` = ``raw_eta``."""
+    eta = F.softplus(raw_eta) + ETA_FLOOR
+    return eta * (coeff / torch.linalg.vector_norm(eta))
 
 
 class _DenseJacobian:
