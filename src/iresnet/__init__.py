@@ -7,9 +7,10 @@ References:
     https://arxiv.org/abs/1906.02735
 """
 
-from .core.activations import LipSwish
+from .core.activations import CLipSwish, LipSwish
 from .core.aol import AOL, aol
 from .core.certificates import circular_conv_bound, lipschitz_bound, operator_norm_bound
+from .core.dense import DenseLayer
 from .core.inverse import InversionError, InversionReport, solve_fixed_point
 from .core.invertible import InvertibleLayer, sum_logdets
 from .core.jacobian import Linearization, linearize, register_linearization
@@ -26,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AOL",
     "ActNorm",
+    "CLipSwish",
+    "DenseLayer",
     "Exact",
     "Flow",
     "InjectivePad",

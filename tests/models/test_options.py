@@ -43,6 +43,7 @@ SHARED = {
 FLOW = {
     "logdet": (3, "hutchinson", "logdet must be one of 'exact', 'series', 'roulette'"),
     "learned_prior": ("yes", 1, "learned_prior must be true or false"),
+    "block": (1, "dense", "block must be one of 'resflow', 'densenet'"),
 }
 BAD = {
     ToyFlowOptions: {
@@ -258,3 +259,11 @@ def test_merge_options_merges_the_estimators_options_while_its_name_stays() -> N
     assert merge_options({"logdet": "roulette"}, {"logdet": {"p": 0.3}})["logdet"] == {"name": "roulette", "p": 0.3}
     assert merge_options(base, {"hidden": 64}) == {**base, "hidden": 64}
     assert base["logdet"] == {"name": "roulette", "distribution": "poisson", "memory_efficient": True}  # untouched
+
+
+def test_dense_branches_refuse_the_aol_constraint_they_would_ignore() -> None:
+    from iresnet.models.options import ToyFlowOptions
+
+    with pytest.raises(ValueError, match="block 'densenet' holds its layers' norms by spectral normalisation"):
+        ToyFlowOptions(block="densenet", lipschitz="aol")
+    ToyFlowOptions(block="densenet", lipschitz="spectral")

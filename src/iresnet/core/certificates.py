@@ -8,11 +8,17 @@ which bounds the zero-padded, strided operator. A chain of layers is bounded by 
 
 .. math:: \mathrm{Lip}(g) \le \prod_i \|W_i\|_2 \prod_j \mathrm{Lip}(\phi_j).
 
+A dense layer :math:`x \mapsto [\eta_1 x, \eta_2 f(x)]` (:class:`~iresnet.core.dense.DenseLayer`)
+counts :math:`\sqrt{\eta_1^2 + \eta_2^2 \mathrm{Lip}(f)^2}`, with :math:`f` bounded the same way.
+
 References:
     Behrmann et al., "Invertible Residual Networks", ICML 2019, https://arxiv.org/abs/1811.00995
 
     Sedghi, Gupta, Long, "The Singular Values of Convolutional Layers", ICLR 2019,
     https://arxiv.org/abs/1805.10408
+
+    Perugachi-Diaz, Tomczak, Bhulai, "Invertible DenseNets with Concatenated LipSwish",
+    NeurIPS 2021, https://arxiv.org/abs/2102.02694
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .activations import LipSwish
+from .activations import CLipSwish, LipSwish
 from .aol import AOL
+from .dense import DenseLayer
 from .lipschitz import SpectralNorm, records_input_shape
 
 __all__ = ["lipschitz_bound", "operator_norm_bound", "circular_conv_bound", "design_bound"]
@@ -138,7 +145,7 @@ def _conv_output_size(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> tuple[i
     )
 
 
-_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten, LipSwish)
+_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten, LipSwish, CLipSwish)
 
 
 def _activation_lipschitz(module: nn.Module) -> float | None:
@@ -190,15 +197,23 @@ def design_bound(g: nn.Module) -> float | None:
     spectral norms' and AOL layers' coefficients and its activations' constants, for a chain (see
     :func:`lipschitz_bound`) whose every linear layer is spectral-normalised
     (:func:`~iresnet.spectral_norm`) or AOL-rescaled (:func:`~iresnet.aol`); ``None`` where the
-    construction promises nothing."""
+    construction promises nothing. A dense layer whose network promises :math:`L` promises
+    :math:`c \max(1, L)`, its weights' norm :math:`c` times the most :math:`\sqrt{\eta_1^2 +
+    \eta_2^2 L^2}` can reach for any weights of that norm."""
     bound = 1.0
     try:
         layers = list(_chain(g))
     except TypeError:
         return None
-    if not any(isinstance(layer, (nn.Linear, nn.Conv2d)) for layer in layers):
+    if not any(isinstance(layer, (nn.Linear, nn.Conv2d, DenseLayer)) for layer in layers):
         return None  # no weight, no coefficient: nothing was promised
     for layer in layers:
+        if isinstance(layer, DenseLayer):
+            inner = design_bound(layer.network)
+            if inner is None:
+                return None
+            bound *= layer.coeff * max(1.0, inner)
+            continue
         if isinstance(layer, (nn.Linear, nn.Conv2d)):
             coeff = _promised_norm(layer)
             if coeff is None:
@@ -246,13 +261,17 @@ def lipschitz_bound(g: nn.Module, input_shape: tuple[int, ...]) -> float:
         for layer in _chain(g):
             if isinstance(layer, (nn.Linear, nn.Conv2d)):
                 bound *= operator_norm_bound(layer, shape)
+            elif isinstance(layer, DenseLayer):
+                eta = layer.eta.detach().double()
+                inner = lipschitz_bound(layer.network, shape)
+                bound *= torch.sqrt(eta[0] ** 2 + (eta[1] * inner) ** 2).item()
             else:
                 constant = _activation_lipschitz(layer)
                 if constant is None:
                     raise TypeError(
                         f"cannot certify the Lipschitz constant of {type(layer).__name__}; "
-                        "lipschitz_bound knows Linear, Conv2d, LipSwish, ReLU, ELU, LeakyReLU, "
-                        "Tanh, Sigmoid, Identity, Dropout, Flatten and Unflatten"
+                        "lipschitz_bound knows Linear, Conv2d, DenseLayer, LipSwish, CLipSwish, ReLU, ELU, "
+                        "LeakyReLU, Tanh, Sigmoid, Identity, Dropout, Flatten and Unflatten"
                     )
                 bound *= constant
             probe = torch.zeros((1, *shape), dtype=_dtype_of(layer, g))

@@ -19,13 +19,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .activations import LipSwish
+from .activations import CLipSwish, LipSwish, clipswish
+from .dense import DenseLayer, dense_weights
 from .inverse import iteration_step
 from .jacobian import linearization_refusal, parts
 
@@ -48,6 +49,9 @@ Spec = tuple[tuple, ...]
 
 def _describe(part: nn.Module) -> tuple[tuple, list[Tensor]]:
     """A layer's static description and its tensors."""
+    if isinstance(part, DenseLayer):
+        tensors, spec = _described_parts(part.network)
+        return ("dense", part.coeff, spec), [part.raw_eta, *tensors]
     if isinstance(part, nn.Linear):
         return ("linear", part.bias is not None), [part.weight] + ([part.bias] if part.bias is not None else [])
     if isinstance(part, nn.Conv2d):
@@ -55,6 +59,8 @@ def _describe(part: nn.Module) -> tuple[tuple, list[Tensor]]:
         return static, [part.weight] + ([part.bias] if part.bias is not None else [])
     if isinstance(part, LipSwish):
         return ("lipswish",), [part.raw_beta]
+    if isinstance(part, CLipSwish):
+        return ("clipswish",), [part.raw_beta]
     if isinstance(part, nn.ELU):
         return ("elu", part.alpha), []
     if isinstance(part, nn.ReLU):
@@ -69,7 +75,10 @@ def _describe(part: nn.Module) -> tuple[tuple, list[Tensor]]:
 
 
 def _evaluate(x: Tensor, tensors: list[Tensor], spec: Spec) -> Tensor:
-    remaining = iter(tensors)
+    return _run(x, iter(tensors), spec)
+
+
+def _run(x: Tensor, remaining: Iterator[Tensor], spec: Spec) -> Tensor:
     for kind, *static in spec:
         if kind in ("linear", "conv"):
             weight = next(remaining)
@@ -77,6 +86,11 @@ def _evaluate(x: Tensor, tensors: list[Tensor], spec: Spec) -> Tensor:
             x = F.linear(x, weight, bias) if kind == "linear" else F.conv2d(x, weight, bias, *static[1:])
         elif kind == "lipswish":
             x = x * torch.sigmoid(F.softplus(next(remaining)) * x) / 1.1
+        elif kind == "clipswish":
+            x = clipswish(x, F.softplus(next(remaining)))
+        elif kind == "dense":
+            eta = dense_weights(next(remaining), static[0])
+            x = torch.cat([eta[0] * x, eta[1] * _run(x, remaining, static[1])], dim=1)
         elif kind == "elu":
             x = F.elu(x, static[0])
         elif kind == "relu":
@@ -99,6 +113,10 @@ def _described(g: nn.Module) -> tuple[list[Tensor], Spec]:
     refusal = linearization_refusal(g)
     if refusal is not None:
         raise TypeError(f"cannot compile the branch as a function: {refusal}")
+    return _described_parts(g)
+
+
+def _described_parts(g: nn.Module) -> tuple[list[Tensor], Spec]:
     spec, tensors = [], []
     for part in parts(g):
         static, own = _describe(part)

@@ -15,7 +15,7 @@ estimated from them is differentiated by one ordinary, first-order backward pass
 
 Which modules are linearised is a registry keyed by exact type (:func:`register_linearization`):
 ``nn.Linear``, ``nn.Conv2d`` (spectral-normalised or not, zero padding), :class:`LipSwish`,
-``nn.ELU``, ``nn.ReLU``, ``nn.Identity``, ``nn.Flatten``, ``nn.Unflatten`` and plain
+:class:`CLipSwish`, ``nn.ELU``, ``nn.ReLU``, ``nn.Identity``, ``nn.Flatten``, ``nn.Unflatten`` and plain
 ``nn.Sequential`` chains of them. Anything else (a subclass with its own ``forward``, a module
 with forward hooks) is refused, and :class:`~iresnet.ResidualBlock` falls back to autograd.
 
@@ -40,7 +40,7 @@ from torch.nn.modules import module as global_hooks
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
-from .activations import LipSwish
+from .activations import CLIPSWISH_CONSTANT, CLipSwish, LipSwish
 from .lipschitz import records_input_shape
 
 __all__ = ["Linearization", "linearize", "linearization_refusal", "register_linearization"]
@@ -92,7 +92,10 @@ class _Diagonal:
         return [self.a, *self.parameters]
 
     def rebuilt(self, tensors: Iterator[Tensor]) -> _Diagonal:
-        return _Diagonal(self.derivative, next(tensors), *(next(tensors) for _ in self.parameters))
+        return type(self)(self.derivative, next(tensors), *(next(tensors) for _ in self.parameters))
+
+    def cache_factors(self) -> None:
+        self.factor()
 
     def factor_gradients(self, r: Tensor, t: Tensor) -> list[Tensor | None]:
         # through phi'(a, *parameters) alone: a small graph, released at once
@@ -102,6 +105,26 @@ class _Diagonal:
             if not derivative.requires_grad:  # piecewise constant (ReLU)
                 return [None] * len(inputs)
             return list(torch.autograd.grad(derivative, inputs, r * t, allow_unused=True))
+
+
+class _Concatenated(_Diagonal):
+    """CLipSwish's Jacobian at ``a``: with ``f = phi'(a)`` the slope of Swish (``1 - f`` that of
+    its mirror image), ``J t = [f t, (f - 1) t] / L`` along dimension 1 and ``J^T [u_1, u_2] = (f u_1
+    + (f - 1) u_2) / L``."""
+
+    def jvp(self, t: Tensor) -> Tensor:
+        f = self.factor()
+        return torch.cat([f * t, (f - 1) * t], dim=1) / CLIPSWISH_CONSTANT
+
+    def vjp(self, u: Tensor) -> Tensor:
+        f = self.factor()
+        first, second = u.chunk(2, dim=1)
+        return (f * first + (f - 1) * second) / CLIPSWISH_CONSTANT
+
+    def factor_gradients(self, r: Tensor, t: Tensor) -> list[Tensor | None]:
+        # <r, J t> = <(r_1 + r_2) / L, f t> + a term free of f
+        first, second = r.chunk(2, dim=1)
+        return super().factor_gradients((first + second) / CLIPSWISH_CONSTANT, t)
 
 
 class _Dense:
@@ -187,17 +210,27 @@ Rule = Callable[[nn.Module, Tensor], tuple[Tensor, LayerJacobian | None]]
 """A linearisation rule: ``(module, input) -> (output, Jacobian)``; ``None`` for the identity."""
 
 _RULES: dict[type[nn.Module], Rule] = {}
+_INNER: dict[type[nn.Module], Callable[[nn.Module], list[nn.Module]]] = {}
 
 
-def register_linearization(module_type: type[nn.Module], rule: Rule) -> None:
+def register_linearization(
+    module_type: type[nn.Module], rule: Rule, *, inner: Callable[[nn.Module], list[nn.Module]] | None = None
+) -> None:
     """Teach :func:`linearize` a module type (matched exactly, not its subclasses): ``rule(module,
     h)`` returns the module's output at ``h`` and its Jacobian there, an object with the methods
     of :class:`LayerJacobian` (``jvp``, ``vjp``, and for the Neumann gradient ``graph_tensors``,
-    ``rebuilt`` and ``factor_gradients``), or ``None`` for the identity. The output must equal
-    ``module(h)``; the factors must carry the graph to the parameters and to ``h``; ``jvp`` and
-    ``vjp`` must not change Python state after their first call (they run inside a compiled
-    ``while_loop``)."""
+    ``rebuilt`` and ``factor_gradients``; ``cache_factors`` if it computes factors at first use),
+    or ``None`` for the identity. The output must equal ``module(h)``; the factors must carry the
+    graph to the parameters and to ``h``; ``jvp`` and ``vjp`` must not change Python state after
+    their first call (they run inside a compiled ``while_loop``).
+
+    A module that holds other modules and linearises them (with :func:`linearize`) names them
+    by ``inner(module)``: :func:`linearization_refusal` then refuses it where it refuses one of them."""
     _RULES[module_type] = rule
+    if inner is None:
+        _INNER.pop(module_type, None)
+    else:
+        _INNER[module_type] = inner
 
 
 def _affine(layer: nn.Linear | nn.Conv2d, h: Tensor) -> tuple[Tensor, LayerJacobian]:
@@ -217,6 +250,17 @@ def _lipswish_derivative(a: Tensor, raw_beta: Tensor) -> Tensor:
 
 def _lipswish(act: LipSwish, a: Tensor) -> tuple[Tensor, LayerJacobian]:
     return act(a), _Diagonal(_lipswish_derivative, a, act.raw_beta)
+
+
+def _swish_derivative(a: Tensor, raw_beta: Tensor) -> Tensor:
+    """The slope of Swish z sigmoid(beta z): s (1 + beta a (1 - s)), s = sigmoid(beta a)."""
+    beta_a = F.softplus(raw_beta) * a
+    s = torch.sigmoid(beta_a)
+    return s * (1 + beta_a * (1 - s))
+
+
+def _clipswish(act: CLipSwish, a: Tensor) -> tuple[Tensor, LayerJacobian]:
+    return act(a), _Concatenated(_swish_derivative, a, act.raw_beta)
 
 
 def _elu(act: nn.ELU, a: Tensor) -> tuple[Tensor, LayerJacobian]:
@@ -241,6 +285,7 @@ for _type, _rule in (
     (nn.Linear, _affine),
     (nn.Conv2d, _affine),
     (LipSwish, _lipswish),
+    (CLipSwish, _clipswish),
     (nn.ELU, _elu),
     (nn.ReLU, _relu),
     (nn.Identity, lambda _, h: (h, None)),
@@ -261,8 +306,9 @@ class Linearization:
         """Compute every factor for the current grad mode now (they are otherwise computed at
         first use), for code that must not change Python state, such as a ``while_loop`` body."""
         for layer in self.layers:
-            if isinstance(layer, _Diagonal):
-                layer.factor()
+            cache = getattr(layer, "cache_factors", None)
+            if cache is not None:
+                cache()
 
     def jvp(self, v: Tensor) -> Tensor:
         """:math:`J_g(x) v` for a batch ``v`` shaped like ``x``."""
@@ -316,16 +362,25 @@ class _SurrogateGradient(torch.autograd.Function):
         w, v, *tensors = ctx.saved_tensors
         remaining = iter(tensors)
         layers = [layer.rebuilt(remaining) for layer in ctx.layers]
-        tangents = [v]
-        for layer in layers[:-1]:
-            tangents.append(layer.jvp(tangents[-1]))
         r = upstream.view(-1, *[1] * (w.dim() - 1)) * w
-        grads: list[Tensor | None] = []
-        for i in reversed(range(len(layers))):
-            grads[:0] = layers[i].factor_gradients(r, tangents[i])
-            if i:
-                r = layers[i].vjp(r)
+        grads = chain_factor_gradients(layers, r, v)
         return (None, None, None, *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[3:])))
+
+
+def chain_factor_gradients(layers: list[LayerJacobian], r: Tensor, t: Tensor) -> list[Tensor | None]:
+    r"""The gradients of :math:`\sum_{batch} \langle r, J_m \cdots J_1 t \rangle` for the
+    ``graph_tensors()`` of ``layers`` (in order): a tangent sweep from ``t``, then an adjoint
+    sweep from ``r``, each layer giving the gradient of :math:`\langle r_{i+1}, J_i t_i \rangle`
+    for its factors. The ``factor_gradients`` of a layer made of a chain of others."""
+    tangents = [t]
+    for layer in layers[:-1]:
+        tangents.append(layer.jvp(tangents[-1]))
+    grads: list[Tensor | None] = []
+    for i in reversed(range(len(layers))):
+        grads[:0] = layers[i].factor_gradients(r, tangents[i])
+        if i:
+            r = layers[i].vjp(r)
+    return grads
 
 
 def _rule_type(module: nn.Module) -> type[nn.Module]:
@@ -356,6 +411,8 @@ def _refusal(module: nn.Module) -> str | None:
         return next((r for r in map(_refusal, module) if r is not None), None)
     if _rule_type(module) not in _RULES:
         return f"{name} has no registered linearisation (iresnet.core.jacobian.register_linearization)"
+    if _rule_type(module) in _INNER:
+        return next((r for r in map(_refusal, _INNER[_rule_type(module)](module)) if r is not None), None)
     if isinstance(module, nn.Conv2d) and (
         module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
     ):

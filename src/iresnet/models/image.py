@@ -16,7 +16,7 @@ from ..data.preprocess import Logit, Shift, UniformDequantize
 from ..flows.composition import Sequential
 from ..flows.density import DensityModel
 from ..flows.multiscale import MultiScale, _stage_shapes
-from .branches import conv_branch, flat_branch
+from .branches import conv_branch, dense_activation, dense_branch, dense_conv_branch, dense_growth, flat_branch
 from .options import ImageFlowOptions
 
 __all__ = ["image_flow"]
@@ -32,7 +32,9 @@ def image_flow(
     logit transform with ``logit_alpha`` (Residual Flows) or, for ``None``, a shift to
     ``[-0.5, 0.5)`` (i-ResNet). Each of ``scales`` stages holds ``blocks`` times
     ``[ActNorm, residual block]`` with the branch ``act, 3x3, act, 1x1, act, 3x3`` (``hidden``
-    channels); between stages a squeeze, and half the channels factored out to the prior if
+    channels; with ``block="densenet"`` i-DenseNets' two dense 3x3 layers adding about ``hidden``
+    channels in all, then a 1x1 convolution, :func:`~iresnet.models.branches.dense_conv_branch`);
+    between stages a squeeze, and half the channels factored out to the prior if
     ``factor_out``; the last stage adds ``fc_blocks`` fully-connected blocks (``fc_hidden`` units).
 
     The options are those of :class:`~iresnet.models.options.ImageFlowOptions`, given as
@@ -44,6 +46,9 @@ def image_flow(
         Chen et al., "Residual Flows for Invertible Generative Modeling", NeurIPS 2019,
         https://arxiv.org/abs/1906.02735
 
+        Perugachi-Diaz, Tomczak, Bhulai, "Invertible DenseNets with Concatenated LipSwish",
+        NeurIPS 2021, https://arxiv.org/abs/2102.02694
+
     Example:
         >>> model = image_flow((1, 8, 8), 17, scales=2, blocks=1, hidden=8)
         >>> model(torch.randint(0, 17, (3, 1, 8, 8))).shape
@@ -51,20 +56,56 @@ def image_flow(
     """
     check_count("levels", levels, 2)
     options = ImageFlowOptions.resolve(options, changes)
-    scales, coeff, logdet = options.scales, options.coeff, options.logdet
+    scales, logdet = options.scales, options.logdet
     stage_shapes = _stage_shapes(tuple(shape), scales, options.squeeze_first, options.factor_out)
-    branch, block = options.branch_options(), options.block_options()
+    block = options.block_options()
     stages = []
     for i, (c, h, w) in enumerate(stage_shapes):
         layers: list[nn.Module] = []
         for _ in range(options.blocks):
-            layers += [ActNorm(c), ResidualBlock(conv_branch(c, options.hidden, coeff, **branch), logdet, **block)]
+            layers += [ActNorm(c), ResidualBlock(_conv_branch(c, options), logdet, **block)]
         if i == scales - 1:
             for _ in range(options.fc_blocks):
-                g = flat_branch((c, h, w), options.fc_hidden, coeff, **branch)
-                layers += [ActNorm(c), ResidualBlock(g, logdet, **block)]
+                layers += [ActNorm(c), ResidualBlock(_flat_branch((c, h, w), options), logdet, **block)]
         stages.append(Sequential(*layers))
     alpha = options.logit_alpha
     preprocess: list[nn.Module] = [UniformDequantize(levels), Shift() if alpha is None else Logit(alpha)]
     multiscale = MultiScale(stages, tuple(shape), squeeze_first=options.squeeze_first, factor_out=options.factor_out)
     return DensityModel(Sequential(*preprocess, multiscale), tuple(shape), learned_prior=options.learned_prior)
+
+
+_DENSE_LAYERS = 2
+"""The dense layers of an image flow's dense branches, in place of the bottleneck's two
+hidden layers."""
+
+
+def _conv_branch(channels: int, options: ImageFlowOptions) -> nn.Sequential:
+    if options.block == "densenet":
+        growth = dense_growth(options.hidden, _DENSE_LAYERS)
+        activation = dense_activation(options.activation)
+        return dense_conv_branch(
+            channels,
+            growth,
+            options.coeff,
+            layers=_DENSE_LAYERS,
+            activation=activation,
+            power_iterations=options.power_iterations,
+        )
+    return conv_branch(channels, options.hidden, options.coeff, **options.branch_options())
+
+
+def _flat_branch(shape: tuple[int, int, int], options: ImageFlowOptions) -> nn.Sequential:
+    if options.block == "densenet":
+        growth = dense_growth(options.fc_hidden, _DENSE_LAYERS)
+        activation = dense_activation(options.activation)
+        dim = shape[0] * shape[1] * shape[2]
+        g = dense_branch(
+            dim,
+            growth,
+            options.coeff,
+            layers=_DENSE_LAYERS,
+            activation=activation,
+            power_iterations=options.power_iterations,
+        )
+        return nn.Sequential(nn.Flatten(), *g, nn.Unflatten(1, shape))
+    return flat_branch(shape, options.fc_hidden, options.coeff, **options.branch_options())

@@ -42,7 +42,7 @@ from ..core.inverse import INVERSE_METHODS, MAX_ITER
 from ..core.lipschitz import DEFAULT_COEFF, DEFAULT_POWER_ITERATIONS
 from ..core.logdet import LogDetEstimator, make_estimator, update_spec
 from ..core.validation import check_choice, check_coeff, check_count, check_flag, check_interval, check_stages
-from .branches import ACTIVATIONS, LIPSCHITZ
+from .branches import ACTIVATIONS, BLOCKS, LIPSCHITZ
 
 __all__ = [
     "BranchOptions",
@@ -166,10 +166,14 @@ class FlowOptions(BranchOptions):
             :mod:`iresnet.core.logdet`; without a name, options of the default estimator), or an
             estimator.
         learned_prior: a base density with a learned mean and scale per latent dimension.
+        block: the residual branches, ``"resflow"`` (Residual Flows') or ``"densenet"``
+            (i-DenseNets' dense branches, :func:`~iresnet.models.branches.dense_branch`; ``hidden``
+            is then about the features the dense layers add, and LipSwish is concatenated: CLipSwish).
     """
 
     logdet: LogDetSpec = "roulette"
     learned_prior: bool = False
+    block: str = "resflow"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,6 +184,12 @@ class FlowOptions(BranchOptions):
             object.__setattr__(self, "logdet", update_spec(default, self.logdet))
         make_estimator(self.logdet)  # raises for an unknown name, option or value
         check_flag("learned_prior", self.learned_prior)
+        check_choice("block", self.block, BLOCKS)
+        if self.block == "densenet" and self.lipschitz != "spectral":
+            raise ValueError(
+                f"block 'densenet' holds its layers' norms by spectral normalisation; lipschitz {self.lipschitz!r} is "
+                "for the 'resflow' branches only"
+            )
 
 
 @dataclass(frozen=True)

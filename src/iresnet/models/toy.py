@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ..core.layers import ActNorm
 from ..core.residual import ResidualBlock
 from ..core.validation import check_count
 from ..flows.composition import Sequential
 from ..flows.density import DensityModel
-from .branches import mlp_branch
+from .branches import dense_activation, dense_branch, dense_growth, mlp_branch
 from .options import ToyFlowOptions
 
 __all__ = ["toy_flow"]
@@ -18,7 +20,9 @@ __all__ = ["toy_flow"]
 def toy_flow(dim: int = 2, *, options: ToyFlowOptions | None = None, **changes: Any) -> DensityModel:
     """A residual flow on :math:`\\mathbb{R}^{dim}`: ``blocks`` residual blocks whose branches are
     MLPs ``dim -> hidden -> ... -> dim`` (``depth`` linear layers, coefficient ``coeff``), each
-    after an ActNorm. The exact log-det is cheap for small ``dim``.
+    after an ActNorm. The exact log-det is cheap for small ``dim``. With ``block="densenet"`` the
+    branches are i-DenseNets' (:func:`~iresnet.models.branches.dense_branch`): ``depth - 1`` dense
+    layers adding about ``hidden`` features in all, then a linear layer back to ``dim``.
 
     The options are those of :class:`~iresnet.models.options.ToyFlowOptions`, given as
     ``options``, as keyword arguments, or both (the keyword arguments replace those of ``options``).
@@ -34,6 +38,16 @@ def toy_flow(dim: int = 2, *, options: ToyFlowOptions | None = None, **changes: 
     for _ in range(options.blocks):
         if options.actnorm:
             layers.append(ActNorm(dim))
-        g = mlp_branch(dim, options.hidden, options.coeff, depth=options.depth, **options.branch_options())
-        layers.append(ResidualBlock(g, options.logdet, **options.block_options()))
+        layers.append(ResidualBlock(_branch(dim, options), options.logdet, **options.block_options()))
     return DensityModel(Sequential(*layers), (dim,), learned_prior=options.learned_prior)
+
+
+def _branch(dim: int, options: ToyFlowOptions) -> nn.Sequential:
+    if options.block == "densenet":
+        n = options.depth - 1
+        activation = dense_activation(options.activation)
+        growth = dense_growth(options.hidden, n)
+        return dense_branch(
+            dim, growth, options.coeff, layers=n, activation=activation, power_iterations=options.power_iterations
+        )
+    return mlp_branch(dim, options.hidden, options.coeff, depth=options.depth, **options.branch_options())
