@@ -15,9 +15,9 @@ import torch
 import iresnet
 from iresnet.cli import main
 from iresnet.core.logdet import make_estimator
+from iresnet.tasks import eval_estimator
 from iresnet.train import TrainConfig, parse_override, resolve_config, train
 from iresnet.train.checkpoint import load_config
-from iresnet.tasks import eval_estimator
 from iresnet.train.presets import PRESETS
 
 TINY = {"model": {"blocks": 2, "hidden": 16}, "batch_size": 64, "eval_size": 200, "log_every": 1}

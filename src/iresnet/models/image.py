@@ -51,8 +51,10 @@ def image_flow(
     """
     check_count("levels", levels, 2)
     options = ImageFlowOptions.resolve(options, changes)
-    scales, coeff, logdet = options.scales, options.coeff, options.logdet
-    stage_shapes = _stage_shapes(tuple(shape), scales, options.squeeze_first, options.factor_out)
+    scales, coeff, logdet = options.scales, options.branch_coeff(), options.logdet
+    channels, height, width = shape
+    event_shape = (channels, height, width)
+    stage_shapes = _stage_shapes(event_shape, scales, options.squeeze_first, options.factor_out)
     branch, block = options.branch_options(), options.block_options()
     stages = []
     for i, (c, h, w) in enumerate(stage_shapes):
@@ -66,5 +68,5 @@ def image_flow(
         stages.append(Sequential(*layers))
     alpha = options.logit_alpha
     preprocess: list[nn.Module] = [UniformDequantize(levels), Shift() if alpha is None else Logit(alpha)]
-    multiscale = MultiScale(stages, tuple(shape), squeeze_first=options.squeeze_first, factor_out=options.factor_out)
-    return DensityModel(Sequential(*preprocess, multiscale), tuple(shape), learned_prior=options.learned_prior)
+    multiscale = MultiScale(stages, event_shape, squeeze_first=options.squeeze_first, factor_out=options.factor_out)
+    return DensityModel(Sequential(*preprocess, multiscale), event_shape, learned_prior=options.learned_prior)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ..core.layers import ActNorm
 from ..core.residual import ResidualBlock
 from ..core.validation import check_count
@@ -30,10 +32,10 @@ def toy_flow(dim: int = 2, *, options: ToyFlowOptions | None = None, **changes: 
     """
     check_count("dim", dim)
     options = ToyFlowOptions.resolve(options, changes)
-    layers = []
+    layers: list[nn.Module] = []
     for _ in range(options.blocks):
         if options.actnorm:
             layers.append(ActNorm(dim))
-        g = mlp_branch(dim, options.hidden, options.coeff, depth=options.depth, **options.branch_options())
+        g = mlp_branch(dim, options.hidden, options.branch_coeff(), depth=options.depth, **options.branch_options())
         layers.append(ResidualBlock(g, options.logdet, **options.block_options()))
     return DensityModel(Sequential(*layers), (dim,), learned_prior=options.learned_prior)
