@@ -7,7 +7,7 @@ import json
 import math
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def _train_epilog() -> str:
         return textwrap.fill(items, 100, initial_indent="    ", subsequent_indent="    ", break_on_hyphens=False)
 
     settings = TrainConfig().to_dict()
-    builders = [
+    builders: list[tuple[str, Callable[..., Any]]] = [
         ("2-D data, toy_flow", toy_flow),
         ("images, image_flow", image_flow),
         ("--task hybrid, hybrid_model: classifier, then image_flow's", hybrid_model),
@@ -246,7 +246,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     except OSError as error:
         _cannot_write(args, Path(args.run) / "eval.json", error, "warning")
     if result.picture_error is not None:
-        _cannot_write(args, result.picture, result.picture_error)
+        _cannot_write(args, result.picture or f"the picture of --ood {args.ood}", result.picture_error)
         return 1
     return 0
 

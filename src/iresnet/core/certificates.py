@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from .activations import CLipSwish, LipSwish
 from .aol import AOL
 from .dense import DenseLayer
-from .lipschitz import SpectralNorm, records_input_shape
+from .lipschitz import SpectralNorm, parametrizations_of, records_input_shape
 
 __all__ = ["lipschitz_bound", "operator_norm_bound", "circular_conv_bound", "design_bound"]
 
@@ -65,10 +65,10 @@ def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float
     copies input entries: its norm, the square root of the most copies of one entry, multiplies
     that bound.
     """
-    weight = layer.weight.detach().double()
     if isinstance(layer, nn.Linear):
-        return torch.linalg.matrix_norm(weight, ord=2).item()
+        return torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2).item()
     if isinstance(layer, nn.Conv2d):
+        weight = layer.weight.detach().double()
         if layer.groups != 1:
             raise ValueError("operator_norm_bound supports Conv2d with groups=1 only")
         pads = _padding_amounts(layer)
@@ -83,21 +83,33 @@ def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float
         copies = _most_copies(input_shape[1:], pads, layer.padding_mode)
         _, height, width = input_shape
         padded = (input_shape[0], height + sum(pads[0]), width + sum(pads[1]))
-        unpadded = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, 0, layer.dilation)
+        kernel_size, stride, dilation = _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.dilation)
+        unpadded = nn.Conv2d(layer.in_channels, layer.out_channels, kernel_size, stride, 0, dilation)
         unpadded.weight = nn.Parameter(weight, requires_grad=False)
         return copies**0.5 * circular_conv_bound(unpadded, padded)
     raise TypeError(f"no operator norm for {type(layer).__name__}")
 
 
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A 2-D convolution's kernel size, stride or dilation (always two numbers) as a pair."""
+    first, second = values
+    return first, second
+
+
 def _padding_amounts(layer: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
     """``((top, bottom), (left, right))``: the padding the layer adds, ``"same"`` and
     ``"valid"`` included."""
-    if layer.padding == "valid":
+    padding = layer.padding
+    if padding == "valid":
         return (0, 0), (0, 0)
-    if layer.padding == "same":
+    if padding == "same":
         totals = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
-        return tuple((t // 2, t - t // 2) for t in totals)
-    return tuple((p, p) for p in layer.padding)
+        vertical, horizontal = ((t // 2, t - t // 2) for t in totals)
+    elif isinstance(padding, str):
+        raise ValueError(f"{layer} has padding {padding!r}: Conv2d knows 'valid' and 'same' only")
+    else:
+        vertical, horizontal = ((p, p) for p in padding)
+    return vertical, horizontal
 
 
 def _pad(x: Tensor, pads: tuple[tuple[int, int], tuple[int, int]], mode: str) -> Tensor:
@@ -105,7 +117,7 @@ def _pad(x: Tensor, pads: tuple[tuple[int, int], tuple[int, int]], mode: str) ->
     return F.pad(x, (left, right, top, bottom), mode="constant" if mode == "zeros" else mode)
 
 
-def _most_copies(size: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]], mode: str) -> int:
+def _most_copies(size: tuple[int, ...], pads: tuple[tuple[int, int], tuple[int, int]], mode: str) -> int:
     """How often the padding copies its most copied input entry (the padding map's rows are
     unit vectors, so its norm is the square root of this)."""
     index = torch.arange(size[0] * size[1], dtype=torch.float64).view(1, 1, *size)
@@ -136,7 +148,7 @@ def circular_conv_bound(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> float
     return norm
 
 
-def _conv_output_size(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> tuple[int, int]:
+def _conv_output_size(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(
         (size + before + after - dil * (k - 1) - 1) // stride + 1
         for size, (before, after), dil, k, stride in zip(
@@ -184,7 +196,7 @@ def _promised_norm(layer: nn.Linear | nn.Conv2d) -> float | None:
     to its coefficient (it may scale up), a spectral norm caps it at its own (it only scales down)."""
     promised = None
     if parametrize.is_parametrized(layer, "weight"):
-        for p in layer.parametrizations.weight:
+        for p in parametrizations_of(layer):
             if isinstance(p, AOL):
                 promised = p.coeff
             elif isinstance(p, SpectralNorm):

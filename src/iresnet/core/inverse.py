@@ -127,10 +127,10 @@ def solve_fixed_point(
     x, target = y, y
     worst = y.new_full((batch,), float("inf"))
     step_of = iteration or partial(iteration_step, g, atol=atol, rtol=rtol)
-    evaluations = sample_evaluations = iteration = 0
+    evaluations = sample_evaluations = iterations = 0
     stretch = _StretchWatch(batch, atol, rtol)
-    while index.numel() and iteration < max_iter:
-        iteration += 1
+    while index.numel() and iterations < max_iter:
+        iterations += 1
         fx, worst, converged = step_of(x, target)
         evaluations += 1
         sample_evaluations += index.numel()
@@ -139,7 +139,7 @@ def solve_fixed_point(
             raise InversionError(
                 f"fixed-point inversion ({method}) diverged for "
                 f"{int((~torch.isfinite(worst)).sum())} of {batch} samples at iteration "
-                f"{iteration}: the iterate is not finite. Lip(g) may be >= 1 "
+                f"{iterations}: the iterate is not finite. Lip(g) may be >= 1 "
                 "(call iresnet.converge_spectral_norms first)."
             )
         if converged.any():
@@ -156,13 +156,13 @@ def solve_fixed_point(
         shown = ", ".join(f"{r:.3g}" for r in worst[:5].tolist())
         raise InversionError(
             f"fixed-point inversion ({method}) failed for {index.numel()} of {batch} "
-            f"samples after {iteration} iterations: their updates are {shown}"
+            f"samples after {iterations} iterations: their updates are {shown}"
             f"{' ...' if index.numel() > 5 else ''} against atol={atol:g}, rtol={rtol:g}. "
             "Lip(g) may be >= 1 (call iresnet.converge_spectral_norms first) or max_iter too low."
         )
     stretch.warn(method)
     report = InversionReport(
-        method, iteration, evaluations, sample_evaluations, residual.max().item() if batch else 0.0
+        method, iterations, evaluations, sample_evaluations, residual.max().item() if batch else 0.0
     )
     return solution, report
 
@@ -195,7 +195,8 @@ class _StretchWatch:
 
     def keep(self, rows: Tensor) -> None:
         if self.previous is not None:
-            self.previous = tuple(t.index_select(0, rows) for t in self.previous)
+            x, fx = self.previous
+            self.previous = (x.index_select(0, rows), fx.index_select(0, rows))
 
     def warn(self, method: str) -> None:
         if self.samples:

@@ -26,10 +26,20 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 from torch import Tensor, nn
 
-__all__ = ["InvertibleLayer", "sum_logdets"]
+__all__ = ["Invertible", "InvertibleLayer", "layer_shape", "sum_logdets"]
+
+
+class Invertible(Protocol):
+    """The contract as a type, for code that composes layers it does not define: an
+    :class:`InvertibleLayer`, or any module with the same methods (the contract is duck typed)."""
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, Tensor | None]: ...
+
+    def inverse(self, y: Tensor) -> Tensor: ...
 
 
 class InvertibleLayer(nn.Module):
@@ -89,11 +99,19 @@ def sum_logdets(logdets: Iterable[Tensor | None], like: Tensor) -> Tensor | None
         True
     """
     logdets = list(logdets)
-    if any(logdet is None for logdet in logdets):
+    known = [logdet for logdet in logdets if logdet is not None]
+    if len(known) < len(logdets):
         return None
-    if not logdets:
+    if not known:
         return like.new_zeros(like.shape[0])
-    total = logdets[0]
-    for logdet in logdets[1:]:
+    total = known[0]
+    for logdet in known[1:]:
         total = total + logdet
     return total
+
+
+def layer_shape(layer: nn.Module, method: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``layer.forward_shape(shape)`` or ``layer.inverse_shape(shape)`` (the name ``method``), or
+    ``shape`` itself for a layer without that method, which keeps the shape of its input."""
+    found = getattr(layer, method, None)
+    return shape if found is None else found(shape)

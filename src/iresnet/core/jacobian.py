@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad
 from torch import Tensor, nn
 from torch.nn.modules import module as global_hooks
 from torch.nn.utils import parametrize
@@ -154,14 +155,17 @@ class _Convolution:
     weight, stride, padding and dilation, and the output padding that restores the input size."""
 
     def __init__(
-        self, layer: nn.Conv2d, weight: Tensor, input_size: tuple[int, int], output_size: tuple[int, int]
+        self, layer: nn.Conv2d, weight: Tensor, input_size: tuple[int, ...], output_size: tuple[int, ...]
     ) -> None:
+        padding = layer.padding
+        if isinstance(padding, str):  # linearization_refusal refuses it
+            raise TypeError(f"cannot linearise {layer}: its padding is given by name ({padding!r})")
         self.layer, self.weight, self.sizes = layer, weight, (input_size, output_size)
-        self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
+        self.stride, self.padding, self.dilation = layer.stride, padding, layer.dilation
         self.output_padding = tuple(
             size - ((out - 1) * stride - 2 * pad + dil * (k - 1) + 1)
             for size, out, stride, pad, dil, k in zip(
-                input_size, output_size, layer.stride, layer.padding, layer.dilation, weight.shape[2:]
+                input_size, output_size, layer.stride, padding, layer.dilation, weight.shape[2:]
             )
         )
 
@@ -206,8 +210,9 @@ class _Reshape:
         return []
 
 
-Rule = Callable[[nn.Module, Tensor], tuple[Tensor, LayerJacobian | None]]
-"""A linearisation rule: ``(module, input) -> (output, Jacobian)``; ``None`` for the identity."""
+Rule = Callable[[Any, Tensor], tuple[Tensor, LayerJacobian | None]]
+"""A linearisation rule: ``(module, input) -> (output, Jacobian)``; ``None`` for the identity. The
+module is an instance of the type the rule is registered for, which this type cannot say."""
 
 _RULES: dict[type[nn.Module], Rule] = {}
 _INNER: dict[type[nn.Module], Callable[[nn.Module], list[nn.Module]]] = {}
@@ -392,7 +397,7 @@ def _rule_type(module: nn.Module) -> type[nn.Module]:
 
 def parts(g: nn.Module) -> list[nn.Module]:
     """The layers of a branch in order, plain ``nn.Sequential`` chains opened."""
-    if type(g).forward is nn.Sequential.forward:  # nn.Sequential or a subclass keeping its forward
+    if isinstance(g, nn.Sequential) and type(g).forward is nn.Sequential.forward:  # or a subclass keeping it
         return [part for child in g for part in parts(child)]
     return [g]
 
@@ -407,7 +412,7 @@ def _refusal(module: nn.Module) -> str | None:
     name = _rule_type(module).__name__
     if _own_hooks(module):
         return f"{name} has forward hooks, which the explicit products would skip"
-    if type(module).forward is nn.Sequential.forward:
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
         return next((r for r in map(_refusal, module) if r is not None), None)
     if _rule_type(module) not in _RULES:
         return f"{name} has no registered linearisation (iresnet.core.jacobian.register_linearization)"

@@ -42,6 +42,8 @@ class ActNorm(InvertibleLayer):
         True
     """
 
+    initialized: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.num_features = num_features
@@ -135,8 +137,8 @@ def initialize_from_data(model: nn.Module, *inputs: Any) -> None:
         try:
             model(*inputs)
         finally:
-            for m, mode in modes.items():
-                m.train(mode)
+            for module, mode in modes.items():
+                module.train(mode)
 
 
 class Squeeze(InvertibleLayer):

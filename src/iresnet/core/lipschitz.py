@@ -30,10 +30,11 @@ import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -48,6 +49,8 @@ __all__ = [
     "spectral_norms",
     "converge_spectral_norms",
     "frozen_power_iteration",
+    "parametrizations_of",
+    "weight_parametrizations",
 ]
 
 
@@ -82,6 +85,12 @@ class SpectralNorm(nn.Module):
             ``None``.
     """
 
+    u: Tensor
+    v: Tensor
+    stride: tuple[int, ...]  # a convolution's, for its operator
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+
     def __init__(
         self,
         layer: nn.Linear | nn.Conv2d,
@@ -100,7 +109,7 @@ class SpectralNorm(nn.Module):
         self.power_iterations = power_iterations
         self.is_conv = isinstance(layer, nn.Conv2d)
         weight = layer.weight.detach()
-        if self.is_conv:
+        if isinstance(layer, nn.Conv2d):
             if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
                 raise ValueError(
                     "spectral_norm supports Conv2d with groups=1, padding_mode='zeros' and "
@@ -284,12 +293,20 @@ def _unit(x: Tensor) -> Tensor:
     return x.masked_fill_(x.abs() < torch.finfo(x.dtype).tiny ** 0.5, 0.0)
 
 
+def parametrizations_of(module: nn.Module) -> parametrize.ParametrizationList:
+    """``module.parametrizations.weight`` for a module whose weight is parametrized: its
+    parametrizations and the ``original`` weight (torch types the attributes that
+    :mod:`~torch.nn.utils.parametrize` adds as tensors or modules)."""
+    return cast(parametrize.ParametrizationList, cast(nn.ModuleDict, module.parametrizations)["weight"])
+
+
 def _record_input_shape(layer: nn.Module, args: tuple) -> None:
     if not parametrize.is_parametrized(layer, "weight"):
         return
-    for p in layer.parametrizations.weight:
+    parametrizations = parametrizations_of(layer)
+    for p in parametrizations:
         if isinstance(p, SpectralNorm) and p.is_conv:
-            p.set_input_shape(tuple(args[0].shape[1:]), layer.parametrizations.weight.original)
+            p.set_input_shape(tuple(args[0].shape[1:]), parametrizations.original)
 
 
 def records_input_shape(hook: Callable) -> bool:
@@ -333,7 +350,7 @@ def weight_parametrizations(
     """Every layer of ``model`` with a parametrization of type ``kind`` on its weight, with it."""
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
+            for p in parametrizations_of(module):
                 if isinstance(p, kind):
                     yield module, p
 
@@ -368,7 +385,7 @@ def converge_spectral_norms(
                 f"{module} has not seen an input yet, so its operator is unknown: "
                 "run the model once or pass input_shape to spectral_norm"
             )
-        p.converge(module.parametrizations.weight.original, tolerance, max_iter)
+        p.converge(parametrizations_of(module).original, tolerance, max_iter)
         count += 1
     return count
 

@@ -39,7 +39,7 @@ class SavedTensorMeter(saved_tensors_hooks):
         self._live: dict[tuple, list[int]] = {}
         super().__init__(self._pack, lambda saved: saved.tensor)
 
-    def __enter__(self) -> SavedTensorMeter:
+    def __enter__(self) -> SavedTensorMeter:  # type: ignore[override]  # torch types the base's as returning None
         super().__enter__()
         return self
 

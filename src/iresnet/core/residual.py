@@ -4,7 +4,8 @@ iteration of :mod:`iresnet.core.inverse`."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,7 @@ def _cache_parametrizations(module: nn.Module) -> None:
     later uses share it (with its graph) whatever the grad mode of the later use."""
     for m in module.modules():
         if parametrize.is_parametrized(m):
-            for name in m.parametrizations:
+            for name in cast(nn.ModuleDict, m.parametrizations):
                 getattr(m, name)
 
 
@@ -117,7 +118,7 @@ class ResidualBlock(InvertibleLayer):
     def __init__(
         self,
         g: nn.Module,
-        logdet: str | dict[str, Any] | LogDetEstimator | None = "roulette",
+        logdet: str | Mapping[str, Any] | LogDetEstimator | None = "roulette",
         *,
         inverse_method: str = INVERSE_METHODS[0],
         atol: float | None = None,
@@ -198,7 +199,7 @@ class ResidualBlock(InvertibleLayer):
         explicit = self.logdet is not None and self.jacobian_path == "explicit"
         # first: under torch.compile a draw on the host stops the graph, which then starts after it
         graph_free = not torch.is_grad_enabled() or getattr(self.logdet, "memory_efficient", False)
-        draws = self.logdet.draw(x, graph_free) if explicit else None
+        draws = self.logdet.draw(x, graph_free) if explicit and self.logdet is not None else None
         with parametrize.cached():
             if self.logdet is None:
                 return x + self._branch(x), None

@@ -124,7 +124,7 @@ class Roulette(SeriesEstimator):
             return k + 1, u, series + signed / k * u, *neumann_vector
 
         # the Neumann vector is carried only when wanted: a carry returned unchanged would alias
-        start = (torch.ones((), dtype=torch.long, device=v.device), v.clone(), torch.zeros_like(v))
+        start: tuple[Tensor, ...] = (torch.ones((), dtype=torch.long, device=v.device), v.clone(), torch.zeros_like(v))
         if neumann:
             start += (torch.zeros_like(v),)
         _, _, series, *neumann_vector = while_loop(more_terms, term, start)
@@ -152,7 +152,8 @@ class Roulette(SeriesEstimator):
     def _bucketed_draw(self, like: Tensor) -> tuple[tuple[Tensor, ...], ...]:
         """The host's draws, each padded to its bucket (see :meth:`draw`)."""
         draws = []
-        for weights in super().draw(like):
+        for _ in range(self.n_probes):  # the host's draws: those of SeriesEstimator.draw
+            weights = self.term_weights()
             tail = len(weights) - self.n_exact_terms
             padded_tail = 0 if tail == 0 else 1 << (tail - 1).bit_length()
             padded = torch.tensor(weights + [0.0] * (padded_tail - tail), dtype=like.dtype, device=like.device)

@@ -22,7 +22,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -127,7 +127,8 @@ class SeriesEstimator(LogDetEstimator):
         neumann = self.memory_efficient and differentiable
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
-        watched = products if differentiable else _ExpansionWatch(products)
+        expansion = None if differentiable else _ExpansionWatch(products)
+        watched: _VectorJacobian = products if expansion is None else expansion
         for weights in draws:
             for v in _probes(x, self.probe):
                 with torch.set_grad_enabled(differentiable and not neumann):
@@ -139,8 +140,8 @@ class SeriesEstimator(LogDetEstimator):
                 if neumann:
                     surrogate = surrogate + products.surrogate_gradient(neumann_vector, v)
         value = value / self.n_probes
-        if not differentiable:
-            watched.check()
+        if expansion is not None:
+            expansion.check()
         if not neumann:
             return in_graph(value, products.output) if differentiable else value.detach()
         return value.detach() + surrogate / self.n_probes
@@ -176,8 +177,8 @@ class SeriesEstimator(LogDetEstimator):
             return in_graph(value, gx) if differentiable else value.detach()
         inputs = ([x] if x.requires_grad else []) + params
         grads = torch.autograd.grad(surrogate.sum() / self.n_probes, inputs, retain_graph=True, allow_unused=True)
-        grads = list(grads) if x.requires_grad else [None, *grads]
-        return _StoredGradient.apply(value.detach(), grads, x, *params)
+        stored: list[Tensor | None] = list(grads) if x.requires_grad else [None, *grads]
+        return _StoredGradient.apply(value.detach(), stored, x, *params)
 
 
 class _ExpansionWatch:
@@ -191,6 +192,8 @@ class _ExpansionWatch:
         self.largest: Tensor | None = None
 
     def vjp(self, u: Tensor) -> Tensor:
+        if self.products is None:
+            raise RuntimeError("this _ExpansionWatch is fed pairs (observe): it wraps no products to apply")
         out = self.products.vjp(u)
         self.observe(u, out)
         return out
@@ -212,8 +215,15 @@ class _ExpansionWatch:
             )
 
 
+class _VectorJacobian(Protocol):
+    """What :func:`_host_series` applies: :math:`u \\mapsto J^\\top u` (a :class:`Linearization`, or
+    an :class:`_ExpansionWatch` around one)."""
+
+    def vjp(self, u: Tensor) -> Tensor: ...
+
+
 def _host_series(
-    products: Linearization, v: Tensor, weights: Sequence[float] | Sequence[Tensor], neumann: bool
+    products: _VectorJacobian, v: Tensor, weights: Sequence[float | Tensor], neumann: bool
 ) -> tuple[Tensor, Tensor]:
     """:math:`\\sum_k (-1)^{k+1} c_k u_k / k` and the Neumann vector
     :math:`\\sum_k (-1)^{k+1} c_k u_{k-1}` (zero unless ``neumann``), :math:`u_k = J^\\top u_{k-1}`,

@@ -115,8 +115,11 @@ def check_interval(
     """
     if value is None and optional:
         return
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    inside = number and (low <= value <= high if closed else low < value < high)
+    inside = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (low <= value <= high if closed else low < value < high)
+    )
     if not inside:
         interval = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
         null = ", or null" if optional else ""

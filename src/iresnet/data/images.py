@@ -35,6 +35,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -237,7 +238,15 @@ def _check_idx(path: Path, dimensions: int) -> None:
         )
 
 
-def _failing_checksums(dataset_class: type, folder: Path) -> list[str]:
+class _ChecksummedFiles(Protocol):
+    """A torchvision data set class that lists its files with their MD5 sums (CIFAR-10's)."""
+
+    train_list: list[list[str]]
+    test_list: list[list[str]]
+    meta: dict[str, str]
+
+
+def _failing_checksums(dataset_class: _ChecksummedFiles, folder: Path) -> list[str]:
     """The CIFAR-10 files in ``folder`` that do not match the MD5 sums torchvision checks."""
     from torchvision.datasets.utils import check_integrity
 

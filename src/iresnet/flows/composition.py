@@ -2,9 +2,11 @@ r"""The composition of invertible layers, :class:`Sequential`."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
-from ..core.invertible import InvertibleLayer, sum_logdets
+from ..core.invertible import Invertible, InvertibleLayer, layer_shape, sum_logdets
 
 __all__ = ["Sequential"]
 
@@ -31,15 +33,15 @@ class Sequential(InvertibleLayer, nn.Sequential):
 
     def inverse(self, y: Tensor) -> Tensor:
         for layer in reversed(self):
-            y = layer.inverse(y)
+            y = cast(Invertible, layer).inverse(y)
         return y
 
     def forward_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         for layer in self:
-            shape = layer.forward_shape(shape) if hasattr(layer, "forward_shape") else shape
+            shape = layer_shape(layer, "forward_shape", shape)
         return tuple(shape)
 
     def inverse_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         for layer in reversed(self):
-            shape = layer.inverse_shape(shape) if hasattr(layer, "inverse_shape") else shape
+            shape = layer_shape(layer, "inverse_shape", shape)
         return tuple(shape)

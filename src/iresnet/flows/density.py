@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
+from ..core.invertible import layer_shape
 from .distributions import Flow, as_transform
 
 __all__ = ["DensityModel"]
@@ -37,6 +38,10 @@ class DensityModel(nn.Module):
         class_means: the fixed means of a class-conditional mixture prior, ``(classes, *latent)``.
     """
 
+    class_means: Tensor | None
+    prior_loc: Tensor
+    prior_log_scale: Tensor
+
     def __init__(
         self,
         transform: nn.Module,
@@ -48,8 +53,7 @@ class DensityModel(nn.Module):
         super().__init__()
         self.transform = transform
         self.event_shape = tuple(event_shape)
-        latent_shape = transform.forward_shape(self.event_shape) if hasattr(transform, "forward_shape") else event_shape
-        self.latent_shape = tuple(latent_shape)
+        self.latent_shape = tuple(layer_shape(transform, "forward_shape", self.event_shape))
         if class_means is not None:
             if learned_prior:
                 raise ValueError("a class-conditional mixture prior has fixed means: learned_prior must be False")
@@ -74,17 +78,17 @@ class DensityModel(nn.Module):
         """The latent's distribution: the diagonal Gaussian, or the class-conditional mixture."""
         if self.class_means is not None:
             components = self.class_means.new_zeros(len(self.class_means))
-            return MixtureSameFamily(Categorical(logits=components), self._class_conditionals())
+            return MixtureSameFamily(Categorical(logits=components), self._class_conditionals(self.class_means))
         return Independent(Normal(self.prior_loc, self.prior_log_scale.exp()), len(self.latent_shape))
 
-    def _class_conditionals(self) -> Independent:
-        return Independent(Normal(self.class_means, torch.ones_like(self.class_means)), len(self.latent_shape))
+    def _class_conditionals(self, means: Tensor) -> Independent:
+        return Independent(Normal(means, torch.ones_like(means)), len(self.latent_shape))
 
     def class_log_probs(self, z: Tensor) -> Tensor:
         r""":math:`\log N(z; \mu_k, I)` for every class ``k``: ``(batch, classes)``."""
         if self.class_means is None:
             raise ValueError("class_log_probs needs a class-conditional prior (class_means)")
-        return self._class_conditionals().log_prob(z.unsqueeze(1))
+        return self._class_conditionals(self.class_means).log_prob(z.unsqueeze(1))
 
     def flow(self) -> Flow:
         return Flow(as_transform(self.transform, len(self.event_shape)), self.prior())

@@ -12,9 +12,13 @@ sampled by inverting :math:`f`. In ``torch.distributions`` terms,
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Transform, constraints
+
+from ..core.invertible import Invertible
 
 __all__ = ["ModuleTransform", "as_transform", "Flow"]
 
@@ -32,14 +36,8 @@ class ModuleTransform(Transform):
         self.module = module
         self._event_dim = event_dim
         self._last: tuple[Tensor, Tensor, Tensor] | None = None
-
-    @property
-    def domain(self) -> constraints.Constraint:
-        return constraints.independent(constraints.real, self._event_dim)
-
-    @property
-    def codomain(self) -> constraints.Constraint:
-        return constraints.independent(constraints.real, self._event_dim)
+        self.domain = constraints.independent(constraints.real, event_dim)
+        self.codomain = constraints.independent(constraints.real, event_dim)
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
         return self._shape(shape, "forward_shape")
@@ -72,7 +70,7 @@ class ModuleTransform(Transform):
 
     def _inverse(self, y: Tensor) -> Tensor:
         flat, batch = self._flat(y)
-        x = self.module.inverse(flat)
+        x = cast(Invertible, self.module).inverse(flat)
         return x.reshape(*batch, *x.shape[1:])
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
@@ -115,10 +113,10 @@ class Flow(Distribution):
         z = self.transform(x)
         return self.base.log_prob(z) + self.transform.log_abs_det_jacobian(x, z)
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = ()) -> Tensor:
         z = self.base.rsample(sample_shape) if self.base.has_rsample else self.base.sample(sample_shape)
         return self.transform.inv(z)
 
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+    def sample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = ()) -> Tensor:
         with torch.no_grad():
             return self.rsample(sample_shape)

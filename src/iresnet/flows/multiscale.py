@@ -5,11 +5,13 @@ Real NVP", ICLR 2017, https://arxiv.org/abs/1605.08803)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
-from ..core.invertible import InvertibleLayer, sum_logdets
+from ..core.invertible import Invertible, InvertibleLayer, sum_logdets
 from ..core.layers import Squeeze
 
 __all__ = ["MultiScale"]
@@ -38,14 +40,15 @@ class MultiScale(InvertibleLayer):
     """
 
     def __init__(
-        self, stages: list[nn.Module], event_shape: tuple[int, int, int], *, squeeze_first: bool, factor_out: bool
+        self, stages: Sequence[nn.Module], event_shape: tuple[int, int, int], *, squeeze_first: bool, factor_out: bool
     ) -> None:
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.squeeze = Squeeze()
         self.squeeze_first = squeeze_first
         self.factor_out = factor_out
-        self.event_shape = tuple(event_shape)
+        channels, height, width = event_shape
+        self.event_shape = (channels, height, width)
         self.stage_shapes = _stage_shapes(self.event_shape, len(stages), squeeze_first, factor_out)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -74,7 +77,7 @@ class MultiScale(InvertibleLayer):
                 if self.factor_out:
                     x = torch.cat([x, parts.pop().reshape(-1, *self.stage_shapes[i + 1])], 1)
                 x = self.squeeze.inverse(x)
-            x = self.stages[i].inverse(x)
+            x = cast(Invertible, self.stages[i]).inverse(x)
         return self.squeeze.inverse(x) if self.squeeze_first else x
 
     def forward_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -107,23 +107,25 @@ class IndependentPixels:
         self.event_shape = tuple(images.shape[1:])
         return self
 
-    def _fitted(self) -> Tensor:
-        if self.log_probs is None:
+    def _fitted(self) -> tuple[Tensor, tuple[int, ...]]:
+        """The table of log-probabilities and the event shape it was fitted to."""
+        if self.log_probs is None or self.event_shape is None:
             raise RuntimeError("IndependentPixels is not fitted: call fit(images) first")
-        return self.log_probs
+        return self.log_probs, self.event_shape
 
     @property
     def probs(self) -> Tensor:
         """:math:`P_d(k)`, shape ``(*event_shape, levels)``; sums to 1 over the last axis."""
-        return self._fitted().exp().view(*self.event_shape, self.levels)
+        table, event_shape = self._fitted()
+        return table.exp().view(*event_shape, self.levels)
 
     def log_prob(self, images: Tensor) -> Tensor:
         r""":math:`\sum_d \log P_d(x_d)` in nats, shape ``(N,)``: both the discrete
         log-likelihood and the log-density of :math:`x + u` for any :math:`u \in [0, 1)^D`."""
-        table = self._fitted()
-        _check_images(images, "IndependentPixels.log_prob", levels=self.levels, event_shape=self.event_shape)
+        table, event_shape = self._fitted()
+        _check_images(images, "IndependentPixels.log_prob", levels=self.levels, event_shape=event_shape)
         table = table.to(images.device).flatten()
-        size = math.prod(self.event_shape)
+        size = math.prod(event_shape)
         offsets = torch.arange(size, device=images.device) * self.levels
         pieces = [
             table[offsets + chunk.reshape(len(chunk), size).long()].sum(1) for chunk in images.split(self.batch_size)
@@ -180,7 +182,7 @@ class FullCovarianceGaussian:
         size = math.prod(images.shape[1:])
         total = torch.zeros(size, dtype=torch.float64, device=images.device)
         scatter = torch.zeros(size, size, dtype=torch.float64, device=images.device)
-        shift = None
+        shift: Tensor | None = None
         for chunk in images.split(self.batch_size):
             points = self._dequantised(chunk, generator)
             if shift is None:  # sums around a first estimate of the mean, for accuracy
@@ -188,6 +190,8 @@ class FullCovarianceGaussian:
             centred = points - shift
             total += centred.sum(0)
             scatter += centred.T @ centred
+        if shift is None:  # _check_images refuses an empty batch
+            raise ValueError("FullCovarianceGaussian.fit: no images to fit")
         offset = total / len(images)
         covariance = scatter / len(images) - torch.outer(offset, offset)
         ridge = self.ridge * torch.eye(size, dtype=torch.float64, device=images.device)
@@ -203,18 +207,19 @@ class FullCovarianceGaussian:
         self.event_shape = tuple(images.shape[1:])
         return self
 
-    def _distribution(self, device: torch.device) -> MultivariateNormal:
-        if self.mean is None or self.scale_tril is None:
+    def _fitted(self, device: torch.device) -> tuple[MultivariateNormal, tuple[int, ...]]:
+        """The Gaussian on ``device`` and the event shape it was fitted to."""
+        if self.mean is None or self.scale_tril is None or self.event_shape is None:
             raise RuntimeError("FullCovarianceGaussian is not fitted: call fit(images) first")
-        return MultivariateNormal(self.mean.to(device), scale_tril=self.scale_tril.to(device))
+        return MultivariateNormal(self.mean.to(device), scale_tril=self.scale_tril.to(device)), self.event_shape
 
     def log_density(self, points: Tensor) -> Tensor:
         """The Gaussian log-density in nats of real-valued ``points`` ``(N, *event_shape)``
         (already dequantised, on the integer scale), shape ``(N,)``."""
-        distribution = self._distribution(points.device)
-        if points.dim() < 2 or tuple(points.shape[1:]) != self.event_shape:
+        distribution, event_shape = self._fitted(points.device)
+        if points.dim() < 2 or tuple(points.shape[1:]) != event_shape:
             raise ValueError(
-                f"FullCovarianceGaussian.log_density: expected shape (N, {', '.join(map(str, self.event_shape))}), "
+                f"FullCovarianceGaussian.log_density: expected shape (N, {', '.join(map(str, event_shape))}), "
                 f"got {tuple(points.shape)}"
             )
         if not torch.isfinite(points).all():
@@ -224,8 +229,8 @@ class FullCovarianceGaussian:
     def log_prob(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """:math:`\\log p(x + u)` in nats for integer ``images`` ``(N, *event_shape)`` and fresh
         uniform noise :math:`u` drawn with ``generator``, shape ``(N,)``."""
-        distribution = self._distribution(images.device)
-        _check_images(images, "FullCovarianceGaussian.log_prob", event_shape=self.event_shape)
+        distribution, event_shape = self._fitted(images.device)
+        _check_images(images, "FullCovarianceGaussian.log_prob", event_shape=event_shape)
         return torch.cat(
             [distribution.log_prob(self._dequantised(chunk, generator)) for chunk in images.split(self.batch_size)]
         )

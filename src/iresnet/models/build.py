@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
 
 from ..data.images import IMAGE_DATASETS, ImageSpec, image_spec
 from ..flows.density import DensityModel
 from .classifier import Classifier, iresnet_classifier
 from .hybrid import HybridModel, hybrid_model
 from .image import image_flow
-from .options import ClassifierOptions, HybridOptions, ImageFlowOptions, ToyFlowOptions
+from .options import BranchOptions, ClassifierOptions, HybridOptions, ImageFlowOptions, ToyFlowOptions
 from .toy import toy_flow
 
 __all__ = ["build_classifier", "build_density_model", "build_hybrid_model", "build_model", "model_options"]
 
 _FROM_THE_DATA = ("dim", "shape", "levels", "classes")  # what the data set decides, not model.KEY
+
+_Model = TypeVar("_Model", bound=nn.Module)
 
 
 def build_density_model(data: str, options: dict[str, Any]) -> DensityModel:
@@ -32,7 +37,7 @@ def build_classifier(data: str, options: dict[str, Any]) -> Classifier:
     return _call(iresnet_classifier, options, spec.shape, spec.classes, levels=spec.levels)
 
 
-_OPTIONS = {
+_OPTIONS: dict[Callable[..., nn.Module], type[BranchOptions]] = {
     toy_flow: ToyFlowOptions,
     image_flow: ImageFlowOptions,
     hybrid_model: HybridOptions,
@@ -53,7 +58,7 @@ def build_model(task: str, data: str, options: dict[str, Any]) -> DensityModel |
     return get_task(task).build_model(data, options)
 
 
-def _labelled_images(data: str, builder) -> ImageSpec:
+def _labelled_images(data: str, builder: Callable[..., nn.Module]) -> ImageSpec:
     spec = image_spec(data)
     if spec is None:
         raise ValueError(
@@ -62,13 +67,13 @@ def _labelled_images(data: str, builder) -> ImageSpec:
     return spec
 
 
-def model_options(builder) -> dict[str, Any]:
+def model_options(builder: Callable[..., nn.Module]) -> dict[str, Any]:
     """The options ``model.KEY`` of ``builder`` with their defaults: the fields of its options
     class (:mod:`iresnet.models.options`), the builder's own first."""
     return _OPTIONS[builder]().to_dict()
 
 
-def _call(builder, options: dict[str, Any], *args: Any, **from_data: Any) -> DensityModel:
+def _call(builder: Callable[..., _Model], options: dict[str, Any], *args: Any, **from_data: Any) -> _Model:
     """``builder(*args, **from_data)`` with ``options`` read into the builder's options class,
     which refuses an unknown option or a bad value; errors the builder raises pass through as they are."""
     fixed = [key for key in options if key in _FROM_THE_DATA]

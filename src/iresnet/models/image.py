@@ -57,7 +57,9 @@ def image_flow(
     check_count("levels", levels, 2)
     options = ImageFlowOptions.resolve(options, changes)
     scales, logdet = options.scales, options.logdet
-    stage_shapes = _stage_shapes(tuple(shape), scales, options.squeeze_first, options.factor_out)
+    channels, height, width = shape
+    event_shape = (channels, height, width)
+    stage_shapes = _stage_shapes(event_shape, scales, options.squeeze_first, options.factor_out)
     block = options.block_options()
     stages = []
     for i, (c, h, w) in enumerate(stage_shapes):
@@ -70,8 +72,8 @@ def image_flow(
         stages.append(Sequential(*layers))
     alpha = options.logit_alpha
     preprocess: list[nn.Module] = [UniformDequantize(levels), Shift() if alpha is None else Logit(alpha)]
-    multiscale = MultiScale(stages, tuple(shape), squeeze_first=options.squeeze_first, factor_out=options.factor_out)
-    return DensityModel(Sequential(*preprocess, multiscale), tuple(shape), learned_prior=options.learned_prior)
+    multiscale = MultiScale(stages, event_shape, squeeze_first=options.squeeze_first, factor_out=options.factor_out)
+    return DensityModel(Sequential(*preprocess, multiscale), event_shape, learned_prior=options.learned_prior)
 
 
 _DENSE_LAYERS = 2
@@ -86,12 +88,12 @@ def _conv_branch(channels: int, options: ImageFlowOptions) -> nn.Sequential:
         return dense_conv_branch(
             channels,
             growth,
-            options.coeff,
+            options.branch_coeff(),
             layers=_DENSE_LAYERS,
             activation=activation,
             power_iterations=options.power_iterations,
         )
-    return conv_branch(channels, options.hidden, options.coeff, **options.branch_options())
+    return conv_branch(channels, options.hidden, options.branch_coeff(), **options.branch_options())
 
 
 def _flat_branch(shape: tuple[int, int, int], options: ImageFlowOptions) -> nn.Sequential:
@@ -102,10 +104,10 @@ def _flat_branch(shape: tuple[int, int, int], options: ImageFlowOptions) -> nn.S
         g = dense_branch(
             dim,
             growth,
-            options.coeff,
+            options.branch_coeff(),
             layers=_DENSE_LAYERS,
             activation=activation,
             power_iterations=options.power_iterations,
         )
         return nn.Sequential(nn.Flatten(), *g, nn.Unflatten(1, shape))
-    return flat_branch(shape, options.fc_hidden, options.coeff, **options.branch_options())
+    return flat_branch(shape, options.fc_hidden, options.branch_coeff(), **options.branch_options())

@@ -85,7 +85,7 @@ class BranchOptions:
     coeff_optional: ClassVar[bool] = False
     """Whether ``coeff=None`` (unnormalised branches) is allowed."""
 
-    coeff: float = DEFAULT_COEFF
+    coeff: float | None = DEFAULT_COEFF  # None only where coeff_optional
     lipschitz: str = LIPSCHITZ[0]
     activation: str = "lipswish"
     power_iterations: int = DEFAULT_POWER_ITERATIONS
@@ -180,7 +180,7 @@ class FlowOptions(BranchOptions):
         if self.logdet is None:
             raise ValueError("logdet must name an estimator, not null: a flow's likelihood needs the log-determinant")
         if isinstance(self.logdet, Mapping):  # its own copy; without a name, options of the default estimator
-            default = type(self).__dataclass_fields__["logdet"].default
+            default = type(self).logdet  # the field's default, which a dataclass keeps as the class attribute
             object.__setattr__(self, "logdet", update_spec(default, self.logdet))
         make_estimator(self.logdet)  # raises for an unknown name, option or value
         check_flag("learned_prior", self.learned_prior)
@@ -190,6 +190,12 @@ class FlowOptions(BranchOptions):
                 f"block 'densenet' holds its layers' norms by spectral normalisation; lipschitz {self.lipschitz!r} is "
                 "for the 'resflow' branches only"
             )
+
+    def branch_coeff(self) -> float:
+        """``coeff`` as the flow's branch builders take it: a number, never ``None`` (refused above)."""
+        if self.coeff is None:
+            raise ValueError(f"{self.builder}: coeff must be a number in (0, 1), got None")
+        return self.coeff
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def toy_flow(dim: int = 2, *, options: ToyFlowOptions | None = None, **changes: 
     """
     check_count("dim", dim)
     options = ToyFlowOptions.resolve(options, changes)
-    layers = []
+    layers: list[nn.Module] = []
     for _ in range(options.blocks):
         if options.actnorm:
             layers.append(ActNorm(dim))
@@ -48,6 +48,11 @@ def _branch(dim: int, options: ToyFlowOptions) -> nn.Sequential:
         activation = dense_activation(options.activation)
         growth = dense_growth(options.hidden, n)
         return dense_branch(
-            dim, growth, options.coeff, layers=n, activation=activation, power_iterations=options.power_iterations
+            dim,
+            growth,
+            options.branch_coeff(),
+            layers=n,
+            activation=activation,
+            power_iterations=options.power_iterations,
         )
-    return mlp_branch(dim, options.hidden, options.coeff, depth=options.depth, **options.branch_options())
+    return mlp_branch(dim, options.hidden, options.branch_coeff(), depth=options.depth, **options.branch_options())

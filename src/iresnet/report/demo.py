@@ -73,6 +73,8 @@ def run_demo(
     for method in ("fixed_point", "anderson"):
         x_rec = block.inverse(y, method=method)
         report = block.last_inversion
+        if report is None:  # every inversion leaves one
+            raise RuntimeError("the residual block kept no report of its inversion")
         errors[method] = (x_rec - x).abs().max().item()
         print(
             f"  {method:<12} max |x - F^-1(F(x))| = {errors[method]:.2e}   "

@@ -42,7 +42,8 @@ class RunReport:
 
 def baselines(source: DataSource) -> dict[str, Evaluation]:
     """The independent-pixel and Gaussian baselines' test bits/dim, for a run on images."""
-    return evaluate_baselines(source.train, source.test, source.levels)
+    images = source.image_data()
+    return evaluate_baselines(images.train, images.test, images.levels)
 
 
 def _baseline_lines(figures: dict[str, Evaluation]) -> list[str]:
@@ -65,16 +66,16 @@ def evaluate_run(
     (noise, inverted, or an image data set of the run's shape) also scores those data, writing
     their likelihood histograms to ``RUN/ood-DATA.png``. ``ValueError`` where the run has no
     density of images to score other data with."""
-    device = resolve_device(device)
-    model, config = load_run(run, device)
+    resolved = resolve_device(device)
+    model, config = load_run(run, resolved)
     task, source = get_task(config.task), run_source(config)
     flow = task.flow(model)
     if ood is not None and (flow is None or not source.is_image):
         raise ValueError(f"--ood needs a density model of images; {run} holds a {config.task} run on {config.data}")
     if ood == config.data:
         raise ValueError(f"--ood {ood} is the run's own data set: choose noise, inverted or another data set")
-    with evaluation_randomness(device):
-        comparison = None if ood is None else _compare(flow, config, source, ood, batch_size, progress)
+    with evaluation_randomness(resolved):
+        comparison = None if ood is None or flow is None else _compare(flow, config, source, ood, batch_size, progress)
         density = None if comparison is None else comparison.in_distribution  # the usual evaluation
         evaluation = task.evaluate(
             model, source, batch_size=batch_size, progress=progress, density=density, eval_logdet=config.eval_logdet
@@ -86,7 +87,7 @@ def evaluate_run(
         scores = baselines(source)
         report["baselines"] = {name: asdict(value) for name, value in scores.items()}
         lines += _baseline_lines(scores)
-    if comparison is None:
+    if comparison is None or ood is None:  # comparison is None exactly where ood is
         return RunReport(report, "\n".join(lines))
     picture, error = Path(run) / f"ood-{ood}.png", None
     try:
@@ -112,7 +113,8 @@ def _compare(
 ) -> OODReport:
     """The likelihoods of the test set and of the ``ood`` data."""
     generator = torch.Generator().manual_seed(config.seed)
-    out_images = ood_inputs(ood, source.test, source.levels, generator, config.data_dir, config.download)
+    images = source.image_data()
+    out_images = ood_inputs(ood, images.test, images.levels, generator, config.data_dir, config.download)
     estimator = eval_estimator(config.eval_logdet, discrete=True)
     return compare_likelihoods(flow, source.test, out_images, estimator, batch_size=batch_size, progress=progress)
 

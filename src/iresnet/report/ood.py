@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -120,7 +121,7 @@ def compare_likelihoods(
     model: DensityModel,
     in_images: Tensor,
     out_images: Tensor,
-    estimator: LogDetEstimator | str | None = "auto",
+    estimator: LogDetEstimator | Literal["auto"] | None = "auto",
     batch_size: int = 500,
     *,
     seed: int = EVAL_SEED,

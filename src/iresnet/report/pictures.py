@@ -40,16 +40,21 @@ def draw_samples(
     """``n`` samples of ``model`` (eval mode, spectral norms converged) drawn with ``seed``,
     written to ``path``: a scatter beside the data for 2-D data, an image grid for images;
     ``by_class`` (a class-conditional prior): ``n`` samples of every class, a row each."""
-    labels = torch.arange(len(model.class_means)).repeat_interleave(n) if by_class else None
+    labels = None
+    if by_class:
+        if model.class_means is None:
+            raise ValueError("samples by class need a class-conditional prior (class_means)")
+        labels = torch.arange(len(model.class_means)).repeat_interleave(n)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         samples = model.sample(n if labels is None else len(labels), labels).cpu()
     if not source.is_image:
         plots.scatter_samples(samples, source.test[: max(n, 2000)].cpu(), path)
     else:
-        images = samples.round().clamp(0, source.levels - 1).to(torch.uint8)
+        levels = source.image_data().levels
+        images = samples.round().clamp(0, levels - 1).to(torch.uint8)
         scale = max(1, 64 // images.shape[-1])  # tiles of at least 64 pixels
-        plots.image_grid(images, path, nrow=n if by_class else None, levels=source.levels, scale=scale)
+        plots.image_grid(images, path, nrow=n if by_class else None, levels=levels, scale=scale)
     return samples
 
 
@@ -129,7 +134,8 @@ def sample_run(
         raise ValueError("--by-class needs a hybrid with a class-conditional prior (model.classifier=gaussians)")
     converge_spectral_norms(flow)
     path = Path(out) if out is not None else Path(run) / "samples.png"
-    source, classes = run_source(config), len(flow.class_means) if by_class else None
+    classes = len(flow.class_means) if by_class and flow.class_means is not None else None
+    source = run_source(config)
     try:
         return Samples(draw_samples(flow, source, path, n, seed, by_class=by_class), path, classes)
     except OSError as error:

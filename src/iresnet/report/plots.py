@@ -314,7 +314,7 @@ def read_metrics(metrics_path: PathLike) -> dict[str, dict[str, tuple[list[int],
                 if not isinstance(value, (int, float)) or isinstance(value, bool):
                     raise ValueError(f"{where}: {metric!r} must be a number, got {value!r}")
                 series.setdefault(metric, {}).setdefault(split, []).append((step, float(value)))
-    result = {}
+    result: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for metric in METRICS:
         if metric in series:
             result[metric] = {}
@@ -398,7 +398,7 @@ def likelihood_histograms(
     sets of different sizes compare; ``labels`` name the sets in the legend and ``auroc`` goes in
     the title. Returns the figure, also written as a PNG to ``path`` when given."""
     sets = _values(in_bpd, "in_bpd"), _values(out_bpd, "out_bpd")
-    edges = np.histogram_bin_edges(np.concatenate(sets), bins=HISTOGRAM_BINS)
+    edges = np.histogram_bin_edges(np.concatenate(sets), bins=HISTOGRAM_BINS).tolist()  # as matplotlib types bins
     figure = _figure(6, 3.6, constrained=True)
     axes = figure.subplots()
     for values, label, colour in zip(sets, labels, ("tab:blue", "tab:orange")):

@@ -8,12 +8,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
 
 from ..core.certificates import lipschitz_bound
 from ..core.inverse import InversionError
+from ..core.invertible import Invertible
 from ..core.lipschitz import converge_spectral_norms
 from ..core.residual import ResidualBlock
 from ..models.classifier import Classifier
@@ -56,7 +58,7 @@ def reconstruct(model: Classifier, images: Tensor, methods: tuple[str, ...] = _M
     converge_spectral_norms(model)
     blocks = [m for m in model.trunk if isinstance(m, ResidualBlock)]
     features = model.features(images)
-    reports = [BlockReport(lipschitz_bound(b.g, b.event_shape)) for b in blocks]
+    reports = [BlockReport(lipschitz_bound(b.g, _input_shape(b))) for b in blocks]
     recovered, failure = None, None
     for method in methods:
         for block in blocks:
@@ -72,15 +74,22 @@ def reconstruct(model: Classifier, images: Tensor, methods: tuple[str, ...] = _M
             recovered = result
     if recovered is None:
         return Reconstruction(None, None, None, reports, failure)
-    error = (recovered - images.to(recovered)).abs()
-    return Reconstruction(recovered, error.max().item(), error.mean().item(), reports, failure)
+    difference = (recovered - images.to(recovered)).abs()
+    return Reconstruction(recovered, difference.max().item(), difference.mean().item(), reports, failure)
+
+
+def _input_shape(block: ResidualBlock) -> tuple[int, ...]:
+    """The shape of one input of ``block``, which it takes from its first input."""
+    if block.event_shape is None:
+        raise RuntimeError("a residual block of the trunk has seen no input: its branch's input shape is unknown")
+    return block.event_shape
 
 
 def _invert_trunk(model: Classifier, features: Tensor, method: str) -> Tensor:
     """:meth:`Classifier.reconstruct` with every residual block inverted by ``method``."""
     x = features
     for layer in reversed(model.trunk):
-        x = layer.inverse(x, method=method) if isinstance(layer, ResidualBlock) else layer.inverse(x)
+        x = layer.inverse(x, method=method) if isinstance(layer, ResidualBlock) else cast(Invertible, layer).inverse(x)
     return x
 
 
@@ -130,12 +139,12 @@ def reconstruct_run(
     its first ``n`` test images (:func:`reconstruct`), and, where the inversion succeeds, the
     originals beside the reconstructions written to ``out`` (default ``RUN/reconstructions.png``).
     ``ValueError`` for a run whose model is not a classifier."""
-    device = resolve_device(device)
-    model, config = load_run(run, device)
+    resolved = resolve_device(device)
+    model, config = load_run(run, resolved)
     if not isinstance(model, Classifier):
         raise ValueError(f"{run} holds a {config.task!r} run: reconstruct inverts a classifier's trunk")
-    source = run_source(config)
-    images = source.test[:n].to(device)
+    source = run_source(config).image_data()
+    images = source.test[:n].to(resolved)
     done = RunReconstruction(
         reconstruct(model, images), Path(out) if out is not None else Path(run) / "reconstructions.png"
     )

@@ -9,6 +9,8 @@ A new task is a new file with a :class:`Task` subclass, and its line in :data:`T
 (True, True)
 """
 
+from typing import Any
+
 from .base import (
     EVAL_SEED,
     Evaluated,
@@ -47,11 +49,11 @@ __all__ = [
     "summarize",
 ]
 
-TASKS: dict[str, Task] = {task.name: task for task in (DensityTask(), ClassifyTask(), HybridTask())}
+TASKS: dict[str, Task[Any, Any]] = {task.name: task for task in (DensityTask(), ClassifyTask(), HybridTask())}
 """Every task, by the name the setting ``task`` gives."""
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> Task[Any, Any]:
     """The task called ``name``: the one place where a task's name is looked up; ``ValueError``
     listing the tasks for any other name."""
     task = TASKS.get(name) if isinstance(name, str) else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -34,19 +34,27 @@ __all__ = [
 
 
 class Evaluated(Protocol):
-    """What a task's evaluation gives: one line of text (``str``) and its test record."""
+    """What a task's evaluation gives: a dataclass, with one line of text (``str``) and its test record."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
 
     def metrics(self) -> dict[str, float]:
         """The figures of the test record in ``metrics.jsonl``."""
         ...
 
 
-class Task:
+_Model = TypeVar("_Model", bound=nn.Module)
+_Evaluation = TypeVar("_Evaluation", bound=Evaluated)
+
+
+class Task(Generic[_Model, _Evaluation]):
     """One kind of run: what it builds, trains on, optimises, reports and draws.
 
     A task is stateless; the run's settings and data come with each call. Subclasses set the
     class attributes and implement :meth:`builder`, :meth:`build_model`, :meth:`objective` and
-    :meth:`evaluate`; the rest have defaults. :data:`iresnet.tasks.TASKS` registers one instance
+    :meth:`evaluate`; the rest have defaults. The type parameters are the model the task builds
+    and its evaluation (the model that :meth:`objective` gets may be wrapped for training, by
+    ``DistributedDataParallel`` or ``torch.compile``). :data:`iresnet.tasks.TASKS` registers one instance
     of each by its :attr:`name`, the setting ``task`` of :class:`~iresnet.train.TrainConfig`.
     """
 
@@ -65,15 +73,15 @@ class Task:
         return f"<task {self.name!r}>"
 
     # -- the model --------------------------------------------------------------------------------
-    def builder(self, data: str) -> Callable[..., nn.Module]:
+    def builder(self, data: str) -> Callable[..., _Model]:
         """The model builder for the data set ``data``, whose keyword options ``model.KEY`` sets."""
         raise NotImplementedError
 
-    def build_model(self, data: str, options: dict[str, Any]) -> nn.Module:
+    def build_model(self, data: str, options: dict[str, Any]) -> _Model:
         """The model for the data set ``data``, with the builder's ``options``."""
         raise NotImplementedError
 
-    def flow(self, model: nn.Module) -> DensityModel | None:
+    def flow(self, model: _Model) -> DensityModel | None:
         """The density model within ``model`` (``None`` where it has none)."""
         return None
 
@@ -84,9 +92,10 @@ class Task:
             return
         if not source.is_image:
             raise ValueError(f"task {self.name!r} needs labelled image data, and {source.name!r} has no labels")
-        if len(source.labelled) < config.batch_size:
+        labelled = source.image_data().labelled
+        if len(labelled) < config.batch_size:
             raise ValueError(
-                f"labelled_fraction {config.labelled_fraction} keeps {len(source.labelled)} labelled images, "
+                f"labelled_fraction {config.labelled_fraction} keeps {len(labelled)} labelled images, "
                 f"fewer than a batch of {config.batch_size}: raise the fraction or lower batch_size"
             )
 
@@ -96,7 +105,7 @@ class Task:
         """The inputs of training step ``step`` (this process's share) and their labels
         (``None`` for a task without labels)."""
         if self.labelled:
-            return source.labelled_batch(step, config.batch_size, rank, world)
+            return source.image_data().labelled_batch(step, config.batch_size, rank, world)
         return source.batch(step, config.batch_size, rank, world), None
 
     def objective(
@@ -109,7 +118,7 @@ class Task:
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(
         self,
-        model: nn.Module,
+        model: _Model,
         source: DataSource,
         *,
         size: int | None = None,
@@ -117,17 +126,17 @@ class Task:
         progress: bool = False,
         density: Evaluation | None = None,
         eval_logdet: str | dict[str, Any] | None = "auto",
-    ) -> Evaluated:
+    ) -> _Evaluation:
         """The trained ``model`` on the first ``size`` test examples of ``source`` (all of them
         with ``None``), in eval mode with spectral norms converged, its log-dets estimated as the
         setting ``eval_logdet`` says (:func:`eval_estimator`). ``density``, an evaluation of
         :meth:`flow` made elsewhere (the OOD comparison's), takes the place of its own."""
         raise NotImplementedError
 
-    def calibrate(self, model: nn.Module, source: DataSource) -> None:
+    def calibrate(self, model: _Model, source: DataSource) -> None:
         """Whatever the evaluation weights need once training is over (before they are saved)."""
 
-    def report(self, evaluation: Evaluated) -> tuple[dict[str, Any], str]:
+    def report(self, evaluation: _Evaluation) -> tuple[dict[str, Any], str]:
         """``iresnet eval``'s figures: the JSON report's and the text's."""
         return dataclasses.asdict(evaluation), str(evaluation)
 

@@ -114,7 +114,7 @@ def classification(logits: Tensor, labels: Tensor) -> ClassifierEvaluation:
     return ClassifierEvaluation(n, 100 * error, 100 * math.sqrt(error * (1 - error) / n), nll)
 
 
-class ClassifyTask(Task):
+class ClassifyTask(Task[Classifier, ClassifierEvaluation]):
     """The classifier: cross-entropy of the labelled images as the loss; its weights are saved
     with BatchNorm statistics recomputed on the training images, as evaluation uses them."""
 
@@ -122,7 +122,7 @@ class ClassifyTask(Task):
     title = "classifier"
     labelled = True
 
-    def builder(self, data: str) -> Callable[..., nn.Module]:
+    def builder(self, data: str) -> Callable[..., Classifier]:
         return iresnet_classifier
 
     def build_model(self, data: str, options: dict[str, Any]) -> Classifier:
@@ -131,13 +131,15 @@ class ClassifyTask(Task):
     def objective(
         self, model: nn.Module, x: Tensor, y: Tensor | None, config: TrainConfig
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        if y is None:
+            raise ValueError("the classifier trains on labelled batches: got no labels")
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
         return loss, {"cross_entropy": loss.detach(), "accuracy": (logits.argmax(1) == y).double().mean()}
 
     def evaluate(
         self,
-        model: nn.Module,
+        model: Classifier,
         source: DataSource,
         *,
         size: int | None = None,
@@ -146,8 +148,9 @@ class ClassifyTask(Task):
         density: Evaluation | None = None,
         eval_logdet: str | dict[str, Any] | None = "auto",
     ) -> ClassifierEvaluation:
-        images, labels = source.test[:size], source.test_labels[:size]
-        return evaluate_classifier(model, images, labels, batch_size, calibration=source.train)
+        data = source.image_data()
+        images, labels = data.test[:size], data.test_labels[:size]
+        return evaluate_classifier(model, images, labels, batch_size, calibration=data.train)
 
-    def calibrate(self, model: nn.Module, source: DataSource) -> None:
-        recalibrate_batch_norms(model, source.train)
+    def calibrate(self, model: Classifier, source: DataSource) -> None:
+        recalibrate_batch_norms(model, source.image_data().train)

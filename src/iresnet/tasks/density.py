@@ -49,7 +49,9 @@ class Evaluation:
     def metrics(self) -> dict[str, float]:
         figures = {"nll": self.nll, "nll_se": self.nll_se}
         if self.bits_per_dim is not None:
-            figures.update(bits_per_dim=self.bits_per_dim, bits_per_dim_se=self.bits_per_dim_se)
+            figures["bits_per_dim"] = self.bits_per_dim
+            if self.bits_per_dim_se is not None:  # set with bits_per_dim by summarize
+                figures["bits_per_dim_se"] = self.bits_per_dim_se
         return figures
 
 
@@ -110,7 +112,7 @@ def evaluate_baselines(train: Tensor, test: Tensor, levels: int, seed: int = 0) 
     }
 
 
-class DensityTask(Task):
+class DensityTask(Task[DensityModel, Evaluation]):
     """A density model: minus the mean log-likelihood as the loss; test NLL (and bits/dim), with
     the exact log-determinant for 2-D data and :func:`~iresnet.tasks.accurate_estimator` for
     images."""
@@ -119,13 +121,13 @@ class DensityTask(Task):
     title = "density model"
     generative = True
 
-    def builder(self, data: str) -> Callable[..., nn.Module]:
+    def builder(self, data: str) -> Callable[..., DensityModel]:
         return toy_flow if image_spec(data) is None else image_flow
 
     def build_model(self, data: str, options: dict[str, Any]) -> DensityModel:
         return build_density_model(data, options)
 
-    def flow(self, model: nn.Module) -> DensityModel:
+    def flow(self, model: DensityModel) -> DensityModel:
         return model
 
     def objective(
@@ -136,7 +138,7 @@ class DensityTask(Task):
 
     def evaluate(
         self,
-        model: nn.Module,
+        model: DensityModel,
         source: DataSource,
         *,
         size: int | None = None,

@@ -67,7 +67,7 @@ def evaluate_hybrid(
     return HybridEvaluation(classification(torch.cat(logits), labels), density)
 
 
-class HybridTask(Task):
+class HybridTask(Task[HybridModel, HybridEvaluation]):
     r"""The hybrid model: cross-entropy of the labelled rows plus :math:`\lambda` (the setting
     ``hybrid_lambda``) times the NLL per dimension of all the step's images; with a labelled
     fraction below 1 (and :math:`\lambda > 0`), a batch of unlabelled images joins each labelled one."""
@@ -78,13 +78,13 @@ class HybridTask(Task):
     generative = True
     settings = ("hybrid_lambda",)
 
-    def builder(self, data: str) -> Callable[..., nn.Module]:
+    def builder(self, data: str) -> Callable[..., HybridModel]:
         return hybrid_model
 
     def build_model(self, data: str, options: dict[str, Any]) -> HybridModel:
         return build_hybrid_model(data, options)
 
-    def flow(self, model: nn.Module) -> DensityModel:
+    def flow(self, model: HybridModel) -> DensityModel:
         return model.density
 
     def batch(
@@ -100,6 +100,8 @@ class HybridTask(Task):
     def objective(
         self, model: nn.Module, x: Tensor, y: Tensor | None, config: TrainConfig
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        if y is None:
+            raise ValueError("the hybrid model trains on labelled batches: got no labels")
         logits, log_prob = model(x)
         logits = logits[: len(y)]
         cross_entropy = nn.functional.cross_entropy(logits, y)
@@ -110,7 +112,7 @@ class HybridTask(Task):
 
     def evaluate(
         self,
-        model: nn.Module,
+        model: HybridModel,
         source: DataSource,
         *,
         size: int | None = None,
@@ -119,7 +121,8 @@ class HybridTask(Task):
         density: Evaluation | None = None,
         eval_logdet: str | dict[str, Any] | None = "auto",
     ) -> HybridEvaluation:
-        images, labels = source.test[:size], source.test_labels[:size]
+        data = source.image_data()
+        images, labels = data.test[:size], data.test_labels[:size]
         estimator = eval_estimator(eval_logdet, discrete=True)
         result = evaluate_hybrid(model, images, labels, batch_size=batch_size, estimator=estimator)
         return result if density is None else HybridEvaluation(result.classifier, density)

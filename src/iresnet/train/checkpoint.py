@@ -116,11 +116,13 @@ def claimed_run(config: TrainConfig, procs: Processes, resume: bool) -> Iterator
     leftovers of a write cut short removed. A directory this call created is removed again if the
     context fails before anything was written into it."""
     created = False
-    if config.out is None:  # every process takes the main process's choice
+    out = config.out
+    if out is None:  # every process takes the main process's choice
         chosen = default_run_directory(config.preset, resume) if procs.main else None
-        config = dataclasses.replace(config, out=str(procs.gather(chosen)[0]))
+        out = str(procs.gather(chosen)[0])
+        config = dataclasses.replace(config, out=out)
         created = not resume
-    root = Path(config.out)
+    root = Path(out)
     with contextlib.ExitStack() as held:
         if procs.main:
             try:

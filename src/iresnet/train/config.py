@@ -10,6 +10,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for setting in dataclasses.fields(self):
             value = getattr(self, setting.name)
-            check, kind = _TYPE_CHECKS[setting.type]
+            check, kind = _TYPE_CHECKS[str(setting.type)]  # the annotation's text: annotations are postponed
             if not check(value):
                 raise ValueError(f"{setting.name} must be {kind}, got {value!r}")
         positive = ("steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "eval_size")
@@ -120,11 +121,11 @@ class TrainConfig:
         if self.labelled_fraction < 1 and not task.labelled:
             users = listed([t.name for t in TASKS.values() if t.labelled])
             raise ValueError(f"labelled_fraction is for the tasks {users}; a {task.title} uses no labels")
-        for setting in {name for t in TASKS.values() for name in t.settings} - set(task.settings):
-            if getattr(self, setting) != getattr(TrainConfig, setting):
-                users = [t.name for t in TASKS.values() if setting in t.settings]
+        for other in {name for t in TASKS.values() for name in t.settings} - set(task.settings):
+            if getattr(self, other) != getattr(TrainConfig, other):
+                owners = [t.name for t in TASKS.values() if other in t.settings]
                 raise ValueError(
-                    f"{setting} is for the task{'s' if len(users) > 1 else ''} {listed(users)}, not {self.task}"
+                    f"{other} is for the task{'s' if len(owners) > 1 else ''} {listed(owners)}, not {self.task}"
                 )
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
@@ -269,7 +270,7 @@ def parse_override(text: str) -> dict[str, Any]:
 def resolve_config(
     preset: str | None = None,
     config_file: str | os.PathLike | None = None,
-    overrides: list[dict[str, Any]] = (),
+    overrides: Sequence[dict[str, Any]] = (),
     *,
     saved: TrainConfig | None = None,
 ) -> TrainConfig:
@@ -300,15 +301,19 @@ def resolve_config(
     name = preset or from_file.get("preset") or "toy"
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
-    preset = _merge({"preset": name}, PRESETS[name], f"preset {name!r}")
-    settings = _merge(preset, from_file, str(config_file))
+    preset_settings = _merge({"preset": name}, PRESETS[name], f"preset {name!r}")
+    settings = _merge(preset_settings, from_file, str(config_file))
     settings["preset"] = name
     for override in overrides:
         settings = _merge(settings, override, "command line")
     config = TrainConfig(**settings)
-    explicit = functools.reduce(merge_options, (update.get("model", {}) for update in (from_file, *overrides)), {})
+    explicit: dict[str, Any] = functools.reduce(
+        merge_options, (update.get("model", {}) for update in (from_file, *overrides)), {}
+    )
     takes = _options(config.task, config.data)
-    preset_takes = _options(preset.get("task", TrainConfig.task), preset.get("data", TrainConfig.data))
+    preset_takes = _options(
+        preset_settings.get("task", TrainConfig.task), preset_settings.get("data", TrainConfig.data)
+    )
     if not (takes.items() <= preset_takes.items() or preset_takes.items() <= takes.items()):
         model = explicit  # the preset's model options belong to another builder
     else:  # the same builder, or one that extends it (a hybrid's: the image flow's and its classifier)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,8 @@ from torch import Tensor
 __all__ = ["DEVICE_CHOICES", "Processes", "process_device", "resolve_device", "start_processes"]
 
 DEVICE_CHOICES = "auto (CUDA when a GPU is available, else the CPU), cpu, cuda, cuda:N"
+
+_T = TypeVar("_T")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -72,11 +75,11 @@ class Processes:
         dist.all_reduce(value)
         return bool(value.item() > 0)
 
-    def gather(self, obj: object) -> list[object]:
+    def gather(self, obj: _T) -> list[_T]:
         """``obj`` from every process, in rank order."""
         if self.world == 1:
             return [obj]
-        gathered: list[object] = [None] * self.world
+        gathered: list[Any] = [None] * self.world  # filled with every process's obj
         dist.all_gather_object(gathered, obj)
         return gathered
 

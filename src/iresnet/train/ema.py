@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ExponentialMovingAverage"]
+__all__ = ["EMAState", "ExponentialMovingAverage"]
+
+
+class EMAState(TypedDict):
+    """What :meth:`ExponentialMovingAverage.state_dict` gives and ``load_state_dict`` takes."""
+
+    decay: float
+    updates: int
+    shadow: dict[str, Tensor]
 
 
 class ExponentialMovingAverage:
@@ -30,11 +40,10 @@ class ExponentialMovingAverage:
         for name, p in model.named_parameters():
             p.copy_(self.shadow[name])
 
-    def state_dict(self) -> dict[str, object]:
+    def state_dict(self) -> EMAState:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
+    def load_state_dict(self, state: EMAState) -> None:
         self.decay, self.updates = state["decay"], state["updates"]
-        shadow: dict[str, Tensor] = state["shadow"]  # type: ignore[assignment]
-        for name, value in shadow.items():
+        for name, value in state["shadow"].items():
             self.shadow[name].copy_(value)

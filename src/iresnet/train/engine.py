@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -83,6 +83,8 @@ class FinishedRun:
 
 class _Trainer:
     def __init__(self, config: TrainConfig, procs: Processes, progress: bool) -> None:
+        if config.out is None:
+            raise ValueError("a run trains into a directory: config.out is None (claimed_run chooses one)")
         self.config, self.procs, self.progress = config, procs, progress
         self.files = RunFiles(config.out)
         self.task = get_task(config.task)
@@ -102,7 +104,7 @@ class _Trainer:
                 f"precision=bf16 runs on CUDA only (bfloat16 autocast of the branches), and this run is on "
                 f"{procs.device}: use precision=float32, or device=cuda on a machine with a GPU"
             )
-        self.model = self.task.build_model(config.data, config.model).to(procs.device)
+        self.model: nn.Module = self.task.build_model(config.data, config.model).to(procs.device)
         self.optimizer, self.scheduler = optimizer(config, self.model)
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
@@ -297,7 +299,7 @@ class _Trainer:
         bar = tqdm(total=config.steps, initial=self.step, disable=not (self.progress and self.procs.main), unit="step")
         if config.compile:
             initialize_from_data(self.model, self.step_batch()[0])  # no data-dependent branch in the graph
-            model = torch.compile(model)
+            model = cast(nn.Module, torch.compile(model))  # a module's compiled form is a module (OptimizedModule)
             bar.write("compiling the training step: the first steps take longer (seconds to minutes)")
         self.logged_at = time.perf_counter() - self.pending_seconds
         self.saved_at = time.monotonic()

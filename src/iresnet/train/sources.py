@@ -5,7 +5,7 @@ its share (rows ``rank::world``) of the same global batch."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from ..data.toy import sample_toy
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-__all__ = ["DataSource", "ImageSource", "ToySource", "make_source", "run_source"]
+__all__ = ["DataSource", "ImageData", "ImageSource", "ToySource", "make_source", "run_source"]
 
 _TEST_SEED = 20190612  # one test set for every toy run, whatever its training seed
 
@@ -34,8 +34,9 @@ _SUBSET_SEED = 20240101  # one labelled subset for every run with the same fract
 
 class DataSource:
     """``batch(step)`` for training and ``test`` (a fixed tensor) for evaluation. ``is_image``
-    tells labelled integer images (with ``levels``, ``labelled_batch``, ``train``, ``test_labels``)
-    from toy 2-D points; :func:`make_source` decides it, by :func:`~iresnet.data.image_spec`."""
+    tells labelled integer images (with ``levels``, ``labelled_batch``, ``train``, ``test_labels``,
+    typed by :meth:`image_data`) from toy 2-D points; :func:`make_source` decides it, by
+    :func:`~iresnet.data.image_spec`."""
 
     name: str
     event_shape: tuple[int, ...]
@@ -49,6 +50,28 @@ class DataSource:
     @property
     def event_size(self) -> int:
         return math.prod(self.event_shape)
+
+    def image_data(self) -> ImageData:
+        """This source as the labelled images it holds; ``ValueError`` for one without (not ``is_image``)."""
+        if not self.is_image:
+            raise ValueError(f"{self.name!r} holds no labelled images")
+        return cast(ImageData, self)  # what is_image promises
+
+
+class ImageData(Protocol):
+    """A source of labelled integer images (``is_image``) as :meth:`DataSource.image_data` gives it:
+    its intensity ``levels`` (never ``None``), the training and test images and their labels, the
+    indices of the ``labelled`` training images, and :meth:`labelled_batch`."""
+
+    name: str
+    levels: int
+    train: Tensor
+    train_labels: Tensor
+    test: Tensor
+    test_labels: Tensor
+    labelled: Tensor
+
+    def labelled_batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]: ...
 
 
 class ToySource(DataSource):
@@ -87,6 +110,8 @@ class ImageSource(DataSource):
         labelled_fraction: float = 1.0,
     ) -> None:
         spec = image_spec(name)
+        if spec is None:
+            raise ValueError(f"{name!r} is not an image data set")
         self.name, self.seed, self.event_shape, self.levels = name, seed, spec.shape, spec.levels
         self.augment = augment
         self.train, self.train_labels = load_images(name, root, train=True, download=download)
