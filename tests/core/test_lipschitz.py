@@ -404,3 +404,12 @@ def test_eval_mode_model_certifies_and_samples_after_weights_moved_without_conve
     z, _ = model.transform(x)
     assert torch.isfinite(x).all()
     torch.testing.assert_close(model.transform.inverse(z), x)
+
+
+def test_a_layer_built_and_loaded_in_inference_mode_works():
+    """The review: inference tensors have no version counter, and the staleness check read it."""
+    with torch.inference_mode():
+        layer = iresnet.spectral_norm(nn.Linear(4, 4), coeff=0.9).eval()
+        layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+        assert layer(torch.randn(2, 4)).shape == (2, 4)
+        assert torch.linalg.matrix_norm(layer.weight.double(), ord=2) <= 0.9

@@ -219,3 +219,31 @@ def test_inverse_of_a_contraction_does_not_warn(method, device):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         iresnet.solve_fixed_point(g, y, method)
+
+
+def test_first_inverse_at_a_new_conv_size_inverts_the_forward():
+    """The review: a block's first call being an inverse at another input size than its convolution's
+    spectral norm was set for cached the weight of the old size."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(5)
+    g = nn.Sequential(iresnet.spectral_norm(conv, 0.9, input_shape=(2, 2, 2))).double().eval()
+    block = iresnet.ResidualBlock(g, None)
+    y = torch.randn(2, 2, 16, 16, dtype=torch.float64)
+    torch.testing.assert_close(block(block.inverse(y))[0], y, rtol=1e-8, atol=1e-8)
+
+
+def test_no_stretch_warning_for_a_contraction_far_from_the_origin():
+    """The review: an elementwise test of 'apart' let rounding in large iterates pass for a stretch."""
+    import warnings
+
+    torch.manual_seed(0)
+    orthogonal, _ = torch.linalg.qr(torch.randn(128, 128))
+    linear = nn.Linear(128, 128)
+    with torch.no_grad():
+        linear.weight.copy_(-orthogonal)  # every singular value 0.99 once normalised
+    g = nn.Sequential(iresnet.spectral_norm(linear, 0.99)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iresnet.solve_fixed_point(g, 100 * torch.randn(64, 128), "anderson", max_iter=200_000)

@@ -184,10 +184,12 @@ class _StretchWatch:
         if self.previous is not None and not torch.compiler.is_compiling():
             before_x, before_fx = self.previous
             dx = (x - before_x).flatten(1)
-            tolerance = 100 * (self.atol + self.rtol * x.flatten(1).abs())
-            apart = (dx.abs() > tolerance).any(1)
-            ratio = (fx - before_fx).flatten(1).norm(dim=1) / dx.norm(dim=1).clamp_min(1e-300)
-            stretched = apart & (ratio > 1 + 1e-3)  # above rounding in g
+            step = dx.norm(dim=1)
+            size = x.flatten(1).norm(dim=1) + fx.flatten(1).norm(dim=1)
+            apart = step > 100 * (self.atol * dx.shape[1] ** 0.5 + self.rtol * size)
+            ratio = (fx - before_fx).flatten(1).norm(dim=1) / step.clamp_min(1e-300)
+            rounding = 10 * torch.finfo(x.dtype).eps * size / step.clamp_min(1e-300)  # what rounding in g can add
+            stretched = apart & (ratio > 1 + 1e-3 + rounding)
             if stretched.any():
                 self.largest = max(self.largest, ratio[stretched].max().item())
                 self.samples.update(index[stretched].tolist())

@@ -232,7 +232,8 @@ class SpectralNorm(nn.Module):
     def is_stale(self, weight: Tensor) -> bool:
         """Whether ``weight`` changed (in place, or for another tensor) since the last
         :meth:`converge`, or the vectors moved since (a training-mode step)."""
-        return self._converged_for != _weight_state(weight)
+        state = _weight_state(weight)
+        return state is None or self._converged_for != state
 
     def sigma(self, weight: Tensor) -> Tensor:
         r""":math:`\hat\sigma = v^\top W u`, differentiable in ``weight``."""
@@ -281,9 +282,18 @@ def _remaining_error(changes: list[float]) -> float:
     return changes[-1] * rate / (1 - rate) if rate < 1 else math.inf
 
 
-def _weight_state(weight: Tensor) -> tuple:
-    """What identifies a weight's values without reading them: its storage and in-place version."""
-    return weight.data_ptr(), weight._version, weight.dtype, weight.device
+def _weight_state(weight: Tensor) -> tuple | None:
+    """What identifies a weight's values without reading them: its storage and in-place version
+    (an inference tensor has no version, and cannot change outside inference mode). ``None``,
+    never equal to a recorded state, where it cannot be read (a tensor of ``torch.func``'s
+    transforms, without storage): such a weight counts as changed. An update that bypasses the
+    version counter (a fused optimiser step) is not seen: call :func:`converge_spectral_norms`
+    after one."""
+    try:
+        version = None if weight.is_inference() else weight._version
+        return weight.data_ptr(), version, weight.dtype, weight.device
+    except RuntimeError:
+        return None
 
 
 def _unit(x: Tensor) -> Tensor:

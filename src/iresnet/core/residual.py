@@ -221,10 +221,14 @@ class ResidualBlock(InvertibleLayer):
         """The unique ``x`` with ``x + g(x) = y``; ``method`` overrides ``inverse_method`` for this call."""
         if method is not None:
             check_choice("method", method, INVERSE_METHODS)
+        first_input = self.event_shape is None
         self._check(y, "ResidualBlock.inverse input")
         differentiable = torch.is_grad_enabled() and (
             y.requires_grad or any(p.requires_grad for p in self.g.parameters())
         )
+        if first_input:  # convolutions learn their input sizes before the weights are cached
+            with torch.no_grad(), frozen_power_iteration(self.g):
+                self.g(y)
         with parametrize.cached(), frozen_power_iteration(self.g):
             _cache_parametrizations(self.g)
             iteration = None
