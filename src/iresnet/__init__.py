@@ -11,12 +11,14 @@ from .core.activations import CLipSwish, LipSwish
 from .core.aol import AOL, aol
 from .core.certificates import circular_conv_bound, lipschitz_bound, operator_norm_bound
 from .core.dense import DenseLayer
+from .core.implicit import ImplicitBlock
 from .core.inverse import InversionError, InversionReport, solve_fixed_point
 from .core.invertible import InvertibleLayer, sum_logdets
 from .core.jacobian import Linearization, linearize, register_linearization
 from .core.layers import ActNorm, InjectivePad, Squeeze, initialize_from_data
 from .core.lipschitz import SpectralNorm, converge_spectral_norms, spectral_norm
 from .core.logdet import Exact, LogDetEstimator, PowerSeries, Roulette
+from .core.monotone import MonotoneBlock
 from .core.residual import ResidualBlock
 from .flows.composition import Sequential
 from .flows.distributions import Flow, ModuleTransform, as_transform
@@ -31,6 +33,7 @@ __all__ = [
     "DenseLayer",
     "Exact",
     "Flow",
+    "ImplicitBlock",
     "InjectivePad",
     "InversionError",
     "InversionReport",
@@ -38,6 +41,7 @@ __all__ = [
     "Linearization",
     "LipSwish",
     "LogDetEstimator",
+    "MonotoneBlock",
     "ModuleTransform",
     "MultiScale",
     "PowerSeries",

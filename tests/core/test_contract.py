@@ -53,6 +53,19 @@ CASES = {
     "ResidualBlock-without-logdet": Case(
         lambda: iresnet.ResidualBlock(dense_branch(3, 16, 0.9), None), normal(3), has_logdet=False
     ),
+    "MonotoneBlock": Case(lambda: iresnet.MonotoneBlock(dense_branch(3, 16, 0.9), "exact"), normal(3)),
+    "MonotoneBlock-conv": Case(lambda: iresnet.MonotoneBlock(conv_branch(2, 4, 0.9), "exact"), normal(2, 4, 4)),
+    "ImplicitBlock": Case(
+        lambda: iresnet.ImplicitBlock(dense_branch(3, 16, 0.9), dense_branch(3, 16, 0.9), "exact"), normal(3)
+    ),
+    "ImplicitBlock-conv": Case(
+        lambda: iresnet.ImplicitBlock(conv_branch(2, 4, 0.9), conv_branch(2, 4, 0.9), "exact"), normal(2, 4, 4)
+    ),
+    "ImplicitBlock-without-logdet": Case(
+        lambda: iresnet.ImplicitBlock(dense_branch(3, 16, 0.9), dense_branch(3, 16, 0.9), None),
+        normal(3),
+        has_logdet=False,
+    ),
     "ActNorm": Case(lambda: iresnet.ActNorm(2), normal(2, 3, 3)),
     "Squeeze": Case(iresnet.Squeeze, normal(2, 4, 4)),
     "InjectivePad": Case(lambda: iresnet.InjectivePad(2), normal(1, 4, 4), has_logdet=False),

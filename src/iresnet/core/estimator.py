@@ -22,13 +22,15 @@ class LogDetEstimator:
 
     ``estimator(g, x, gx, differentiable)`` returns :math:`\\log|\\det(I + J_g(x))|` per sample,
     shape ``(batch,)``, where ``gx = g(x)`` was computed with a graph to ``x``. With
-    ``differentiable`` the result carries gradients to ``x`` and to ``g``'s parameters.
+    ``differentiable`` the result carries gradients to ``x`` and to ``g``'s parameters. With
+    ``cayley=True`` it returns the log-determinant of the Cayley transform instead,
+    :math:`\\log|\\det((I - J_g)(I + J_g)^{-1})|` (a :class:`~iresnet.MonotoneBlock`'s).
     """
 
     explicit_jacobian: bool = False
     """Whether :meth:`from_products` is implemented (the first-order path of a block)."""
 
-    def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
+    def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool, cayley: bool = False) -> Tensor:
         raise NotImplementedError
 
     def draw(self, like: Tensor, graph_free: bool = False) -> Any:
@@ -37,7 +39,9 @@ class LogDetEstimator:
         ``graph_free`` says that the estimate will be computed without a graph."""
         return None
 
-    def from_products(self, products: Linearization, x: Tensor, differentiable: bool, draws: Any) -> Tensor:
+    def from_products(
+        self, products: Linearization, x: Tensor, differentiable: bool, draws: Any, cayley: bool = False
+    ) -> Tensor:
         """The same estimate from a branch's explicit Jacobian products
         (:func:`iresnet.core.jacobian.linearize`) and ``draws = self.draw(x)``: its gradient needs one
         first-order backward pass."""
@@ -61,7 +65,7 @@ class Exact(LogDetEstimator):
         True
     """
 
-    def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
+    def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool, cayley: bool = False) -> Tensor:
         if x.shape[0] == 0:  # no samples: vmap has nothing to map over
             return in_graph(x.new_zeros(0), gx) if differentiable else x.new_zeros(0)
 
@@ -70,22 +74,30 @@ class Exact(LogDetEstimator):
 
         jacobian = vmap(jacrev(g_single))(x if differentiable else x.detach())
         d = x.shape[1:].numel()
-        jacobian = jacobian.reshape(x.shape[0], d, d)
-        eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        return torch.linalg.slogdet(eye + jacobian).logabsdet
+        return _logabsdet(jacobian.reshape(x.shape[0], d, d), cayley)
 
     explicit_jacobian = True
 
-    def from_products(self, products: Linearization, x: Tensor, differentiable: bool, draws: Any) -> Tensor:
+    def from_products(
+        self, products: Linearization, x: Tensor, differentiable: bool, draws: Any, cayley: bool = False
+    ) -> Tensor:
         """The Jacobian column by column, :math:`J e_i` by ``d`` tangent passes, then ``slogdet``."""
         d = x.shape[1:].numel()
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         with torch.set_grad_enabled(differentiable):
             columns = [products.jvp(e.view(1, *x.shape[1:]).expand_as(x)).flatten(1) for e in eye]
-            return torch.linalg.slogdet(eye + torch.stack(columns, 2)).logabsdet
+            return _logabsdet(torch.stack(columns, 2), cayley)
 
     def __repr__(self) -> str:
         return "Exact()"
+
+
+def _logabsdet(jacobian: Tensor, cayley: bool) -> Tensor:
+    r""":math:`\log|\det(I + J)|` per sample, or with ``cayley``
+    :math:`\log|\det(I - J)| - \log|\det(I + J)|`, for a batch of Jacobians ``(batch, d, d)``."""
+    eye = torch.eye(jacobian.shape[-1], dtype=jacobian.dtype, device=jacobian.device)
+    logdet = torch.linalg.slogdet(eye + jacobian).logabsdet
+    return torch.linalg.slogdet(eye - jacobian).logabsdet - logdet if cayley else logdet
 
 
 def in_graph(value: Tensor, gx: Tensor) -> Tensor:

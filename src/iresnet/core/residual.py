@@ -195,52 +195,71 @@ class ResidualBlock(InvertibleLayer):
             raise ValueError(f"the residual branch g must keep the shape {tuple(x.shape)}, gave {tuple(gx.shape)}")
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        self._check(x, "ResidualBlock input")
+        self._check(x, f"{type(self).__name__} input")
+        gx, logdet = self._branch_and_logdet(x)
+        return x + gx, logdet
+
+    def _branch_and_logdet(self, x: Tensor, cayley: bool = False) -> tuple[Tensor, Tensor | None]:
+        r""":math:`g(x)` and the estimate of :math:`\log|\det(I + J_g(x))|` (``None`` without an
+        estimator), or with ``cayley`` that of :math:`\log|\det((I - J_g)(I + J_g)^{-1})|`; without
+        a graph unless grad mode is on."""
         explicit = self.logdet is not None and self.jacobian_path == "explicit"
+        kind = {"cayley": True} if cayley else {}  # an estimator of the residual log-det alone need not take it
         # first: under torch.compile a draw on the host stops the graph, which then starts after it
         graph_free = not torch.is_grad_enabled() or getattr(self.logdet, "memory_efficient", False)
         draws = self.logdet.draw(x, graph_free) if explicit and self.logdet is not None else None
         with parametrize.cached():
             if self.logdet is None:
-                return x + self._branch(x), None
+                return self._branch(x), None
             differentiable = torch.is_grad_enabled()
             if explicit:
                 products = linearize(self.g, x, checked=True)  # jacobian_path has just checked g
                 self._check_branch_shape(x, products.output)
-                return x + products.output, self.logdet.from_products(products, x, differentiable, draws)
+                return products.output, self.logdet.from_products(products, x, differentiable, draws, **kind)
             with torch.enable_grad():
                 x_in = x if differentiable and x.requires_grad else x.detach().requires_grad_()
                 gx = self._branch(x_in)
-                logdet = self.logdet(self.g, x_in, gx, differentiable)
-                y = x_in + gx
+                logdet = self.logdet(self.g, x_in, gx, differentiable, **kind)
         if not differentiable:
-            return y.detach(), logdet.detach()
-        return y, logdet
+            return gx.detach(), logdet.detach()
+        return gx, logdet
 
     def inverse(self, y: Tensor, method: str | None = None) -> Tensor:
         """The unique ``x`` with ``x + g(x) = y``; ``method`` overrides ``inverse_method`` for this call."""
         if method is not None:
             check_choice("method", method, INVERSE_METHODS)
+        self._check_first(y, f"{type(self).__name__}.inverse input")
+        return self._solve(y, method)
+
+    def _check_first(self, x: Tensor, name: str) -> None:
+        """:meth:`_check`; on the block's first input, also one evaluation of ``g`` without a graph
+        or a power-iteration step, in which convolutions learn the input size before any weights
+        are cached (:meth:`_solve`)."""
         first_input = self.event_shape is None
-        self._check(y, "ResidualBlock.inverse input")
-        differentiable = torch.is_grad_enabled() and (
-            y.requires_grad or any(p.requires_grad for p in self.g.parameters())
-        )
-        if first_input:  # convolutions learn their input sizes before the weights are cached
+        self._check(x, name)
+        if first_input:
             with torch.no_grad(), frozen_power_iteration(self.g):
-                self.g(y)
+                self.g(x)
+
+    def _solve(self, b: Tensor, method: str | None, sign: float = 1.0) -> Tensor:
+        r"""The ``w`` with :math:`w + s\,g(w) = b` for the sign :math:`s = \pm 1` (a contraction
+        either way), by the block's inversion; under autograd differentiable by implicit
+        differentiation. The report goes to ``last_inversion``; ``compile_inverse`` serves
+        :math:`s = 1` only."""
+        differentiable = torch.is_grad_enabled() and (
+            b.requires_grad or any(p.requires_grad for p in self.g.parameters())
+        )
+        branch = self.g if sign > 0 else (lambda w: -self.g(w))
         with parametrize.cached(), frozen_power_iteration(self.g):
             _cache_parametrizations(self.g)
             iteration = None
-            if self.compile_inverse:
-                default_atol, default_rtol = default_tolerances(y.dtype)
-                atol = default_atol if self.atol is None else self.atol
-                rtol = default_rtol if self.rtol is None else self.rtol
+            if self.compile_inverse and sign > 0:
+                atol, rtol = self._tolerances(b.dtype)
                 iteration = compiled_iteration(self.g, atol, rtol)
             with torch.no_grad():
-                x, self.last_inversion = solve_fixed_point(
-                    self.g,
-                    y,
+                w, self.last_inversion = solve_fixed_point(
+                    branch,
+                    b,
                     method or self.inverse_method,
                     self.atol,
                     self.rtol,
@@ -249,33 +268,35 @@ class ResidualBlock(InvertibleLayer):
                     iteration,
                 )
             if differentiable:
-                x = self._implicit_gradient(x, y)
-        return x
+                w = self._implicit_gradient(w, b, sign)
+        return w
 
-    def _implicit_gradient(self, x_star: Tensor, y: Tensor) -> Tensor:
-        r"""``y - g(x*)`` (equal to ``x*`` within tolerance) whose backward pass applies
-        :math:`(I + J_g)^{-\top}` by the fixed-point iteration :math:`u = a - J_g^\top u`."""
-        x0 = x_star.detach().requires_grad_()
-        gx0 = self.g(x0)
-        x = y - gx0
-        default_atol, default_rtol = default_tolerances(y.dtype)
-        atol = default_atol if self.atol is None else self.atol
-        rtol = default_rtol if self.rtol is None else self.rtol
+    def _tolerances(self, dtype: torch.dtype) -> tuple[float, float]:
+        default_atol, default_rtol = default_tolerances(dtype)
+        return (default_atol if self.atol is None else self.atol, default_rtol if self.rtol is None else self.rtol)
+
+    def _implicit_gradient(self, w_star: Tensor, b: Tensor, sign: float) -> Tensor:
+        r"""``b - s g(w*)`` (equal to ``w*`` within tolerance) whose backward pass applies
+        :math:`(I + s J_g)^{-\top}` by the fixed-point iteration :math:`u = a - s J_g^\top u`."""
+        w0 = w_star.detach().requires_grad_()
+        gw0 = self.g(w0)
+        w = b - sign * gw0
+        atol, rtol = self._tolerances(b.dtype)
 
         def apply_inverse_transpose(grad: Tensor | None) -> Tensor | None:
             if grad is None:  # an undefined gradient stays undefined
                 return None
             u = grad
             for _ in range(self.max_iter):
-                (jt_u,) = torch.autograd.grad(gx0, x0, u, retain_graph=True)
-                u_next = grad - jt_u
+                (jt_u,) = torch.autograd.grad(gw0, w0, u, retain_graph=True)
+                u_next = grad - sign * jt_u
                 if ((u_next - u).abs() <= atol + rtol * u_next.abs()).all():
                     return u_next
                 u = u_next
             raise InversionError(f"the implicit gradient of the inverse did not converge in {self.max_iter} iterations")
 
-        x.register_hook(apply_inverse_transpose)
-        return x
+        w.register_hook(apply_inverse_transpose)
+        return w
 
     def extra_repr(self) -> str:
         path = "autograd" if self.jacobian == "autograd" or self._explicit_refusal() else "explicit"  # never raises

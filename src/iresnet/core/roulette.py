@@ -103,7 +103,7 @@ class Roulette(SeriesEstimator):
         return torch.poisson(torch.full((), self.rate, dtype=torch.float64, device=like.device)).long()
 
     def device_series(
-        self, products: Linearization, v: Tensor, neumann: bool, tail_length: Tensor
+        self, products: Linearization, v: Tensor, neumann: bool, tail_length: Tensor, cayley: bool = False
     ) -> tuple[Tensor, Tensor]:
         """The sums of :meth:`SeriesEstimator.from_products` for one probe with the tail length drawn on
         the device (:meth:`draw`) and the terms in a ``while_loop``: one compiled graph serves
@@ -118,7 +118,11 @@ class Roulette(SeriesEstimator):
         def term(k: Tensor, u: Tensor, series: Tensor, *neumann_vector: Tensor) -> tuple[Tensor, ...]:
             m = (k - self.n_exact_terms).double()
             weight = torch.where(m >= 1, 1 / self.survival_tensor(m.clamp(min=1)), 1.0)
-            signed = torch.where(k % 2 == 1, weight, -weight).to(v.dtype)
+            odd = k % 2 == 1
+            if cayley:  # the odd terms only, times -2 (series.term_scale)
+                signed = torch.where(odd, -2 * weight, torch.zeros_like(weight)).to(v.dtype)
+            else:
+                signed = torch.where(odd, weight, -weight).to(v.dtype)
             neumann_vector = tuple(w + signed * u for w in neumann_vector)
             u = products.vjp(u)
             return k + 1, u, series + signed / k * u, *neumann_vector

@@ -5,9 +5,16 @@ For :math:`\mathrm{Lip}(g) < 1`,
 .. math:: \log\det(I + J_g) = \sum_{k \ge 1} \frac{(-1)^{k+1}}{k} \mathrm{tr}(J_g^k),
 
 whose traces Hutchinson's estimator :math:`\mathrm{tr}(A) = \mathbb{E}[v^\top A v]` reduces to
-``k`` vector-Jacobian products each. With ``memory_efficient=True`` the gradient comes from the
-Neumann series :math:`\partial_\theta \log\det(I + J_g) = \sum_{k \ge 0} (-1)^k
-\mathrm{tr}(J_g^k \, \partial_\theta J_g)`, estimated with the same probe and terms, and is
+``k`` vector-Jacobian products each. The Cayley transform of a :class:`~iresnet.MonotoneBlock`
+has the odd terms only, twice and negated:
+
+.. math:: \log\det((I - J_g)(I + J_g)^{-1}) = -2 \sum_{k \text{ odd}} \frac{1}{k} \mathrm{tr}(J_g^k),
+
+the same products with other coefficients :math:`a_k` (:func:`term_scale` gives :math:`k a_k`).
+
+With ``memory_efficient=True`` the gradient comes from the Neumann series
+:math:`\partial_\theta \log\det(I + J_g) = \sum_{k \ge 0} (-1)^k \mathrm{tr}(J_g^k \, \partial_\theta J_g)`,
+estimated with the same probe and terms, and is
 computed during the forward pass so the series' graph is released at once: memory no longer
 grows with the number of terms. The value returned is always the estimate itself, never the
 gradient surrogate.
@@ -31,7 +38,7 @@ from .estimator import LogDetEstimator, in_graph
 from .jacobian import Linearization
 from .validation import check_choice, check_count, check_flag
 
-__all__ = ["SeriesEstimator", "PowerSeries"]
+__all__ = ["SeriesEstimator", "PowerSeries", "term_scale"]
 
 PROBES = ("gaussian", "rademacher", "basis")
 """The Hutchinson probes: Gaussian, Rademacher, or every basis vector in turn (exact traces)."""
@@ -49,6 +56,19 @@ def _probes(x: Tensor, kind: str) -> Iterator[Tensor]:
             v = torch.zeros_like(x).flatten(1)
             v[:, i] = 1
             yield v.view_as(x)
+
+
+def term_scale(k: int, cayley: bool) -> float:
+    """:math:`k a_k` for the series' coefficient :math:`a_k` of :math:`\\mathrm{tr}(J^k)`: :math:`(-1)^{k+1}`
+    for :math:`\\log\\det(I + J)`, and with ``cayley`` :math:`-2` for odd ``k``, 0 for even ``k``. The
+    value's term is ``term_scale * weight / k``; the Neumann gradient's, ``term_scale * weight``.
+
+    >>> [term_scale(k, False) for k in (1, 2, 3)], [term_scale(k, True) for k in (1, 2, 3)]
+    ([1.0, -1.0, 1.0], [-2.0, 0.0, -2.0])
+    """
+    if cayley:
+        return -2.0 if k % 2 else 0.0
+    return 1.0 if k % 2 else -1.0
 
 
 def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
@@ -109,14 +129,16 @@ class SeriesEstimator(LogDetEstimator):
         return [self.term_weights() for _ in range(self.n_probes)]
 
     def device_series(
-        self, products: Linearization, v: Tensor, neumann: bool, tail_length: Tensor
+        self, products: Linearization, v: Tensor, neumann: bool, tail_length: Tensor, cayley: bool = False
     ) -> tuple[Tensor, Tensor]:
         """The series and the Neumann vector for a tail length drawn on the device."""
         raise NotImplementedError
 
     explicit_jacobian = True
 
-    def from_products(self, products: Linearization, x: Tensor, differentiable: bool, draws: Any) -> Tensor:
+    def from_products(
+        self, products: Linearization, x: Tensor, differentiable: bool, draws: Any, cayley: bool = False
+    ) -> Tensor:
         """The series from explicit products: :math:`u_k = J^\\top u_{k-1}`, :math:`u_0 = v`, gives
         the terms :math:`v^\\top J^k v = \\langle u_k, v \\rangle`. With ``memory_efficient`` the
         terms are computed without a graph and the gradient is that of the Neumann surrogate
@@ -133,9 +155,9 @@ class SeriesEstimator(LogDetEstimator):
             for v in _probes(x, self.probe):
                 with torch.set_grad_enabled(differentiable and not neumann):
                     if isinstance(weights, Tensor):  # a tail length drawn on the device
-                        series, neumann_vector = self.device_series(products, v, neumann, weights)
+                        series, neumann_vector = self.device_series(products, v, neumann, weights, cayley)
                     else:
-                        series, neumann_vector = _host_series(watched, v, weights, neumann)
+                        series, neumann_vector = _host_series(watched, v, weights, neumann, cayley)
                     value = value + _per_sample_dot(series, v)
                 if neumann:
                     surrogate = surrogate + products.surrogate_gradient(neumann_vector, v)
@@ -146,7 +168,7 @@ class SeriesEstimator(LogDetEstimator):
             return in_graph(value, products.output) if differentiable else value.detach()
         return value.detach() + surrogate / self.n_probes
 
-    def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool) -> Tensor:
+    def __call__(self, g: nn.Module, x: Tensor, gx: Tensor, differentiable: bool, cayley: bool = False) -> Tensor:
         params = [p for p in g.parameters() if p.requires_grad]
         neumann = self.memory_efficient and differentiable and (x.requires_grad or params)
         create_graph = differentiable and not neumann
@@ -159,7 +181,7 @@ class SeriesEstimator(LogDetEstimator):
                 vjp = v  # v^T J^{k-1}
                 neumann_vector = torch.zeros_like(v)
                 for k, weight in enumerate(weights, start=1):
-                    sign = 1.0 if k % 2 else -1.0
+                    sign = term_scale(k, cayley)
                     if neumann:
                         neumann_vector += sign * weight * vjp
                     previous = vjp
@@ -223,14 +245,14 @@ class _VectorJacobian(Protocol):
 
 
 def _host_series(
-    products: _VectorJacobian, v: Tensor, weights: Sequence[float | Tensor], neumann: bool
+    products: _VectorJacobian, v: Tensor, weights: Sequence[float | Tensor], neumann: bool, cayley: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """:math:`\\sum_k (-1)^{k+1} c_k u_k / k` and the Neumann vector
-    :math:`\\sum_k (-1)^{k+1} c_k u_{k-1}` (zero unless ``neumann``), :math:`u_k = J^\\top u_{k-1}`,
-    :math:`u_0 = v`, for the given weights :math:`c_k`."""
+    """:math:`\\sum_k a_k c_k u_k` and the Neumann vector :math:`\\sum_k k a_k c_k u_{k-1}` (zero unless
+    ``neumann``), :math:`u_k = J^\\top u_{k-1}`, :math:`u_0 = v`, for the given weights :math:`c_k` and
+    the coefficients :math:`a_k` of :func:`term_scale`."""
     u, series, neumann_vector = v, torch.zeros_like(v), torch.zeros_like(v)
     for k, weight in enumerate(weights, start=1):
-        signed = weight if k % 2 else -weight
+        signed = term_scale(k, cayley) * weight
         if neumann:
             neumann_vector = neumann_vector + signed * u
         u = products.vjp(u)
