@@ -130,19 +130,27 @@ def test_the_printed_hint_resumes_a_run_as_it_was_configured(
     assert "is a run of the 'digits' preset, not 'toy'" in capsys.readouterr().err
 
 
+FAMILY_SETTINGS = ["model.block=densenet", "model.block=monotone", "model.block=implicit", "model.lipschitz=aol"]
+
+
 @pytest.mark.parametrize("preset", ["toy", "digits"])
-def test_densenet_blocks_train_and_evaluate(preset: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """``model.block=densenet``: i-DenseNet branches train on the toy data and on digits, and the run
-    evaluates from its checkpoint."""
+@pytest.mark.parametrize("setting", FAMILY_SETTINGS)
+def test_family_blocks_train_evaluate_and_sample(
+    preset: str, setting: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``model.block=densenet|monotone|implicit`` and ``model.lipschitz=aol``: each trains on the toy
+    data and on digits, and the run evaluates and samples (an inversion) from its files."""
     if preset == "digits":
         pytest.importorskip("sklearn")
     out = tmp_path / preset
     small = ["model.blocks=1", "model.hidden=8", "eval_size=64", "--batch-size", "32", "--steps", "3", "--no-progress"]
-    assert run_cli("train", "--preset", preset, "--out", str(out), "model.block=densenet", *small) == 0
-    assert json.loads((out / "config.json").read_text())["model"]["block"] == "densenet"
+    assert run_cli("train", "--preset", preset, "--out", str(out), setting, *small) == 0
+    key, value = setting.removeprefix("model.").split("=")
+    assert json.loads((out / "config.json").read_text())["model"][key] == value
     capsys.readouterr()
     assert run_cli("eval", str(out), "--json") == 0
     assert math.isfinite(json.loads(capsys.readouterr().out)["nll"])
+    assert run_cli("sample", str(out), "--n", "4") == 0
 
 
 def test_digits_run_reports_bits_per_dim_beside_baselines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -294,7 +294,7 @@ def test_block_option_reaches_the_image_flow():
     assert len(blocks) == 3
     assert all(any(isinstance(m, iresnet.DenseLayer) for m in b.g.modules()) for b in blocks)
     assert model(torch.randint(0, 17, (3, 1, 8, 8))).shape == (3,)
-    with pytest.raises(ValueError, match="block must be one of 'resflow', 'densenet'"):
+    with pytest.raises(ValueError, match="block must be one of 'resflow', 'densenet', 'monotone', 'implicit'"):
         image_flow((1, 8, 8), 17, block="dense")
 
 

@@ -43,7 +43,7 @@ SHARED = {
 FLOW = {
     "logdet": (3, "hutchinson", "logdet must be one of 'exact', 'series', 'roulette'"),
     "learned_prior": ("yes", 1, "learned_prior must be true or false"),
-    "block": (1, "dense", "block must be one of 'resflow', 'densenet'"),
+    "block": (1, "dense", "block must be one of 'resflow', 'densenet', 'monotone', 'implicit'"),
 }
 BAD = {
     ToyFlowOptions: {

@@ -22,7 +22,6 @@ from ..core.validation import check_choice, check_count
 
 __all__ = [
     "ACTIVATIONS",
-    "BLOCKS",
     "LIPSCHITZ",
     "DENSE_ACTIVATIONS",
     "mlp_branch",
@@ -33,10 +32,6 @@ __all__ = [
     "dense_growth",
     "dense_activation",
 ]
-
-BLOCKS = ("resflow", "densenet")
-"""The kinds of branch the flow builders make: Residual Flows' (:func:`mlp_branch`,
-:func:`conv_branch`) or i-DenseNets' (:func:`dense_branch`, :func:`dense_conv_branch`)."""
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"lipswish": LipSwish, "elu": nn.ELU, "relu": nn.ReLU}
 

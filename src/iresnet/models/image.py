@@ -5,17 +5,18 @@ so that the likelihood, and bits/dim, account for it."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import nn
 
 from ..core.layers import ActNorm
-from ..core.residual import ResidualBlock
 from ..core.validation import check_count
 from ..data.preprocess import Logit, Shift, UniformDequantize
 from ..flows.composition import Sequential
 from ..flows.density import DensityModel
 from ..flows.multiscale import MultiScale, _stage_shapes
+from .blocks import flow_block
 from .branches import conv_branch, dense_activation, dense_branch, dense_conv_branch, dense_growth, flat_branch
 from .options import ImageFlowOptions
 
@@ -65,10 +66,11 @@ def image_flow(
     for i, (c, h, w) in enumerate(stage_shapes):
         layers: list[nn.Module] = []
         for _ in range(options.blocks):
-            layers += [ActNorm(c), ResidualBlock(_conv_branch(c, options), logdet, **block)]
+            layers += [ActNorm(c), flow_block(options.block, partial(_conv_branch, c, options), logdet, **block)]
         if i == scales - 1:
             for _ in range(options.fc_blocks):
-                layers += [ActNorm(c), ResidualBlock(_flat_branch((c, h, w), options), logdet, **block)]
+                flat = partial(_flat_branch, (c, h, w), options)
+                layers += [ActNorm(c), flow_block(options.block, flat, logdet, **block)]
         stages.append(Sequential(*layers))
     alpha = options.logit_alpha
     preprocess: list[nn.Module] = [UniformDequantize(levels), Shift() if alpha is None else Logit(alpha)]

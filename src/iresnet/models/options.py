@@ -42,7 +42,8 @@ from ..core.inverse import INVERSE_METHODS, MAX_ITER
 from ..core.lipschitz import DEFAULT_COEFF, DEFAULT_POWER_ITERATIONS
 from ..core.logdet import LogDetEstimator, make_estimator, update_spec
 from ..core.validation import check_choice, check_coeff, check_count, check_flag, check_interval, check_stages
-from .branches import ACTIVATIONS, BLOCKS, LIPSCHITZ
+from .blocks import BLOCKS
+from .branches import ACTIVATIONS, LIPSCHITZ
 
 __all__ = [
     "BranchOptions",
@@ -166,9 +167,13 @@ class FlowOptions(BranchOptions):
             :mod:`iresnet.core.logdet`; without a name, options of the default estimator), or an
             estimator.
         learned_prior: a base density with a learned mean and scale per latent dimension.
-        block: the residual branches, ``"resflow"`` (Residual Flows') or ``"densenet"``
-            (i-DenseNets' dense branches, :func:`~iresnet.models.branches.dense_branch`; ``hidden``
-            is then about the features the dense layers add, and LipSwish is concatenated: CLipSwish).
+        block: the blocks (:mod:`iresnet.models.blocks`): ``"resflow"`` (Residual Flows' residual
+            blocks), ``"densenet"`` (i-DenseNets' dense branches,
+            :func:`~iresnet.models.branches.dense_branch`; ``hidden`` is then about the features the
+            dense layers add, and LipSwish is concatenated: CLipSwish), ``"monotone"`` (Monotone Flows'
+            Cayley blocks, :class:`~iresnet.MonotoneBlock`) or ``"implicit"`` (Implicit Normalizing
+            Flows' blocks, :class:`~iresnet.ImplicitBlock`, two branches each: twice the parameters).
+            The last two have Residual Flows' branches and solve a fixed point in every forward pass.
     """
 
     logdet: LogDetSpec = "roulette"

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import nn
 
 from ..core.layers import ActNorm
-from ..core.residual import ResidualBlock
 from ..core.validation import check_count
 from ..flows.composition import Sequential
 from ..flows.density import DensityModel
+from .blocks import flow_block
 from .branches import dense_activation, dense_branch, dense_growth, mlp_branch
 from .options import ToyFlowOptions
 
@@ -22,7 +23,8 @@ def toy_flow(dim: int = 2, *, options: ToyFlowOptions | None = None, **changes: 
     MLPs ``dim -> hidden -> ... -> dim`` (``depth`` linear layers, coefficient ``coeff``), each
     after an ActNorm. The exact log-det is cheap for small ``dim``. With ``block="densenet"`` the
     branches are i-DenseNets' (:func:`~iresnet.models.branches.dense_branch`): ``depth - 1`` dense
-    layers adding about ``hidden`` features in all, then a linear layer back to ``dim``.
+    layers adding about ``hidden`` features in all, then a linear layer back to ``dim``; with
+    ``block="monotone"`` or ``"implicit"`` the blocks are those of :mod:`iresnet.models.blocks`.
 
     The options are those of :class:`~iresnet.models.options.ToyFlowOptions`, given as
     ``options``, as keyword arguments, or both (the keyword arguments replace those of ``options``).
@@ -38,7 +40,8 @@ def toy_flow(dim: int = 2, *, options: ToyFlowOptions | None = None, **changes: 
     for _ in range(options.blocks):
         if options.actnorm:
             layers.append(ActNorm(dim))
-        layers.append(ResidualBlock(_branch(dim, options), options.logdet, **options.block_options()))
+        branch = partial(_branch, dim, options)
+        layers.append(flow_block(options.block, branch, options.logdet, **options.block_options()))
     return DensityModel(Sequential(*layers), (dim,), learned_prior=options.learned_prior)
 
 

@@ -64,6 +64,8 @@ _DIGITS_TRAINING = {
     "ema_decay": 0.999,
 }
 
+_DIGITS_VARIANT = {"data": "digits", **_DIGITS_TRAINING, "eval_every": 1000, "checkpoint_every": 1000}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # the main job: minutes on a CPU, within 0.1 nats of the true entropy
     "toy": {
@@ -84,6 +86,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         **_DIGITS_TRAINING,
         "eval_every": 1000,
         "checkpoint_every": 1000,
+    },
+    # the family on the digits: the digits flow with each kind of block, its widths set for the parameter count
+    # closest to the digits preset's (254,222; benchmarks/family_comparison.py), and the same training
+    "digits-aol": {**_DIGITS_VARIANT, "model": {**_DIGITS_FLOW, "lipschitz": "aol"}},
+    "digits-densenet": {
+        **_DIGITS_VARIANT,
+        "model": {**_DIGITS_FLOW, "block": "densenet", "hidden": 116, "fc_hidden": 464},
+    },
+    "digits-monotone": {**_DIGITS_VARIANT, "model": {**_DIGITS_FLOW, "block": "monotone"}},
+    "digits-implicit": {
+        **_DIGITS_VARIANT,
+        "model": {**_DIGITS_FLOW, "block": "implicit", "hidden": 41, "fc_hidden": 164},
     },
     # the i-ResNet classifier on the digits, minutes on a CPU; model.coeff=null gives the ResNet baseline
     "digits-classifier": {
