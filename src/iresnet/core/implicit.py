@@ -14,7 +14,7 @@ residual blocks can (Lu et al., theorem 2); its Lipschitz constant reaches
 :math:`(1 + L_x) / (1 - L_z)`.
 
 References:
-    Lu, Chen, Chen, Zhu, "Implicit Normalizing Flows", ICLR 2021,
+    Lu, Chen, Li, Wang, Zhu, "Implicit Normalizing Flows", ICLR 2021,
     https://arxiv.org/abs/2103.09527
 """
 
@@ -47,7 +47,7 @@ class ImplicitBlock(InvertibleLayer):
     Each direction solves one fixed point; each inner block's ``last_inversion`` reports its last.
 
     References:
-        Lu, Chen, Chen, Zhu, "Implicit Normalizing Flows", ICLR 2021,
+        Lu, Chen, Li, Wang, Zhu, "Implicit Normalizing Flows", ICLR 2021,
         https://arxiv.org/abs/2103.09527
 
     Example:
