@@ -95,7 +95,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--preset", help=f"one of: {', '.join(PRESETS)} (default toy)")
     train.add_argument("--config", help="a JSON file of settings, applied over the preset")
     train.add_argument("--task", help="density (default), classify, or hybrid (both, one network)")
-    train.add_argument("--data", help="8gaussians, checkerboard, ..., digits, mnist, cifar10")
+    train.add_argument(
+        "--data", help="8gaussians, checkerboard, ..., digits, mnist, cifar10, patches16, patches32, faces"
+    )
     train.add_argument("--data-dir", dest="data_dir", help="where MNIST / CIFAR-10 files are (or go)")
     train.add_argument("--download", action="store_const", const=True, help="download MNIST / CIFAR-10 if absent")
     train.add_argument("--steps", type=int, help="optimiser steps")

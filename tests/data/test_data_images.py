@@ -355,10 +355,12 @@ def test_default_root_is_the_user_cache(tmp_path, monkeypatch):
 
 
 def test_spec_table():
-    assert set(IMAGE_DATASETS) == {"digits", "mnist", "cifar10"}
+    assert set(IMAGE_DATASETS) == {"digits", "mnist", "cifar10", "patches16", "patches32", "faces"}
     assert IMAGE_DATASETS["mnist"] == ImageSpec("mnist", (1, 28, 28), 256, 10)
-    assert [spec.event_size for spec in IMAGE_DATASETS.values()] == [64, 784, 3072]
-    assert all(name == spec.name and spec.classes == 10 for name, spec in IMAGE_DATASETS.items())
+    assert IMAGE_DATASETS["faces"] == ImageSpec("faces", (1, 24, 24), 256, 2)
+    assert [spec.event_size for spec in IMAGE_DATASETS.values()] == [64, 784, 3072, 768, 3072, 576]
+    assert all(name == spec.name for name, spec in IMAGE_DATASETS.items())
+    assert [spec.classes for spec in IMAGE_DATASETS.values()] == [10, 10, 10, 1, 1, 2]
 
 
 def test_unknown_name_lists_the_known_ones():

@@ -10,7 +10,15 @@ name       shape        levels  classes  source
 digits     (1, 8, 8)    17      10       scikit-learn's ``load_digits`` (bundled)
 mnist      (1, 28, 28)  256     10       ``torchvision.datasets.MNIST``
 cifar10    (3, 32, 32)  256     10       ``torchvision.datasets.CIFAR10``
+patches16  (3, 16, 16)  256     1        photographs in scikit-image and scikit-learn
+patches32  (3, 32, 32)  256     1        photographs in scikit-image and scikit-learn
+faces      (1, 24, 24)  256     2        scikit-image's ``lfw_subset`` (bundled)
 =========  ===========  ======  =======  ==============================================
+
+The last three ship inside the scikit-image and scikit-learn packages: nothing to download.
+The patches are cut from eight photographs (:data:`PHOTOGRAPHS`), split by photograph: the
+test patches come from :data:`TEST_PHOTOGRAPHS` alone, the training patches from the other
+six, and :func:`patch_sources` names the photograph of each patch.
 
 >>> IMAGE_DATASETS["digits"]
 ImageSpec(name='digits', shape=(1, 8, 8), levels=17, classes=10)
@@ -26,6 +34,20 @@ References:
 
     Krizhevsky, "Learning Multiple Layers of Features from Tiny Images", technical report,
     University of Toronto, 2009 (CIFAR-10)
+
+    The photographs, with the credits their loaders give (``skimage.data.<name>`` and
+    ``sklearn.datasets.load_sample_images`` docstrings, sklearn/datasets/images/README.txt):
+    astronaut, Eileen Collins, NASA, public domain; chelsea, the cat, CC0 by Stefan van der
+    Walt; coffee, CC0 by Rachel Michetti, courtesy of Pikolo Espresso Bar; rocket, the launch
+    of DSCOVR on a Falcon 9, SpaceX, public domain; motorcycle_left and motorcycle_right, the
+    stereo pair of Scharstein, Hirschmüller, Kitajima, Krathwohl, Nesic, Wang, Westling,
+    "High-resolution stereo datasets with subpixel-accurate ground truth", GCPR 2014
+    (Middlebury 2014), down-sampled by 4 by scikit-image; china, danielbuechele, CC BY 2.0;
+    flower, vultilion, CC BY 2.0 (both on Flickr, retrieved by Robert Layton).
+
+    Huang, Mattar, Lee, Learned-Miller, "Learning to Align from Scratch", NIPS 2012, and
+    Huang, Ramesh, Berg, Learned-Miller, "Labeled Faces in the Wild", technical report 07-49,
+    University of Massachusetts, Amherst, 2007 (the faces of ``lfw_subset``)
 """
 
 from __future__ import annotations
@@ -37,17 +59,41 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .toy import TOY_DATASETS
 
-__all__ = ["IMAGE_DATASETS", "ImageSpec", "image_spec", "load_images"]
+__all__ = [
+    "IMAGE_DATASETS",
+    "PHOTOGRAPHS",
+    "TEST_PHOTOGRAPHS",
+    "ImageSpec",
+    "image_spec",
+    "load_images",
+    "patch_sources",
+]
 
 DEFAULT_ROOT = "~/.cache/iresnet/data"
 
 DIGITS_TRAIN_SIZE = 1500
 DIGITS_SEED = 0
+
+# The RGB photographs bundled in scikit-image's wheel (skimage.data; loaded without pooch) and
+# scikit-learn's (load_sample_images), in the order their patches come. Left out: skimage's
+# ``cat`` (the same picture as ``chelsea``), the synthetic ``colorwheel`` and ``logo``, and the
+# scientific ``hubble_deep_field``, ``immunohistochemistry`` and ``retina`` (astronomy,
+# microscopy and a fundus photograph, mostly black), whose statistics are not a natural scene's.
+PHOTOGRAPHS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "motorcycle_right", "china", "flower")
+# The test photographs: one of each package. Both views of the motorcycle stay in training, so
+# no scene is on both sides of the split.
+TEST_PHOTOGRAPHS = ("coffee", "flower")
+_PATCH_SIZES = {"patches16": 16, "patches32": 32}
+
+FACES_TRAIN_SIZE = 150
+FACES_SEED = 0
+FACES_SIZE = 24
 
 
 @dataclass(frozen=True)
@@ -71,6 +117,9 @@ IMAGE_DATASETS: dict[str, ImageSpec] = {
     "digits": ImageSpec("digits", (1, 8, 8), levels=17, classes=10),
     "mnist": ImageSpec("mnist", (1, 28, 28), levels=256, classes=10),
     "cifar10": ImageSpec("cifar10", (3, 32, 32), levels=256, classes=10),
+    "patches16": ImageSpec("patches16", (3, 16, 16), levels=256, classes=1),
+    "patches32": ImageSpec("patches32", (3, 32, 32), levels=256, classes=1),
+    "faces": ImageSpec("faces", (1, 24, 24), levels=256, classes=2),
 }
 
 
@@ -116,13 +165,29 @@ def load_images(
     - ``"digits"``: the 1797 8 x 8 images of scikit-learn's ``load_digits`` (values 0 .. 16),
       split once and for all: ``numpy.random.RandomState(0).permutation(1797)`` (NumPy's
       legacy generator, whose stream never changes), its first 1500 entries are the training
-      set and its last 297 the test set, each in ascending index order. ``root`` and
-      ``download`` are ignored. Needs scikit-learn.
+      set and its last 297 the test set, each in ascending index order. Needs scikit-learn.
     - ``"mnist"`` (60000 / 10000 images) and ``"cifar10"`` (50000 / 10000, channels RGB) are
       read by torchvision from ``root``, by default ``~/.cache/iresnet/data``: MNIST from
       ``<root>/MNIST/raw/``, CIFAR-10 from ``<root>/cifar-10-batches-py/``. ``download=True``
       fetches missing files. Missing files (after a failed download too) raise
       :class:`FileNotFoundError` naming the folder and the files expected there.
+    - ``"patches16"`` and ``"patches32"``: RGB patches of ``s x s`` pixels (``s`` = 16 or 32)
+      of the eight photographs of :data:`PHOTOGRAPHS`, in that order, each cut on the
+      non-overlapping grid that starts at its top-left pixel (rows ``s*i .. s*i + s - 1``,
+      columns ``s*j .. s*j + s - 1``, row by row; the last ``H mod s`` rows and ``W mod s``
+      columns are dropped). The patches of the two :data:`TEST_PHOTOGRAPHS` (coffee, flower)
+      are the test set, those of the other six the training set: 6460 training and 1965 test
+      patches of 16 x 16, 1592 and 476 of 32 x 32. All labels are 0 (one class);
+      :func:`patch_sources` names each patch's photograph. Needs scikit-image and scikit-learn.
+    - ``"faces"``: the 200 greyscale 25 x 25 images of scikit-image's ``lfw_subset`` (100 faces,
+      then 100 non-faces cut from the backgrounds of the same photographs), values in
+      ``[0, 1]`` rounded to ``round(255 x)``, cropped to their top-left 24 x 24 pixels (the
+      last row and column dropped, so that the side halves twice), labels 1 for a face and 0
+      for a non-face. Split like the digits:
+      ``numpy.random.RandomState(0).permutation(200)``, its first 150 entries the training
+      set and its last 50 the test set, each in ascending index order. Needs scikit-image.
+
+    ``root`` and ``download`` are ignored by all but MNIST and CIFAR-10.
 
     Raises ``ValueError`` for an unknown ``name``, for a file that is not what it should be (an
     MNIST file that is not an IDX file of bytes holding the data its header announces, CIFAR-10
@@ -134,6 +199,11 @@ def load_images(
     spec = IMAGE_DATASETS[name]
     if name == "digits":
         images, labels = _load_digits(train)
+    elif name in _PATCH_SIZES:
+        images = _cut_patches(_PATCH_SIZES[name], train)[0]
+        labels = torch.zeros(len(images), dtype=torch.int64)
+    elif name == "faces":
+        images, labels = _load_faces(train)
     else:
         directory = Path(DEFAULT_ROOT if root is None else root).expanduser()
         images, labels = _load_torchvision(spec, directory, train, download)
@@ -143,7 +213,6 @@ def load_images(
 
 def _load_digits(train: bool) -> tuple[Tensor, Tensor]:
     try:
-        import numpy as np
         from sklearn.datasets import load_digits
     except ImportError as error:
         raise ImportError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from error
@@ -158,6 +227,85 @@ def _load_digits(train: bool) -> tuple[Tensor, Tensor]:
     images = torch.from_numpy(pixels[chosen].astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(targets[chosen].astype(np.int64))
     return images, labels
+
+
+def patch_sources(name: str, *, train: bool = True) -> list[str]:
+    """The photograph (a name in :data:`PHOTOGRAPHS`) each patch of ``load_images(name,
+    train=train)`` was cut from, in the same order, for ``name`` ``"patches16"`` or
+    ``"patches32"``.
+
+    >>> sorted(set(patch_sources("patches32", train=False)))
+    ['coffee', 'flower']
+    """
+    if name not in _PATCH_SIZES:
+        raise ValueError(f"{name!r} is not a patch data set; choose one of {', '.join(_PATCH_SIZES)}")
+    return _cut_patches(_PATCH_SIZES[name], train)[1]
+
+
+def _photographs() -> dict[str, np.ndarray]:
+    """The photographs of :data:`PHOTOGRAPHS` as ``(H, W, 3)`` uint8 arrays, by name."""
+    try:
+        from skimage import data
+    except ImportError as error:
+        raise ImportError(
+            "the patch data sets need scikit-image: pip install scikit-image (or iresnet[photos])"
+        ) from error
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as error:
+        raise ImportError("the patch data sets need scikit-learn: pip install scikit-learn") from error
+    left, right, _ = data.stereo_motorcycle()
+    samples = load_sample_images()
+    by_file = {Path(file).stem: image for file, image in zip(samples.filenames, samples.images)}
+    photos = {
+        "astronaut": data.astronaut(),
+        "chelsea": data.chelsea(),
+        "coffee": data.coffee(),
+        "rocket": data.rocket(),
+        "motorcycle_left": left,
+        "motorcycle_right": right,
+        "china": by_file["china"],
+        "flower": by_file["flower"],
+    }
+    for key, photo in photos.items():
+        photo = np.asarray(photo)
+        if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
+            raise ValueError(f"photograph {key!r}: expected uint8 RGB (H, W, 3), got {photo.dtype} {photo.shape}")
+        photos[key] = photo
+    return photos
+
+
+def _cut_patches(size: int, train: bool) -> tuple[Tensor, list[str]]:
+    """The ``size x size`` patches of the training or test photographs on each one's
+    non-overlapping grid from its top-left pixel, ``(N, 3, size, size)``, and their sources."""
+    photos = _photographs()
+    patches, sources = [], []
+    for key in PHOTOGRAPHS:
+        if (key in TEST_PHOTOGRAPHS) == train:
+            continue
+        photo = photos[key]
+        rows, columns = photo.shape[0] // size, photo.shape[1] // size
+        grid = photo[: rows * size, : columns * size].reshape(rows, size, columns, size, 3)
+        patches.append(grid.transpose(0, 2, 4, 1, 3).reshape(rows * columns, 3, size, size))
+        sources += [key] * (rows * columns)
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(patches))), sources
+
+
+def _load_faces(train: bool) -> tuple[Tensor, Tensor]:
+    try:
+        from skimage import data
+    except ImportError as error:
+        raise ImportError(
+            "the 'faces' data set needs scikit-image: pip install scikit-image (or iresnet[photos])"
+        ) from error
+    pixels = np.asarray(data.lfw_subset(), dtype=np.float64)
+    if pixels.shape != (200, 25, 25) or pixels.min() < 0 or pixels.max() > 1:
+        raise ValueError(f"scikit-image's lfw_subset: expected 200 x 25 x 25 values in [0, 1], got {pixels.shape}")
+    targets = np.repeat(np.array([1, 0], dtype=np.int64), 100)  # 100 faces, then 100 non-faces
+    order = np.random.RandomState(FACES_SEED).permutation(len(pixels))
+    chosen = np.sort(order[:FACES_TRAIN_SIZE] if train else order[FACES_TRAIN_SIZE:])
+    cropped = np.round(pixels[chosen, :FACES_SIZE, :FACES_SIZE] * 255).astype(np.uint8)
+    return torch.from_numpy(cropped).unsqueeze(1), torch.from_numpy(targets[chosen])
 
 
 def _load_torchvision(spec: ImageSpec, root: Path, train: bool, download: bool) -> tuple[Tensor, Tensor]:
