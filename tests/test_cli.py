@@ -49,7 +49,15 @@ def test_eval_json_prints_one_object(trained: Path, capsys: pytest.CaptureFixtur
 
 def test_eval_text(trained: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_cli("eval", str(trained)) == 0
-    assert "test NLL" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test NLL" in printed
+    assert "report card over 3 evaluation seeds" in printed and "nats (std over seeds; exact)" in printed
+    assert re.search(r"parameters +[\d,]+\n", printed) and "certified Lip(g)" in printed
+
+
+def test_eval_seeds_must_be_positive(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("eval", str(trained), "--seeds", "0") == 2
+    assert "--seeds" in capsys.readouterr().err
 
 
 def test_sample_writes_png(trained: Path, tmp_path: Path) -> None:

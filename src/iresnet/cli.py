@@ -146,11 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train(commands)
 
-    evaluate = commands.add_parser("eval", help="test NLL (and bits/dim) of a trained run, with standard errors")
+    evaluate = commands.add_parser(
+        "eval", help="test NLL (and bits/dim) of a trained run, with standard errors, and a density run's report card"
+    )
     evaluate.add_argument("run", help="the run directory")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     evaluate.add_argument("--device", default="auto", help=_DEVICE_HELP)
     evaluate.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=500)
+    evaluate.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=3,
+        help="evaluation seeds of a density run's report card: its figure's mean and std over them (default 3)",
+    )
     evaluate.add_argument(
         "--ood",
         metavar="DATA",
@@ -239,7 +247,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .report.evaluation import evaluate_run, save_report
 
     result = evaluate_run(
-        args.run, device=args.device, batch_size=args.batch_size, ood=args.ood, progress=not args.json
+        args.run, device=args.device, batch_size=args.batch_size, ood=args.ood, progress=not args.json, seeds=args.seeds
     )
     print(json.dumps(result.report) if args.json else result.text)
     try:

@@ -18,6 +18,7 @@ from ..train.checkpoint import load_run
 from ..train.distributed import resolve_device
 from ..train.sources import run_source
 from . import plots
+from .card import estimator_words, report_card
 from .ood import OODReport, compare_likelihoods, ood_inputs
 
 if TYPE_CHECKING:
@@ -60,9 +61,12 @@ def evaluate_run(
     batch_size: int = 500,
     ood: str | None = None,
     progress: bool = True,
+    seeds: int = 3,
 ) -> RunReport:
     """``iresnet eval``: the run's model on its whole test set, as training evaluates it (the same
-    dequantisation noise and probes); for a density of images, the baselines beside it. ``ood``
+    dequantisation noise and probes); for a density model, its report card
+    (:func:`~iresnet.report.card.report_card`, over ``seeds`` evaluation seeds) under the key
+    ``card``; for a density of images, the baselines beside it. ``ood``
     (noise, inverted, or an image data set of the run's shape) also scores those data, writing
     their likelihood histograms to ``RUN/ood-DATA.png``. ``ValueError`` where the run has no
     density of images to score other data with."""
@@ -76,13 +80,31 @@ def evaluate_run(
         raise ValueError(f"--ood {ood} is the run's own data set: choose noise, inverted or another data set")
     with evaluation_randomness(resolved):
         comparison = None if ood is None or flow is None else _compare(flow, config, source, ood, batch_size, progress)
-        density = None if comparison is None else comparison.in_distribution  # the usual evaluation
+    card = None
+    if config.task == "density" and flow is not None:
+        card = report_card(
+            flow,
+            config,
+            source,
+            resolved,
+            seeds=seeds,
+            batch_size=batch_size,
+            metrics=Path(run) / "metrics.jsonl",
+            progress=progress,
+        )
+    with evaluation_randomness(resolved):
+        density = (
+            comparison.in_distribution if comparison is not None else None if card is None else card.evaluations[0]
+        )
         evaluation = task.evaluate(
             model, source, batch_size=batch_size, progress=progress, density=density, eval_logdet=config.eval_logdet
         )
     figures, text = task.report(evaluation)
     report = {"run": str(run), "data": config.data, "task": config.task, **figures}
     lines = [text]
+    if card is not None:
+        report["card"] = card.report()
+        lines = [f"{text}; log-det {estimator_words(card.eval_estimator)}", *card.lines()]
     if flow is not None and source.is_image:
         scores = baselines(source)
         report["baselines"] = {name: asdict(value) for name, value in scores.items()}

@@ -156,12 +156,12 @@ the OOD comparison's), so that the same weights always give the same figures."""
 
 
 @contextlib.contextmanager
-def evaluation_randomness(device: torch.device | str = "cpu") -> Iterator[None]:
-    """Within the context the global generators (and ``device``'s, for CUDA) start from
-    :data:`EVAL_SEED`; their states are restored after."""
+def evaluation_randomness(device: torch.device | str = "cpu", seed: int = EVAL_SEED) -> Iterator[None]:
+    """Within the context the global generators (and ``device``'s, for CUDA) start from ``seed``
+    (:data:`EVAL_SEED` unless another evaluation seed is asked for); their states are restored after."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(EVAL_SEED)
+        torch.manual_seed(seed)
         yield
 
 
