@@ -82,6 +82,17 @@ def _coefficient(text: str) -> float:
     return value
 
 
+def _temperature(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def _add_train(commands: argparse._SubParsersAction) -> None:
     from .train.presets import PRESETS
 
@@ -161,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", help="the PNG to write (default RUN/samples.png)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=1.0,
+        metavar="T",
+        help="draw the latent with the prior's scale times T > 0 (default 1; below 1: smoother, typical samples)",
+    )
     sample.add_argument(
         "--by-class", action="store_true", help="a hybrid with a class-conditional prior: N samples of every class"
     )
@@ -259,7 +277,15 @@ def _cannot_write(args: argparse.Namespace, path: str | Path, error: OSError, ki
 def _sample(args: argparse.Namespace) -> int:
     from .report.pictures import sample_run
 
-    samples = sample_run(args.run, args.n, seed=args.seed, out=args.out, by_class=args.by_class, device=args.device)
+    samples = sample_run(
+        args.run,
+        args.n,
+        seed=args.seed,
+        out=args.out,
+        by_class=args.by_class,
+        device=args.device,
+        temperature=args.temperature,
+    )
     if samples.error is not None:
         _cannot_write(args, samples.path, samples.error)
         return 1
