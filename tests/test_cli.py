@@ -66,6 +66,23 @@ def test_sample_writes_png(trained: Path, tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sample_temperature_is_printed_and_stored_beside_the_picture(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "cool.png"
+    assert run_cli("sample", str(trained), "--n", "16", "--out", str(path), "--temperature", "0.7", "--seed", "3") == 0
+    assert f"16 samples at temperature 0.7 written to {path}" in capsys.readouterr().out
+    about = json.loads((tmp_path / "cool.png.json").read_text())
+    assert about == {"temperature": 0.7, "n": 16, "seed": 3, "by_class": False, "run": str(trained)}
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "warm"])
+def test_sample_temperature_must_be_positive(value: str, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("sample", "RUN", "--temperature", value) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"iresnet sample: error: argument --temperature: must be a number > 0, got {value!r}"
+
+
 @pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["sample"], ["demo"]])
 def test_help(command: list[str], capsys: pytest.CaptureFixture) -> None:
     assert run_cli(*command, "--help") == 0
@@ -342,9 +359,9 @@ def test_class_conditional_samples_a_row_per_class(tmp_path: Path, capsys: pytes
     assert run_cli("train", "--preset", "digits-hybrid", "--out", str(out), *small) == 0
     capsys.readouterr()
     assert run_cli("sample", str(out), "--by-class", "--n", "3") == 0
-    assert "30 samples written" in capsys.readouterr().out
-    with Image.open(out / "samples.png") as picture:  # 10 rows of 3 tiles of 64 px, 1-px gaps
-        assert picture.size == (3 * 64 + 2, 10 * 64 + 9)
+    assert "30 samples at temperature 1 written" in capsys.readouterr().out
+    with Image.open(out / "samples.png") as picture:  # 10 rows of 3 tiles of 64 px, 2-px padding
+        assert picture.size == (3 * 64 + 2 * 2, 10 * 64 + 9 * 2)
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "sample", "reconstruct"])

@@ -82,6 +82,17 @@ def _coefficient(text: str) -> float:
     return value
 
 
+def _temperature(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
 def _add_train(commands: argparse._SubParsersAction) -> None:
     from .train.presets import PRESETS
 
@@ -172,9 +183,34 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="the PNG to write (default RUN/samples.png)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument(
+        "--temperature",
+        type=_temperature,
+        default=1.0,
+        metavar="T",
+        help="draw the latent with the prior's scale times T > 0 (default 1; below 1: smoother, typical samples)",
+    )
+    sample.add_argument(
         "--by-class", action="store_true", help="a hybrid with a class-conditional prior: N samples of every class"
     )
     sample.add_argument("--device", default="auto", help=_DEVICE_HELP)
+
+    fid = commands.add_parser(
+        "fid",
+        help="the Frechet Inception distance between samples of an image run and its training images",
+        description="FID of a run's samples against its training images (or --reference-stats), with a local "
+        "Inception-v3 weights file (torch-fidelity's; nothing is downloaded). Needs: pip install 'iresnet[fid]'.",
+    )
+    fid.add_argument("run", help="the run directory of an image density model or hybrid")
+    fid.add_argument("--weights", required=True, metavar="PATH", help="torch-fidelity's Inception-v3 weights (.pth)")
+    fid.add_argument(
+        "--reference-stats", dest="reference_stats", metavar="PATH", help="an .npz of mu and sigma to compare with"
+    )
+    fid.add_argument("--n", type=_positive_int, default=1000, help="samples (and training images) (default 1000)")
+    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--temperature", type=_temperature, default=1.0, metavar="T", help="as for sample (default 1)")
+    fid.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=100)
+    fid.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    fid.add_argument("--device", default="auto", help=_DEVICE_HELP)
 
     rebuild = commands.add_parser(
         "reconstruct", help="invert a classifier's trunk from its features back to the inputs; writes a PNG"
@@ -269,11 +305,38 @@ def _cannot_write(args: argparse.Namespace, path: str | Path, error: OSError, ki
 def _sample(args: argparse.Namespace) -> int:
     from .report.pictures import sample_run
 
-    samples = sample_run(args.run, args.n, seed=args.seed, out=args.out, by_class=args.by_class, device=args.device)
+    samples = sample_run(
+        args.run,
+        args.n,
+        seed=args.seed,
+        out=args.out,
+        by_class=args.by_class,
+        device=args.device,
+        temperature=args.temperature,
+    )
     if samples.error is not None:
         _cannot_write(args, samples.path, samples.error)
         return 1
     print(samples)
+    return 0
+
+
+def _fid(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from .report.fid import fid_run
+
+    result = fid_run(
+        args.run,
+        args.weights,
+        reference_stats=args.reference_stats,
+        n=args.n,
+        seed=args.seed,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    print(json.dumps(asdict(result)) if args.json else result)
     return 0
 
 
@@ -304,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         run_demo(dim=args.dim, hidden=args.hidden, coeff=args.coeff, seed=args.seed)
         return
-    commands = {"train": _train, "eval": _evaluate, "sample": _sample, "reconstruct": _reconstruct}
+    commands = {"train": _train, "eval": _evaluate, "sample": _sample, "fid": _fid, "reconstruct": _reconstruct}
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning

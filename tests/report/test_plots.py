@@ -123,19 +123,51 @@ def test_scatter_samples_draws_model_left_and_data_right(tmp_path: Path) -> None
 
 def test_image_grid_places_grey_tiles_row_by_row(tmp_path: Path, device: torch.device) -> None:
     images = (10 * torch.arange(5)).view(5, 1, 1, 1).expand(5, 1, 3, 4).to(device)  # image k filled with 10 k
-    canvas = plots.image_grid(images, tmp_path / "g.png")  # nrow = ceil(sqrt(5)) = 3: 2 rows of 3
-    assert canvas.dtype == torch.uint8 and canvas.device.type == "cpu" and canvas.shape == (2 * 3 + 1, 3 * 4 + 2, 3)
-    expected = np.full((7, 14, 3), 255, dtype=np.uint8)
+    canvas = plots.image_grid(images, tmp_path / "g.png")  # nrow = ceil(sqrt(5)) = 3: 2 rows of 3, 2-px padding
+    assert canvas.dtype == torch.uint8 and canvas.device.type == "cpu" and canvas.shape == (2 * 3 + 2, 3 * 4 + 4, 3)
+    expected = np.full((8, 16, 3), plots.GRID_PAD_VALUE, dtype=np.uint8)
     for k in range(5):
-        top, left = (k // 3) * 4, (k % 3) * 5
+        top, left = (k // 3) * 5, (k % 3) * 6
         expected[top : top + 3, left : left + 4] = 10 * k
     assert np.array_equal(canvas.numpy(), expected)
     assert np.array_equal(_read_rgb(tmp_path / "g.png"), expected)
 
-    assert plots.image_grid(images, tmp_path / "h.png", nrow=2).shape == (3 * 3 + 2, 2 * 4 + 1, 3)
-    assert plots.image_grid(images, tmp_path / "i.png", nrow=9).shape == (3, 5 * 4 + 4, 3)
+    assert plots.image_grid(images, tmp_path / "h.png", nrow=2).shape == (3 * 3 + 2 * 2, 2 * 4 + 2, 3)
+    assert plots.image_grid(images, tmp_path / "i.png", nrow=9).shape == (3, 5 * 4 + 4 * 2, 3)
     scaled = plots.image_grid(images[:1], tmp_path / "j.png", scale=3)
     assert scaled.shape == (9, 12, 3) and _read_rgb(tmp_path / "j.png").shape == (9, 12, 3)
+
+
+@pytest.mark.parametrize("n, nrow, scale, padding", [(64, None, 8, 2), (7, 3, 1, 1), (10, 4, 2, 0), (1, None, 3, 2)])
+def test_padded_grid_size_and_padding_colour(
+    n: int, nrow: int | None, scale: int, padding: int, tmp_path: Path
+) -> None:
+    """(r s H + (r - 1) p, c s W + (c - 1) p): every pixel outside the cells is the padding grey,
+    between white tiles too (the digits' strokes), so that neighbours never run into each other."""
+    height, width = 8, 5
+    images = torch.ones(n, 1, height, width)  # white tiles
+    canvas = plots.image_grid(images, tmp_path / "p.png", nrow=nrow, scale=scale, padding=padding, pad_value=100)
+    cols = min(nrow or math.ceil(math.sqrt(n)), n)
+    rows = math.ceil(n / cols)
+    shape = (rows * scale * height + (rows - 1) * padding, cols * scale * width + (cols - 1) * padding, 3)
+    assert canvas.shape == shape and _read_rgb(tmp_path / "p.png").shape == shape
+    inside = torch.zeros(shape[:2], dtype=torch.bool)
+    for k in range(n):
+        top, left = (k // cols) * (scale * height + padding), (k % cols) * (scale * width + padding)
+        inside[top : top + scale * height, left : left + scale * width] = True
+    assert int(inside.sum()) == n * scale * scale * height * width
+    assert (canvas[inside] == 255).all() and (canvas[~inside] == 100).all()
+    with pytest.raises(ValueError, match="padding"):
+        plots.image_grid(images, tmp_path / "bad.png", padding=-1)
+    with pytest.raises(ValueError, match="pad_value"):
+        plots.image_grid(images, tmp_path / "bad.png", pad_value=256)
+
+
+def test_default_padding_is_two_grey_pixels(tmp_path: Path) -> None:
+    canvas = plots.image_grid(torch.ones(4, 1, 3, 3), tmp_path / "d.png")  # 2 x 2 white tiles
+    assert canvas.shape == (3 + 2 + 3, 3 + 2 + 3, 3)
+    assert plots.GRID_PADDING == 2 and 0 < plots.GRID_PAD_VALUE < 255
+    assert (canvas[3:5] == plots.GRID_PAD_VALUE).all() and (canvas[:, 3:5] == plots.GRID_PAD_VALUE).all()
 
 
 def test_image_grid_keeps_rgb_channels(tmp_path: Path) -> None:
@@ -145,12 +177,12 @@ def test_image_grid_keeps_rgb_channels(tmp_path: Path) -> None:
             images[k, c] = 40 * k + 10 * c + 1
     canvas = plots.image_grid(images, tmp_path / "rgb.png")
     picture = _read_rgb(tmp_path / "rgb.png")
-    assert canvas.shape == picture.shape == (5, 5, 3)
+    assert canvas.shape == picture.shape == (6, 6, 3)
     for k in range(4):
-        top, left = (k // 2) * 3, (k % 2) * 3
+        top, left = (k // 2) * 4, (k % 2) * 4
         for tile in (canvas.numpy(), picture):
             assert (tile[top : top + 2, left : left + 2] == [40 * k + 1, 40 * k + 11, 40 * k + 21]).all()
-    assert (picture[2] == 255).all() and (picture[:, 2] == 255).all()
+    assert (picture[2:4] == plots.GRID_PAD_VALUE).all() and (picture[:, 2:4] == plots.GRID_PAD_VALUE).all()
 
 
 def test_image_grid_float_and_integer_levels_give_one_picture(tmp_path: Path) -> None:

@@ -74,15 +74,18 @@ class DensityModel(nn.Module):
         """:math:`D`, the number of dimensions of one data point."""
         return math.prod(self.event_shape)
 
-    def prior(self) -> Distribution:
-        """The latent's distribution: the diagonal Gaussian, or the class-conditional mixture."""
+    def prior(self, temperature: float = 1.0) -> Distribution:
+        r"""The latent's distribution: the diagonal Gaussian, or the class-conditional mixture;
+        ``temperature`` :math:`T` multiplies every standard deviation, :math:`N(\mu, (T \sigma)^2)`
+        (each component :math:`N(\mu_k, T^2 I)` of the mixture)."""
+        scale = check_temperature(temperature)
         if self.class_means is not None:
             components = self.class_means.new_zeros(len(self.class_means))
-            return MixtureSameFamily(Categorical(logits=components), self._class_conditionals(self.class_means))
-        return Independent(Normal(self.prior_loc, self.prior_log_scale.exp()), len(self.latent_shape))
+            return MixtureSameFamily(Categorical(logits=components), self._class_conditionals(self.class_means, scale))
+        return Independent(Normal(self.prior_loc, scale * self.prior_log_scale.exp()), len(self.latent_shape))
 
-    def _class_conditionals(self, means: Tensor) -> Independent:
-        return Independent(Normal(means, torch.ones_like(means)), len(self.latent_shape))
+    def _class_conditionals(self, means: Tensor, scale: float = 1.0) -> Independent:
+        return Independent(Normal(means, torch.full_like(means, scale)), len(self.latent_shape))
 
     def class_log_probs(self, z: Tensor) -> Tensor:
         r""":math:`\log N(z; \mu_k, I)` for every class ``k``: ``(batch, classes)``."""
@@ -90,24 +93,39 @@ class DensityModel(nn.Module):
             raise ValueError("class_log_probs needs a class-conditional prior (class_means)")
         return self._class_conditionals(self.class_means).log_prob(z.unsqueeze(1))
 
-    def flow(self) -> Flow:
-        return Flow(as_transform(self.transform, len(self.event_shape)), self.prior())
+    def flow(self, temperature: float = 1.0) -> Flow:
+        """The :class:`~iresnet.Flow` of the transform and :meth:`prior` at ``temperature``."""
+        return Flow(as_transform(self.transform, len(self.event_shape)), self.prior(temperature))
 
     def forward(self, x: Tensor | None = None) -> Flow | Tensor:
         """The :class:`~iresnet.Flow` without argument; :math:`\\log p(x)` per example with one."""
         return self.flow() if x is None else self.flow().log_prob(x)
 
     @torch.no_grad()
-    def sample(self, n: int, labels: Tensor | None = None) -> Tensor:
+    def sample(self, n: int, labels: Tensor | None = None, *, temperature: float = 1.0) -> Tensor:
         r"""``n`` draws by inverting the transform (in eval mode, where every spectral norm is
         converged for its weights before use; in training mode the inverse is that of the
         training-mode function as it stands); with ``labels`` (``n`` classes, for a
-        class-conditional prior), draws of :math:`p(x \mid y)`."""
+        class-conditional prior), draws of :math:`p(x \mid y)`.
+
+        ``temperature`` :math:`T > 0` draws the latent from :meth:`prior` with its scale times
+        :math:`T`, :math:`z = \mu + T \sigma \varepsilon` (:math:`z = \mu_y + T \varepsilon`
+        given labels), then :math:`x = f^{-1}(z)`: :math:`T < 1` gives typical, smoother samples,
+        :math:`T = 1` draws of the model itself. ``ValueError`` for :math:`T \le 0`."""
+        scale = check_temperature(temperature)
         if labels is None:
-            return self.flow().sample((n,))
+            return self.flow(temperature).sample((n,))
         if self.class_means is None:
             raise ValueError("sampling given labels needs a class-conditional prior (class_means)")
         if labels.shape != (n,):
             raise ValueError(f"labels must hold one class per sample, shape ({n},), got {tuple(labels.shape)}")
         means = self.class_means[labels.to(self.class_means.device)]
-        return self.flow().transform.inv(means + torch.randn_like(means))
+        return self.flow().transform.inv(means + scale * torch.randn_like(means))
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` as a float; ``ValueError`` unless it is a finite number above 0."""
+    value = float(temperature)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"the temperature must be a finite number > 0, got {temperature!r}")
+    return value

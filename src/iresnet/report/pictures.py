@@ -5,6 +5,7 @@ sample``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.lipschitz import converge_spectral_norms
-from ..flows.density import DensityModel
+from ..flows.density import DensityModel, check_temperature
 from ..tasks import TASKS, get_task, listed
 from ..train.checkpoint import load_run
 from ..train.distributed import resolve_device
@@ -29,17 +30,25 @@ if TYPE_CHECKING:
     from ..train.engine import FinishedRun
     from ..train.sources import DataSource
 
-__all__ = ["Samples", "draw_samples", "run_pictures", "sample_run", "write_final_files"]
+__all__ = ["Samples", "draw_samples", "run_pictures", "sample_run", "sidecar_path", "write_final_files"]
 
 _SAMPLE_SEED = 11
 
 
 def draw_samples(
-    model: DensityModel, source: DataSource, path, n: int, seed: int = _SAMPLE_SEED, *, by_class: bool = False
+    model: DensityModel,
+    source: DataSource,
+    path,
+    n: int,
+    seed: int = _SAMPLE_SEED,
+    *,
+    by_class: bool = False,
+    temperature: float = 1.0,
 ) -> Tensor:
-    """``n`` samples of ``model`` (eval mode, spectral norms converged) drawn with ``seed``,
-    written to ``path``: a scatter beside the data for 2-D data, an image grid for images;
-    ``by_class`` (a class-conditional prior): ``n`` samples of every class, a row each."""
+    """``n`` samples of ``model`` (eval mode, spectral norms converged) drawn with ``seed`` at
+    ``temperature`` (the prior's scale times it, :meth:`DensityModel.sample`), written to
+    ``path``: a scatter beside the data for 2-D data, an image grid for images; ``by_class`` (a
+    class-conditional prior): ``n`` samples of every class, a row each."""
     labels = None
     if by_class:
         if model.class_means is None:
@@ -47,7 +56,7 @@ def draw_samples(
         labels = torch.arange(len(model.class_means)).repeat_interleave(n)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        samples = model.sample(n if labels is None else len(labels), labels).cpu()
+        samples = model.sample(n if labels is None else len(labels), labels, temperature=temperature).cpu()
     if not source.is_image:
         plots.scatter_samples(samples, source.test[: max(n, 2000)].cpu(), path)
     else:
@@ -99,17 +108,29 @@ def write_final_files(run: FinishedRun) -> None:
 
 @dataclass
 class Samples:
-    """Samples drawn for the picture ``path`` (``error``: why it could not be written);
-    ``classes``: drawn for each class of that many, a row each."""
+    """Samples drawn at ``temperature`` for the picture ``path`` (``error``: why it or its
+    sidecar could not be written); ``classes``: drawn for each class of that many, a row each."""
 
     samples: Tensor
     path: Path
     classes: int | None = None
     error: OSError | None = None
+    temperature: float = 1.0
+
+    @property
+    def sidecar(self) -> Path:
+        """``PATH.json``, beside the picture: how it was drawn (:func:`sample_run`)."""
+        return sidecar_path(self.path)
 
     def __str__(self) -> str:
         rows = f", a row for each of the {self.classes} classes" if self.classes else ""
-        return f"{len(self.samples)} samples written to {self.path}{rows}"
+        return f"{len(self.samples)} samples at temperature {self.temperature:g} written to {self.path}{rows}"
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON file beside the picture ``path``: ``samples.png`` -> ``samples.png.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
 
 
 def sample_run(
@@ -120,11 +141,18 @@ def sample_run(
     out: str | os.PathLike | None = None,
     by_class: bool = False,
     device: str = "auto",
+    temperature: float = 1.0,
 ) -> Samples:
-    """``iresnet sample``: ``n`` samples of a trained run's flow (``by_class``: ``n`` of every
-    class of a class-conditional prior) drawn with ``seed``, written to ``out`` (default
-    ``RUN/samples.png``). ``ValueError`` for a run without a flow, or ``by_class`` without such
-    a prior."""
+    r"""``iresnet sample``: ``n`` samples of a trained run's flow (``by_class``: ``n`` of every
+    class of a class-conditional prior) drawn with ``seed`` at ``temperature`` :math:`T` (the
+    latent :math:`z \sim N(\mu, (T \sigma)^2)`, then :math:`x = f^{-1}(z)`), written to ``out``
+    (default ``RUN/samples.png``). ``ValueError`` for a run without a flow, ``by_class``
+    without such a prior, or :math:`T \le 0`.
+
+    Beside the picture, ``PATH.json`` holds ``temperature``, ``n``, ``seed``, ``by_class`` and
+    ``run``: a JSON sidecar rather than PNG text chunks, since any tool (or ``json.load``) reads
+    it without a PNG library, and the picture stays written as every other picture of a run."""
+    check_temperature(temperature)
     model, config = load_run(run, resolve_device(device))
     flow = get_task(config.task).flow(model)
     if flow is None:
@@ -137,6 +165,13 @@ def sample_run(
     classes = len(flow.class_means) if by_class and flow.class_means is not None else None
     source = run_source(config)
     try:
-        return Samples(draw_samples(flow, source, path, n, seed, by_class=by_class), path, classes)
+        samples = draw_samples(flow, source, path, n, seed, by_class=by_class, temperature=temperature)
     except OSError as error:
-        return Samples(torch.empty(0), path, classes, error)
+        return Samples(torch.empty(0), path, classes, error, temperature)
+    done = Samples(samples, path, classes, temperature=temperature)
+    about = {"temperature": float(temperature), "n": n, "seed": seed, "by_class": by_class, "run": str(run)}
+    try:
+        done.sidecar.write_text(json.dumps(about, indent=2) + "\n")
+    except OSError as error:
+        done.path, done.error = done.sidecar, error
+    return done

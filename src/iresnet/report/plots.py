@@ -9,8 +9,8 @@ Example:
     >>> import tempfile, pathlib
     >>> with tempfile.TemporaryDirectory() as tmp:
     ...     canvas = image_grid(torch.zeros(5, 1, 4, 4), pathlib.Path(tmp) / "grid.png")
-    >>> tuple(canvas.shape)  # 2 rows of 3 tiles of 4 x 4 pixels, 1-pixel gaps
-    (9, 14, 3)
+    >>> tuple(canvas.shape)  # 2 rows of 3 tiles of 4 x 4 pixels, 2-pixel grey padding between
+    (10, 16, 3)
 """
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ _DPI = 100
 _GAP = 1  # pixels between tiles
 _GAP_VALUE = 255  # gaps and empty slots are white
 _SEPARATOR = 5  # pixels between the two grids of side_by_side
+GRID_PADDING = 2
+"""Pixels of :func:`image_grid` between neighbouring cells."""
+GRID_PAD_VALUE = 128
+"""The grey (each of R, G, B) of :func:`image_grid`'s padding and empty cells: neutral between a
+black background and white strokes, so that cells of either kind stay apart."""
 
 
 def _figure(width: float, height: float, constrained: bool = False) -> Figure:
@@ -220,15 +225,16 @@ def _to_uint8(images: Tensor, levels: int, name: str = "images") -> Tensor:
     return rgb.permute(0, 2, 3, 1)
 
 
-def _tile(tiles: Tensor, ncol: int) -> Tensor:
-    """Place (N, H, W, 3) tiles row by row, ``ncol`` to a row, with ``_GAP`` pixels between."""
+def _tile(tiles: Tensor, ncol: int, gap: int = _GAP, value: int = _GAP_VALUE) -> Tensor:
+    """Place (N, H, W, 3) tiles row by row, ``ncol`` to a row, with ``gap`` pixels of grey
+    ``value`` between (and in the empty slots)."""
     n, height, width, _ = tiles.shape
     nrows = math.ceil(n / ncol)
     canvas = torch.full(
-        (nrows * height + (nrows - 1) * _GAP, ncol * width + (ncol - 1) * _GAP, 3), _GAP_VALUE, dtype=torch.uint8
+        (nrows * height + (nrows - 1) * gap, ncol * width + (ncol - 1) * gap, 3), value, dtype=torch.uint8
     )
     for k in range(n):
-        top, left = (k // ncol) * (height + _GAP), (k % ncol) * (width + _GAP)
+        top, left = (k // ncol) * (height + gap), (k % ncol) * (width + gap)
         canvas[top : top + height, left : left + width] = tiles[k]
     return canvas
 
@@ -241,10 +247,21 @@ def _write_png(canvas: Tensor, path: PathLike) -> None:
     imsave(path, canvas.numpy(), format="png")
 
 
-def image_grid(images: Tensor, path: PathLike, *, nrow: int | None = None, levels: int = 256, scale: int = 1) -> Tensor:
+def image_grid(
+    images: Tensor,
+    path: PathLike,
+    *,
+    nrow: int | None = None,
+    levels: int = 256,
+    scale: int = 1,
+    padding: int = GRID_PADDING,
+    pad_value: int = GRID_PAD_VALUE,
+) -> Tensor:
     """Write ``images`` (N, C, H, W) as one PNG of tiles, ``nrow`` images to a row (default
-    ceil(sqrt(N))), filled row by row, with 1-pixel white gaps; returns the uint8 canvas
-    (H', W', 3) that was written, on the CPU.
+    ceil(sqrt(N))), filled row by row, ``padding`` pixels of grey ``pad_value`` (0-255) between
+    cells and in the empty ones; returns the uint8 canvas that was written, on the CPU:
+    (r s H + (r - 1) p, c s W + (c - 1) p, 3) for r rows, c = min(nrow, N) columns, scale s and
+    padding p.
 
     C = 1 is grey, C = 3 is RGB. Integer images hold levels in [0, levels - 1] (mapped to
     round(255 k / (levels - 1))), floating point ones values in [0, 1] (clamped, mapped to
@@ -256,8 +273,10 @@ def image_grid(images: Tensor, path: PathLike, *, nrow: int | None = None, level
         nrow = math.ceil(math.sqrt(tiles.shape[0]))
     if nrow < 1 or scale < 1:
         raise ValueError(f"nrow and scale must be positive, got {nrow} and {scale}")
+    if padding < 0 or not 0 <= pad_value <= 255:
+        raise ValueError(f"padding must be >= 0 and pad_value in [0, 255], got {padding} and {pad_value}")
     tiles = tiles.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    canvas = _tile(tiles, min(nrow, tiles.shape[0]))
+    canvas = _tile(tiles, min(nrow, tiles.shape[0]), padding, pad_value)
     _write_png(canvas, path)
     return canvas
 
