@@ -81,7 +81,7 @@ def evaluate_run(
     with evaluation_randomness(resolved):
         comparison = None if ood is None or flow is None else _compare(flow, config, source, ood, batch_size, progress)
     card = None
-    if config.task == "density" and flow is not None:
+    if task.report_card and flow is not None:
         card = report_card(
             flow,
             config,

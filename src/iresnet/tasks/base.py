@@ -66,6 +66,8 @@ class Task(Generic[_Model, _Evaluation]):
     """Whether it trains on labels: it needs labelled images and takes ``labelled_fraction``."""
     generative: ClassVar[bool] = False
     """Whether its model holds a flow (:meth:`flow`) to sample, draw and score other data with."""
+    report_card: ClassVar[bool] = False
+    """Whether ``iresnet eval`` gives its runs the report card of :mod:`iresnet.report.card`."""
     settings: ClassVar[tuple[str, ...]] = ()
     """The settings of :class:`~iresnet.train.TrainConfig` that this task alone takes."""
 

@@ -120,6 +120,7 @@ class DensityTask(Task[DensityModel, Evaluation]):
     name = "density"
     title = "density model"
     generative = True
+    report_card = True
 
     def builder(self, data: str) -> Callable[..., DensityModel]:
         return toy_flow if image_spec(data) is None else image_flow
