@@ -18,8 +18,15 @@ def random_images(n: int, levels: int, shape=(1, 3, 3), seed: int = 0) -> torch.
     return torch.randint(levels, (n, *shape), generator=generator, dtype=torch.uint8)
 
 
+def noise_moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fit FullCovarianceGaussian documents: the moments of x plus those of u ~ U[0, 1)^D."""
+    points = images.double().flatten(1)
+    size = points.shape[1]
+    return points.mean(0) + 0.5, torch.cov(points.T, correction=0) + torch.eye(size, dtype=torch.float64) / 12
+
+
 def dequantise_in_chunks(images: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
-    """x + u with u drawn as FullCovarianceGaussian documents: one torch.rand per chunk."""
+    """x + u with u drawn as FullCovarianceGaussian.log_prob documents: one torch.rand per chunk."""
     generator = torch.Generator().manual_seed(seed)
     return torch.cat(
         [
@@ -76,7 +83,7 @@ def test_pixel_log_prob_is_a_normalised_density_of_the_dequantised_image():
 
 def test_gaussian_log_prob_equals_multivariate_normal_on_the_same_points():
     train, test = random_images(300, 256, seed=1), random_images(20, 256, seed=2)
-    model = FullCovarianceGaussian().fit(train, generator=torch.Generator().manual_seed(3))
+    model = FullCovarianceGaussian().fit(train)
     reference = MultivariateNormal(model.mean, covariance_matrix=model.covariance)
     # The documented draw: one torch.rand of the images' shape, float64, when N <= batch_size.
     noise = torch.rand(test.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -84,24 +91,23 @@ def test_gaussian_log_prob_equals_multivariate_normal_on_the_same_points():
     expected = reference.log_prob(points.flatten(1))
     torch.testing.assert_close(model.log_prob(test, generator=torch.Generator().manual_seed(4)), expected)
     torch.testing.assert_close(model.log_density(points), expected)
-    # and the fit itself saw the documented dequantised points
-    fit_points = dequantise_in_chunks(train, len(train), seed=3).flatten(1)
-    torch.testing.assert_close(model.mean, fit_points.mean(0))
-    empirical = torch.cov(fit_points.T, correction=0) + 1e-3 * torch.eye(9, dtype=torch.float64)
-    torch.testing.assert_close(model.covariance, empirical)
+    # and the fit itself is the moments of x plus those of the noise
+    mean, covariance = noise_moments(train)
+    torch.testing.assert_close(model.mean, mean)
+    torch.testing.assert_close(model.covariance, covariance)
 
 
 def test_gaussian_fit_recovers_a_known_mean_and_covariance():
     # x = M b + c with b ~ Bernoulli(p)^4 i.i.d. is integer-valued, with E[x] = c + p M 1 and
     # Cov[x] = p (1 - p) M M^T; adding independent u ~ U[0, 1)^3 adds 1/2 to the mean and
     # I / 12 to the covariance.
-    n, p, ridge = 200_000, 0.3, 1e-3
+    n, p = 200_000, 0.3
     mixing = torch.tensor([[1, 0, 2, 0], [0, 1, 1, 0], [3, 0, 0, 1]], dtype=torch.float64)
     offset = torch.tensor([5.0, 0.0, 2.0], dtype=torch.float64)
     generator = torch.Generator().manual_seed(5)
     bits = (torch.rand(n, 4, generator=generator, dtype=torch.float64) < p).double()
     images = (bits @ mixing.T + offset).to(torch.uint8).view(n, 3, 1, 1)
-    model = FullCovarianceGaussian(ridge=ridge, batch_size=50_000).fit(images, generator=generator)
+    model = FullCovarianceGaussian(batch_size=50_000).fit(images)
 
     true_mean = offset + p * mixing.sum(1) + 0.5
     true_cov = p * (1 - p) * mixing @ mixing.T + torch.eye(3, dtype=torch.float64) / 12
@@ -113,31 +119,72 @@ def test_gaussian_fit_recovers_a_known_mean_and_covariance():
     mean_tolerance = 6 * true_cov.diagonal().sqrt() / math.sqrt(n)
     cov_tolerance = 6 * products.std(0) / math.sqrt(n)
     assert ((model.mean - true_mean).abs() <= mean_tolerance).all()
-    fitted_cov = model.covariance - ridge * torch.eye(3, dtype=torch.float64)
-    assert ((fitted_cov - true_cov).abs() <= cov_tolerance).all()
+    assert ((model.covariance - true_cov).abs() <= cov_tolerance).all()
     assert cov_tolerance.max() < 0.05  # the test has teeth: the entries range up to 2.2
 
 
-def test_gaussian_in_chunks_matches_the_documented_draws():
-    # batch_size=13 on 100 images: 8 chunks, each dequantised by its own torch.rand draw. The
-    # chunked, shifted accumulation of the moments must give exactly the moments of those points.
+def test_gaussian_in_chunks_matches_the_documented_moments_and_draws():
+    # batch_size=13 on 100 images: 8 chunks. The chunked, shifted accumulation of the moments
+    # must give exactly the moments of x plus the noise's; log_prob dequantises each chunk by
+    # its own torch.rand draw.
     images = random_images(100, 256)
-    model = FullCovarianceGaussian(batch_size=13).fit(images, generator=torch.Generator().manual_seed(6))
-    points = dequantise_in_chunks(images, 13, seed=6).flatten(1)
-    torch.testing.assert_close(model.mean, points.mean(0))
-    torch.testing.assert_close(model.covariance, torch.cov(points.T, correction=0) + 1e-3 * torch.eye(9).double())
+    model = FullCovarianceGaussian(batch_size=13).fit(images)
+    mean, covariance = noise_moments(images)
+    torch.testing.assert_close(model.mean, mean)
+    torch.testing.assert_close(model.covariance, covariance)
+    whole = FullCovarianceGaussian().fit(images)
+    torch.testing.assert_close(model.mean, whole.mean)
+    torch.testing.assert_close(model.covariance, whole.covariance)
     points = dequantise_in_chunks(images, 13, seed=7)
     expected = MultivariateNormal(model.mean, covariance_matrix=model.covariance).log_prob(points.flatten(1))
     torch.testing.assert_close(model.log_prob(images, generator=torch.Generator().manual_seed(7)), expected)
 
 
-def test_gaussian_ridge_keeps_a_degenerate_fit_finite():
-    # Two images in 9 dimensions: the scatter matrix has rank 1, plus the noise; with the
-    # ridge the covariance is positive definite.
+def test_gaussian_noise_keeps_a_degenerate_fit_finite():
+    # Two images in 9 dimensions: the scatter matrix of x has rank 1; the noise's I / 12 makes
+    # the covariance positive definite, every eigenvalue at least 1/12, with no ridge.
     images = random_images(2, 256)
     model = FullCovarianceGaussian().fit(images)
-    assert torch.linalg.eigvalsh(model.covariance).min() > 0.999e-3
+    assert torch.linalg.eigvalsh(model.covariance).min() >= 1 / 12 - 1e-9
     assert torch.isfinite(model.log_prob(images)).all()
+    # a single image: Cov(x) = 0, so the covariance is exactly I / 12
+    one = FullCovarianceGaussian().fit(images[:1])
+    torch.testing.assert_close(one.covariance, torch.eye(9, dtype=torch.float64) / 12)
+    torch.testing.assert_close(one.mean, images[0].double().flatten() + 0.5)
+
+
+def test_gaussian_with_fewer_images_than_dimensions_stays_sane():
+    # The shape of the bug on patches32 and faces: N = 20 images of 1 x 8 x 8 (D = 64) of a
+    # low-rank integer signal, x = 40 + W P with 3 integer patterns P and integer weights W.
+    # A Gaussian fitted to one draw of x + u has a covariance of rank <= 19: the 45 missing
+    # directions, where x + u still varies by the noise (variance 1/12), get only the ridge of
+    # 1e-3, and fresh test images score absurdly. The fit with the noise's exact moments gives
+    # them 1/12: finite, and better than the uniform density and the independent pixels.
+    levels, n, size = 256, 20, 64
+    generator = torch.Generator().manual_seed(8)
+    patterns = torch.randint(0, 6, (3, size), generator=generator).double()
+
+    def sample(count: int) -> torch.Tensor:
+        weights = torch.randint(0, 11, (count, 3), generator=generator).double()
+        return (40 + weights @ patterns).to(torch.uint8).view(count, 1, 8, 8)  # at most 40 + 3 * 50
+
+    train, test = sample(n), sample(200)
+    uniform_bpd = math.log2(levels)
+    pixels_bpd = bits_per_dim(IndependentPixels(levels).fit(train).log_prob(test), size).mean().item()
+
+    # the old estimate: moments of one draw of x + u, plus a ridge of 1e-3
+    points = dequantise_in_chunks(train, n, seed=9).flatten(1)
+    ridge = 1e-3 * torch.eye(size, dtype=torch.float64)
+    old = MultivariateNormal(points.mean(0), covariance_matrix=torch.cov(points.T, correction=0) + ridge)
+    old_bpd = bits_per_dim(old.log_prob(dequantise_in_chunks(test, 200, seed=10).flatten(1)), size).mean().item()
+    assert old_bpd > 4 * uniform_bpd and old_bpd > 4 * pixels_bpd, old_bpd  # the bug, reproduced
+
+    model = FullCovarianceGaussian().fit(train)
+    assert torch.linalg.eigvalsh(model.covariance).min() >= 1 / 12 - 1e-9
+    scores = model.log_prob(test, generator=torch.Generator().manual_seed(10))
+    assert torch.isfinite(scores).all()
+    new_bpd = bits_per_dim(scores, size).mean().item()
+    assert 0 < new_bpd < min(uniform_bpd, pixels_bpd), (new_bpd, pixels_bpd, old_bpd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +201,7 @@ def test_both_beat_the_uniform_density_on_digits():
     uniform_bpd = math.log2(levels)  # -(-D log L) / (D ln 2)
     generator = torch.Generator().manual_seed(0)
     pixels = IndependentPixels(levels).fit(train)
-    gaussian = FullCovarianceGaussian().fit(train, generator=generator)
+    gaussian = FullCovarianceGaussian().fit(train)
     pixels_bpd = bits_per_dim(pixels.log_prob(test), size).mean().item()
     gaussian_bpd = bits_per_dim(gaussian.log_prob(test, generator=generator), size).mean().item()
     assert pixels.log_prob(test).mean() > -size * math.log(levels)
@@ -211,8 +258,10 @@ def test_bad_training_data_and_arguments_raise():
         IndependentPixels(1)
     with pytest.raises(ValueError, match="pseudocount"):
         IndependentPixels(4, pseudocount=0)
-    with pytest.raises(ValueError, match="ridge"):
-        FullCovarianceGaussian(ridge=-1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        FullCovarianceGaussian(batch_size=0)
+    with pytest.raises(TypeError):
+        FullCovarianceGaussian(ridge=1e-3)  # type: ignore[call-arg]  # no ridge: I / 12 suffices
     gaussian = FullCovarianceGaussian().fit(random_images(5, 17))
     with pytest.raises(ValueError, match=r"shape \(N, 1, 3, 3\)"):
         gaussian.log_density(torch.zeros(5, 9))

@@ -9,7 +9,8 @@ integer scale :math:`[0, L)^D`. So :func:`iresnet.data.bits_per_dim` turns eithe
 beat.
 
 - :class:`IndependentPixels`: a categorical distribution per pixel (Laplace smoothing).
-- :class:`FullCovarianceGaussian`: one Gaussian with full covariance fitted to :math:`x + u`.
+- :class:`FullCovarianceGaussian`: one Gaussian with full covariance fitted to :math:`x + u`
+  (the moments of :math:`x` plus the exact moments of :math:`u`).
 
 Input images are tensors ``(N, *event_shape)`` (``(N, C, H, W)`` for images) of integers,
 any dtype, as :func:`iresnet.data.load_images` returns them. Every result is float64.
@@ -21,10 +22,13 @@ any dtype, as :func:`iresnet.data.load_images` returns them. Every result is flo
 tensor([0.6000, 0.2000, 0.2000], dtype=torch.float64)
 >>> pixels.log_prob(images).exp()  # 3/5 * 2/5 for both
 tensor([0.2400, 0.2400], dtype=torch.float64)
+>>> gaussian = FullCovarianceGaussian().fit(images)
+>>> gaussian.mean  # mean(x) + 1/2
+tensor([0.5000, 2.0000], dtype=torch.float64)
+>>> gaussian.covariance  # Cov(x) + I/12: pixel 0 never varies, pixel 1 has variance 1/4
+tensor([[0.0833, 0.0000],
+        [0.0000, 0.3333]], dtype=torch.float64)
 >>> generator = torch.Generator().manual_seed(0)
->>> gaussian = FullCovarianceGaussian().fit(images, generator=generator)
->>> gaussian.mean.shape, gaussian.covariance.shape
-(torch.Size([2]), torch.Size([2, 2]))
 >>> gaussian.log_prob(images, generator=generator).shape
 torch.Size([2])
 """
@@ -134,38 +138,64 @@ class IndependentPixels:
 
 
 class FullCovarianceGaussian:
-    r"""A Gaussian :math:`N(\mu, \Sigma)` on :math:`\mathbb{R}^D` fitted by maximum likelihood
-    to the dequantised training images :math:`y_n = x_n + u_n`, :math:`u_n \sim U[0, 1)^D`:
+    r"""A Gaussian :math:`N(\mu, \Sigma)` on :math:`\mathbb{R}^D` for the dequantised images
+    :math:`y = x + u`, :math:`u \sim U[0, 1)^D` independent of :math:`x`, fitted from the
+    integer training images :math:`x_1, \dots, x_N` and the exact moments of the noise:
 
-    .. math:: \mu = \frac1N \sum_n y_n, \qquad
-              \Sigma = \frac1N \sum_n (y_n - \mu)(y_n - \mu)^\top + \lambda I,
+    .. math:: \mu = \bar x + \tfrac12 \mathbf 1, \qquad
+              \Sigma = \frac1N \sum_n (x_n - \bar x)(x_n - \bar x)^\top + \tfrac1{12} I,
+              \qquad \bar x = \frac1N \sum_n x_n.
 
-    with the ridge :math:`\lambda` (default ``1e-3``, on the integer scale where a pixel's
-    variance is at least that of :math:`u`, 1/12) keeping :math:`\Sigma` positive definite
-    when :math:`N \le D`. The score of an image is the log-density of a fresh :math:`x + u`,
+    *Derivation.* Maximum likelihood on one draw of noise per image,
+    :math:`y_n = x_n + u_n`, would give the sample mean and covariance of the :math:`y_n`; that
+    covariance has rank at most :math:`N - 1`, so for :math:`N \le D` it is singular, and the
+    directions it misses (those the :math:`N` images do not span) would get no variance at all.
+    The noise is known, so it need not be sampled: take instead the Gaussian that maximises the
+    *expected* log-likelihood over :math:`u_1, \dots, u_N`. With
+    :math:`e_n = x_n + \tfrac12 \mathbf 1 - \mu` and :math:`\mathbb E[u] = \tfrac12 \mathbf 1`,
+    :math:`\operatorname{Cov}[u] = \tfrac1{12} I` (each coordinate is uniform on an interval of
+    length 1),
+
+    .. math:: \mathbb E_u\big[(x_n + u_n - \mu)(x_n + u_n - \mu)^\top\big]
+              = e_n e_n^\top + \tfrac1{12} I,
+
+    so the expected log-likelihood is
+
+    .. math:: -\frac N2 \Big[\log\det(2\pi\Sigma)
+              + \operatorname{tr}\Big(\Sigma^{-1} \Big(\frac1N \sum_n e_n e_n^\top
+              + \tfrac1{12} I\Big)\Big)\Big],
+
+    the Gaussian log-likelihood of a sample with second moment :math:`\frac1N \sum_n e_n
+    e_n^\top + \frac1{12} I` about :math:`\mu`. It is maximised at the :math:`\mu` and
+    :math:`\Sigma` above: :math:`\mu` makes :math:`\sum_n e_n = 0`, and :math:`\Sigma` is that
+    second moment. :math:`\Sigma \succeq \tfrac1{12} I`, so it is positive definite whatever
+    :math:`N` and :math:`D` (no ridge is needed), and it is exactly the covariance of :math:`x + u`
+    for :math:`x` drawn from the training images: in a direction they do not span,
+    :math:`x + u` varies only by the noise, variance :math:`\tfrac1{12}`, and the fit keeps
+    its meaning for :math:`N \le D`.
+
+    The score of an image is the log-density of a fresh :math:`x + u`,
 
     .. math:: \log p(x + u) = -\tfrac12 \left[(x + u - \mu)^\top \Sigma^{-1} (x + u - \mu)
               + \log \det (2 \pi \Sigma)\right],
 
     whose mean over :math:`u` lower-bounds the log-probability of :math:`x` under the Gaussian
     discretised to unit cells, as for a flow. The Gaussian puts some mass outside
-    :math:`[0, L)^D`, which only lowers its score. Computed in float64.
+    :math:`[0, L)^D`, which only lowers its score. Computed in float64; the moments of
+    :math:`x` are accumulated over chunks of images, about the first chunk's mean, for accuracy.
 
-    ``u`` is drawn as ``torch.rand(chunk.shape, generator=generator, dtype=torch.float64)`` for
-    each chunk of ``batch_size`` consecutive images, in order (one draw when
-    ``N <= batch_size``).
+    In :meth:`log_prob`, ``u`` is drawn as ``torch.rand(chunk.shape, generator=generator,
+    dtype=torch.float64)`` for each chunk of ``batch_size`` consecutive images, in order (one
+    draw when ``N <= batch_size``); :meth:`fit` draws nothing.
 
     Arguments:
-        ridge: :math:`\lambda \ge 0`.
-        batch_size: images processed at a time.
+        batch_size: images processed at a time (bounds the memory, not the result).
     """
 
-    def __init__(self, *, ridge: float = 1e-3, batch_size: int = 4096) -> None:
-        if not ridge >= 0:
-            raise ValueError(f"ridge must be non-negative, got {ridge}")
+    def __init__(self, *, batch_size: int = 4096) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.ridge, self.batch_size = ridge, batch_size
+        self.batch_size = batch_size
         self.event_shape: tuple[int, ...] | None = None
         self.mean: Tensor | None = None  # (D,)
         self.covariance: Tensor | None = None  # (D, D)
@@ -175,16 +205,16 @@ class FullCovarianceGaussian:
         noise = torch.rand(chunk.shape, generator=generator, dtype=torch.float64, device=chunk.device)
         return (chunk.double() + noise).flatten(1)
 
-    def fit(self, images: Tensor, generator: torch.Generator | None = None) -> FullCovarianceGaussian:
-        """Fit :math:`\\mu` and :math:`\\Sigma` to ``images`` ``(N, *event_shape)`` plus uniform
-        noise drawn with ``generator``; returns ``self``."""
+    def fit(self, images: Tensor) -> FullCovarianceGaussian:
+        """Fit :math:`\\mu = \\bar x + 1/2` and :math:`\\Sigma = \\operatorname{Cov}(x) + I/12` to
+        ``images`` ``(N, *event_shape)``; returns ``self``. Deterministic: no noise is drawn."""
         _check_images(images, "FullCovarianceGaussian.fit")
         size = math.prod(images.shape[1:])
         total = torch.zeros(size, dtype=torch.float64, device=images.device)
         scatter = torch.zeros(size, size, dtype=torch.float64, device=images.device)
         shift: Tensor | None = None
         for chunk in images.split(self.batch_size):
-            points = self._dequantised(chunk, generator)
+            points = chunk.double().flatten(1)
             if shift is None:  # sums around a first estimate of the mean, for accuracy
                 shift = points.mean(0)
             centred = points - shift
@@ -194,16 +224,13 @@ class FullCovarianceGaussian:
             raise ValueError("FullCovarianceGaussian.fit: no images to fit")
         offset = total / len(images)
         covariance = scatter / len(images) - torch.outer(offset, offset)
-        ridge = self.ridge * torch.eye(size, dtype=torch.float64, device=images.device)
-        covariance = (covariance + covariance.T) / 2 + ridge
+        noise = torch.eye(size, dtype=torch.float64, device=images.device) / 12  # Cov[u]
+        covariance = (covariance + covariance.T) / 2 + noise
         try:
             scale_tril = torch.linalg.cholesky(covariance)
-        except torch.linalg.LinAlgError as error:
-            raise ValueError(
-                f"FullCovarianceGaussian.fit: the covariance is not positive definite with ridge {self.ridge}; "
-                "use a larger ridge"
-            ) from error
-        self.mean, self.covariance, self.scale_tril = shift + offset, covariance, scale_tril
+        except torch.linalg.LinAlgError as error:  # only by rounding: Cov(x) + I/12 >= I/12
+            raise ValueError("FullCovarianceGaussian.fit: the covariance is not positive definite") from error
+        self.mean, self.covariance, self.scale_tril = shift + offset + 0.5, covariance, scale_tril
         self.event_shape = tuple(images.shape[1:])
         return self
 

@@ -105,7 +105,7 @@ def evaluate_baselines(train: Tensor, test: Tensor, levels: int, seed: int = 0) 
     generator = torch.Generator().manual_seed(seed)
     event_size = test[0].numel()
     pixels = IndependentPixels(levels).fit(train)
-    gaussian = FullCovarianceGaussian().fit(train, generator)
+    gaussian = FullCovarianceGaussian().fit(train)
     return {
         "independent pixels": summarize(pixels.log_prob(test), event_size, True),
         "full-covariance Gaussian": summarize(gaussian.log_prob(test, generator), event_size, True),
