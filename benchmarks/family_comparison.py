@@ -205,6 +205,34 @@ def table(results: list[Result], digits: bool) -> str:
     return "\n".join(lines)
 
 
+def pivot(results: list[Result], variants: list[str]) -> str:
+    """Test NLL per density (rows) and variant (columns), then the mean over the densities (its
+    standard error from the per-density ones), the mean steps, time per step and iterations."""
+    datasets = list(dict.fromkeys(r.data for r in results))
+    by = {(r.data, r.variant): r for r in results}
+    lines = ["| test NLL (nats) | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for d in datasets:
+        lines.append(f"| {d} | " + " | ".join(f"{by[d, v].nll:.3f} +- {by[d, v].nll_se:.3f}" for v in variants) + " |")
+
+    def mean_of(field: str, v: str) -> float | None:
+        values = [getattr(by[d, v], field) for d in datasets]
+        return None if None in values else statistics.fmean(values)
+
+    means = []
+    for v in variants:
+        se = math.sqrt(sum(by[d, v].nll_se ** 2 for d in datasets)) / len(datasets)
+        means.append(f"**{mean_of('nll', v):.3f}** +- {se:.3f}")
+    lines.append("| mean | " + " | ".join(means) + " |")
+    for label, field, digits in [
+        ("steps in the budget", "steps", 0),
+        ("ms per step", "ms_per_step", 1),
+        ("forward solve iterations", "forward_iterations", 1),
+        ("inverse iterations", "inverse_iterations", 1),
+    ]:
+        lines.append(f"| {label} | " + " | ".join(cell(mean_of(field, v), digits) for v in variants) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data", choices=["toy", "digits"])
@@ -223,12 +251,8 @@ def main() -> None:
         results = list(pool.map(run_job, *zip(*jobs)))
     print(table(results, args.data == "digits"))
     if args.data == "toy":
-        print("\nmean test NLL over the densities, and its standard error:")
-        for variant in args.variants:
-            rows = [r for r in results if r.variant == variant]
-            mean = statistics.fmean(r.nll for r in rows)
-            se = math.sqrt(sum(r.nll_se**2 for r in rows)) / len(rows)
-            print(f"  {variant:9s} {mean:.3f} +- {se:.3f}")
+        print()
+        print(pivot(results, args.variants))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=1)
