@@ -83,7 +83,7 @@ def test_pixel_log_prob_is_a_normalised_density_of_the_dequantised_image():
 
 def test_gaussian_log_prob_equals_multivariate_normal_on_the_same_points():
     train, test = random_images(300, 256, seed=1), random_images(20, 256, seed=2)
-    model = FullCovarianceGaussian().fit(train)
+    model = FullCovarianceGaussian(shrinkage=False).fit(train)
     reference = MultivariateNormal(model.mean, covariance_matrix=model.covariance)
     # The documented draw: one torch.rand of the images' shape, float64, when N <= batch_size.
     noise = torch.rand(test.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -128,13 +128,18 @@ def test_gaussian_in_chunks_matches_the_documented_moments_and_draws():
     # must give exactly the moments of x plus the noise's; log_prob dequantises each chunk by
     # its own torch.rand draw.
     images = random_images(100, 256)
-    model = FullCovarianceGaussian(batch_size=13).fit(images)
+    model = FullCovarianceGaussian(shrinkage=False, batch_size=13).fit(images)
     mean, covariance = noise_moments(images)
     torch.testing.assert_close(model.mean, mean)
     torch.testing.assert_close(model.covariance, covariance)
-    whole = FullCovarianceGaussian().fit(images)
+    whole = FullCovarianceGaussian(shrinkage=False).fit(images)
     torch.testing.assert_close(model.mean, whole.mean)
     torch.testing.assert_close(model.covariance, whole.covariance)
+    # the shrunk fit's second pass (sum of |x_n - mean|^4) in chunks, too
+    shrunk, shrunk_whole = FullCovarianceGaussian(batch_size=13).fit(images), FullCovarianceGaussian().fit(images)
+    assert shrunk_whole.delta is not None and 0 < shrunk_whole.delta <= 1
+    assert shrunk.delta == pytest.approx(shrunk_whole.delta, rel=1e-12)
+    torch.testing.assert_close(shrunk.covariance, shrunk_whole.covariance)
     points = dequantise_in_chunks(images, 13, seed=7)
     expected = MultivariateNormal(model.mean, covariance_matrix=model.covariance).log_prob(points.flatten(1))
     torch.testing.assert_close(model.log_prob(images, generator=torch.Generator().manual_seed(7)), expected)
@@ -155,18 +160,21 @@ def test_gaussian_noise_keeps_a_degenerate_fit_finite():
 
 def test_gaussian_with_fewer_images_than_dimensions_stays_sane():
     # The shape of the bug on patches32 and faces: N = 20 images of 1 x 8 x 8 (D = 64) of a
-    # low-rank integer signal, x = 40 + W P with 3 integer patterns P and integer weights W.
+    # low-rank integer signal plus independent integer pixel noise, x = 40 + W P + e with 3
+    # integer patterns P, integer weights W and e_d uniform on {0, ..., 8} (variance 20/3).
     # A Gaussian fitted to one draw of x + u has a covariance of rank <= 19: the 45 missing
-    # directions, where x + u still varies by the noise (variance 1/12), get only the ridge of
-    # 1e-3, and fresh test images score absurdly. The fit with the noise's exact moments gives
-    # them 1/12: finite, and better than the uniform density and the independent pixels.
+    # directions, where x + u still varies by e and u, get only the ridge of 1e-3, and fresh
+    # test images score absurdly. The noise's exact moments give them 1/12: finite, but still
+    # far below the variance of e; Ledoit-Wolf shrinkage toward m I gives them a share of the
+    # average variance and scores better still.
     levels, n, size = 256, 20, 64
     generator = torch.Generator().manual_seed(8)
     patterns = torch.randint(0, 6, (3, size), generator=generator).double()
 
     def sample(count: int) -> torch.Tensor:
         weights = torch.randint(0, 11, (count, 3), generator=generator).double()
-        return (40 + weights @ patterns).to(torch.uint8).view(count, 1, 8, 8)  # at most 40 + 3 * 50
+        noise = torch.randint(0, 9, (count, size), generator=generator).double()
+        return (40 + weights @ patterns + noise).to(torch.uint8).view(count, 1, 8, 8)  # <= 40 + 150 + 8
 
     train, test = sample(n), sample(200)
     uniform_bpd = math.log2(levels)
@@ -179,12 +187,103 @@ def test_gaussian_with_fewer_images_than_dimensions_stays_sane():
     old_bpd = bits_per_dim(old.log_prob(dequantise_in_chunks(test, 200, seed=10).flatten(1)), size).mean().item()
     assert old_bpd > 4 * uniform_bpd and old_bpd > 4 * pixels_bpd, old_bpd  # the bug, reproduced
 
+    def score(model: FullCovarianceGaussian) -> float:
+        scores = model.log_prob(test, generator=torch.Generator().manual_seed(10))
+        assert torch.isfinite(scores).all()
+        return bits_per_dim(scores, size).mean().item()
+
+    plain = FullCovarianceGaussian(shrinkage=False).fit(train)
+    assert torch.linalg.eigvalsh(plain.covariance).min() >= 1 / 12 - 1e-9
+    plain_bpd = score(plain)
+    assert plain_bpd < old_bpd, (plain_bpd, old_bpd)
+
     model = FullCovarianceGaussian().fit(train)
-    assert torch.linalg.eigvalsh(model.covariance).min() >= 1 / 12 - 1e-9
-    scores = model.log_prob(test, generator=torch.Generator().manual_seed(10))
-    assert torch.isfinite(scores).all()
-    new_bpd = bits_per_dim(scores, size).mean().item()
-    assert 0 < new_bpd < min(uniform_bpd, pixels_bpd), (new_bpd, pixels_bpd, old_bpd)
+    assert model.delta is not None and 0 < model.delta < 1, model.delta
+    assert torch.linalg.eigvalsh(model.covariance).min() > 1 / 12  # shrinkage lifts every direction
+    new_bpd = score(model)
+    assert 0 < new_bpd < min(uniform_bpd, pixels_bpd, plain_bpd - 1), (new_bpd, pixels_bpd, plain_bpd, old_bpd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ledoit-Wolf shrinkage
+
+
+def previous_fit(images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fit before shrinkage, step for step: moments about the first chunk's mean, then
+    symmetrised, plus I / 12."""
+    points = [chunk.double().flatten(1) for chunk in images.split(batch_size)]
+    shift = points[0].mean(0)
+    size = len(shift)
+    total = torch.zeros(size, dtype=torch.float64)
+    scatter = torch.zeros(size, size, dtype=torch.float64)
+    for chunk in points:
+        centred = chunk - shift
+        total += centred.sum(0)
+        scatter += centred.T @ centred
+    offset = total / len(images)
+    covariance = scatter / len(images) - torch.outer(offset, offset)
+    covariance = (covariance + covariance.T) / 2 + torch.eye(size, dtype=torch.float64) / 12
+    return shift + offset + 0.5, covariance
+
+
+def test_fourth_moment_identity_matches_the_direct_sum():
+    # sum_n |x_n x_n^T - S|_F^2 = sum_n |x_n|^4 - N |S|_F^2 for centred x_n and S = X^T X / N,
+    # the identity fit uses instead of forming N matrices of D x D.
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(7, 5, generator=generator, dtype=torch.float64) @ torch.randn(5, 5, generator=generator).double()
+    x = x - x.mean(0)
+    n = len(x)
+    sample = x.T @ x / n
+    direct = sum((torch.outer(row, row) - sample).square().sum() for row in x)
+    identity = x.square().sum(1).square().sum() - n * sample.square().sum()
+    torch.testing.assert_close(identity, direct, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("n, shape, batch_size", [(30, (1, 5, 10), 4096), (40, (1, 3, 3), 7), (300, (1, 4, 4), 64)])
+def test_shrinkage_matches_scikit_learn(n, shape, batch_size):
+    # sklearn.covariance.ledoit_wolf(X, assume_centered=False) centres X, takes S = X^T X / N and
+    # the same m = tr(S) / D; it divides both b^2 and d^2 by D (the paper's normalised Frobenius
+    # norm, ||A||^2 = tr(A A^T) / D), which cancels in delta = b^2 / d^2. So delta and
+    # Sigma_x = delta m I + (1 - delta) S agree, and the fit adds I / 12 to the latter.
+    covariance_module = pytest.importorskip("sklearn.covariance")
+    generator = torch.Generator().manual_seed(n)
+    size = math.prod(shape)
+    mixing = torch.randint(0, 3, (size, size), generator=generator).double()  # correlated pixels
+    latent = torch.randint(0, 4, (n, size), generator=generator).double()
+    images = (latent @ mixing.T).view(n, *shape).to(torch.int64)
+    model = FullCovarianceGaussian(batch_size=batch_size).fit(images)
+    expected_cov, expected_delta = covariance_module.ledoit_wolf(
+        images.double().flatten(1).numpy(), assume_centered=False
+    )
+    assert model.delta is not None and 0 < model.delta < 1, model.delta
+    assert abs(model.delta - expected_delta) < 1e-10
+    fitted = model.covariance - torch.eye(size, dtype=torch.float64) / 12
+    torch.testing.assert_close(fitted, torch.from_numpy(expected_cov), rtol=1e-10, atol=1e-10)
+
+
+def test_shrinkage_is_small_with_many_more_images_than_dimensions():
+    # N = 20,000 images of D = 6 pixels from a rounded, well-conditioned Gaussian (eigenvalues of
+    # its covariance in [~9, ~100]): delta is O(D / N) and the fit is close to Cov(x) + I / 12.
+    n, size = 20_000, 6
+    generator = torch.Generator().manual_seed(12)
+    factor = torch.eye(size, dtype=torch.float64) * 3 + torch.rand(size, size, generator=generator).double() * 3
+    gauss = torch.randn(n, size, generator=generator, dtype=torch.float64) @ factor.T
+    images = (100 + gauss).round().clamp(0, 255).to(torch.uint8).view(n, 1, 2, 3)
+    model = FullCovarianceGaussian().fit(images)
+    assert model.delta is not None and 0 <= model.delta < 0.05, model.delta
+    _, sample = noise_moments(images)
+    relative = (model.covariance - sample).norm() / sample.norm()
+    assert relative < 0.01, relative
+    torch.testing.assert_close(model.mean, images.double().flatten(1).mean(0) + 0.5)
+
+
+@pytest.mark.parametrize("n, batch_size", [(100, 4096), (100, 13), (5, 2), (1, 4096)])
+def test_no_shrinkage_reproduces_the_previous_fit_exactly(n, batch_size):
+    images = random_images(n, 256, shape=(1, 4, 4), seed=n)
+    model = FullCovarianceGaussian(shrinkage=False, batch_size=batch_size).fit(images)
+    mean, covariance = previous_fit(images, batch_size)
+    assert torch.equal(model.mean, mean) and torch.equal(model.covariance, covariance)
+    assert model.delta == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ beat.
 
 - :class:`IndependentPixels`: a categorical distribution per pixel (Laplace smoothing).
 - :class:`FullCovarianceGaussian`: one Gaussian with full covariance fitted to :math:`x + u`
-  (the moments of :math:`x` plus the exact moments of :math:`u`).
+  (the Ledoit--Wolf shrunk covariance of :math:`x` plus the exact moments of :math:`u`).
 
 Input images are tensors ``(N, *event_shape)`` (``(N, C, H, W)`` for images) of integers,
 any dtype, as :func:`iresnet.data.load_images` returns them. Every result is float64.
@@ -25,6 +25,8 @@ tensor([0.2400, 0.2400], dtype=torch.float64)
 >>> gaussian = FullCovarianceGaussian().fit(images)
 >>> gaussian.mean  # mean(x) + 1/2
 tensor([0.5000, 2.0000], dtype=torch.float64)
+>>> gaussian.delta  # no shrinkage: x_n x_n^T - S = 0 for both centred images
+0.0
 >>> gaussian.covariance  # Cov(x) + I/12: pixel 0 never varies, pixel 1 has variance 1/4
 tensor([[0.0833, 0.0000],
         [0.0000, 0.3333]], dtype=torch.float64)
@@ -184,18 +186,46 @@ class FullCovarianceGaussian:
     :math:`[0, L)^D`, which only lowers its score. Computed in float64; the moments of
     :math:`x` are accumulated over chunks of images, about the first chunk's mean, for accuracy.
 
+    *Shrinkage* (the default). :math:`\operatorname{Cov}(x)` above is the sample covariance
+    :math:`S`; with fewer images than dimensions it has rank :math:`< N` and underestimates the
+    variance in every direction the training images do not span, where test images still vary
+    (the noise's :math:`\tfrac1{12}` is far too little for real photos). So :math:`S` is
+    replaced by the Ledoit--Wolf estimator (O. Ledoit and M. Wolf, "A well-conditioned
+    estimator for large-dimensional covariance matrices", J. Multivariate Analysis 88 (2004),
+    365--411), the convex combination with a scaled identity closest to the true covariance in
+    expected Frobenius loss, with the weight estimated from the data, no tuning:
+
+    .. math:: \Sigma_x = \delta\, m I + (1 - \delta) S, \qquad
+              m = \frac{\operatorname{tr} S}{D}, \qquad
+              \delta = \frac{b^2}{d^2}, \qquad d^2 = \lVert S - m I \rVert_F^2,
+
+    .. math:: b^2 = \min\Big(d^2, \frac1{N^2} \sum_n \lVert x_n x_n^\top - S \rVert_F^2\Big)
+              = \min\Big(d^2, \frac1{N^2} \Big(\sum_n \lVert x_n \rVert^4
+              - N \lVert S \rVert_F^2\Big)\Big),
+
+    :math:`x_n` centred, :math:`S = \frac1N \sum_n x_n x_n^\top` (the paper's norm divides
+    both squares by :math:`D`, which cancels in :math:`\delta`). The identity on the right
+    expands the square, with :math:`\sum_n \langle x_n x_n^\top, S \rangle_F = N \lVert S
+    \rVert_F^2`, and needs no :math:`D \times D` matrix per image: :meth:`fit` makes a second
+    pass for :math:`\sum_n \lVert x_n - \bar x \rVert^4`. :math:`\delta \in [0, 1]` (0 where
+    :math:`d^2 = 0`, :math:`S` already a multiple of :math:`I`) is kept as :attr:`delta`; it
+    tends to 0 as :math:`N / D` grows. Then :math:`\Sigma = \Sigma_x + \tfrac1{12} I` as
+    above. With ``shrinkage=False``, :math:`\Sigma_x = S` and :attr:`delta` is 0.
+
     In :meth:`log_prob`, ``u`` is drawn as ``torch.rand(chunk.shape, generator=generator,
     dtype=torch.float64)`` for each chunk of ``batch_size`` consecutive images, in order (one
     draw when ``N <= batch_size``); :meth:`fit` draws nothing.
 
     Arguments:
+        shrinkage: shrink :math:`\operatorname{Cov}(x)` toward :math:`m I` (Ledoit--Wolf).
         batch_size: images processed at a time (bounds the memory, not the result).
     """
 
-    def __init__(self, *, batch_size: int = 4096) -> None:
+    def __init__(self, *, shrinkage: bool = True, batch_size: int = 4096) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.batch_size = batch_size
+        self.shrinkage, self.batch_size = shrinkage, batch_size
+        self.delta: float | None = None  # the Ledoit-Wolf shrinkage weight, after fit
         self.event_shape: tuple[int, ...] | None = None
         self.mean: Tensor | None = None  # (D,)
         self.covariance: Tensor | None = None  # (D, D)
@@ -206,8 +236,10 @@ class FullCovarianceGaussian:
         return (chunk.double() + noise).flatten(1)
 
     def fit(self, images: Tensor) -> FullCovarianceGaussian:
-        """Fit :math:`\\mu = \\bar x + 1/2` and :math:`\\Sigma = \\operatorname{Cov}(x) + I/12` to
-        ``images`` ``(N, *event_shape)``; returns ``self``. Deterministic: no noise is drawn."""
+        """Fit :math:`\\mu = \\bar x + 1/2` and :math:`\\Sigma = \\Sigma_x + I/12` to ``images``
+        ``(N, *event_shape)``, :math:`\\Sigma_x` the Ledoit--Wolf estimate (or
+        :math:`\\operatorname{Cov}(x)` with ``shrinkage=False``); returns ``self``.
+        Deterministic: no noise is drawn."""
         _check_images(images, "FullCovarianceGaussian.fit")
         size = math.prod(images.shape[1:])
         total = torch.zeros(size, dtype=torch.float64, device=images.device)
@@ -224,15 +256,34 @@ class FullCovarianceGaussian:
             raise ValueError("FullCovarianceGaussian.fit: no images to fit")
         offset = total / len(images)
         covariance = scatter / len(images) - torch.outer(offset, offset)
+        covariance = (covariance + covariance.T) / 2
+        delta = 0.0
+        if self.shrinkage:
+            covariance, delta = self._shrink(images, shift + offset, covariance)
         noise = torch.eye(size, dtype=torch.float64, device=images.device) / 12  # Cov[u]
-        covariance = (covariance + covariance.T) / 2 + noise
+        covariance = covariance + noise
         try:
             scale_tril = torch.linalg.cholesky(covariance)
         except torch.linalg.LinAlgError as error:  # only by rounding: Cov(x) + I/12 >= I/12
             raise ValueError("FullCovarianceGaussian.fit: the covariance is not positive definite") from error
         self.mean, self.covariance, self.scale_tril = shift + offset + 0.5, covariance, scale_tril
-        self.event_shape = tuple(images.shape[1:])
+        self.delta, self.event_shape = delta, tuple(images.shape[1:])
         return self
+
+    def _shrink(self, images: Tensor, mean: Tensor, sample: Tensor) -> tuple[Tensor, float]:
+        """The Ledoit--Wolf estimate :math:`\\delta m I + (1 - \\delta) S` from the sample
+        covariance ``sample`` :math:`S` of ``images`` about ``mean``, and :math:`\\delta`."""
+        count, size = len(images), len(mean)
+        fourth = torch.zeros((), dtype=torch.float64, device=images.device)  # sum_n |x_n - mean|^4
+        for chunk in images.split(self.batch_size):
+            fourth += (chunk.double().flatten(1) - mean).square().sum(1).square().sum()
+        scale = sample.diagonal().sum() / size  # m = tr(S) / D
+        target = scale * torch.eye(size, dtype=torch.float64, device=images.device)
+        distance = (sample - target).square().sum()  # d^2 = |S - m I|_F^2
+        # (1 / N^2) sum_n |x_n x_n^T - S|_F^2, >= 0 but for rounding
+        spread = ((fourth - count * sample.square().sum()) / count**2).clamp(min=0)
+        delta = 0.0 if distance.item() == 0 else min(1.0, (torch.minimum(spread, distance) / distance).item())
+        return delta * target + (1 - delta) * sample, delta
 
     def _fitted(self, device: torch.device) -> tuple[MultivariateNormal, tuple[int, ...]]:
         """The Gaussian on ``device`` and the event shape it was fitted to."""
