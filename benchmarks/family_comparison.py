@@ -221,7 +221,7 @@ def pivot(results: list[Result], variants: list[str]) -> str:
     means = []
     for v in variants:
         se = math.sqrt(sum(by[d, v].nll_se ** 2 for d in datasets)) / len(datasets)
-        means.append(f"**{mean_of('nll', v):.3f}** +- {se:.3f}")
+        means.append(f"{mean_of('nll', v):.3f} +- {se:.3f}")
     lines.append("| mean | " + " | ".join(means) + " |")
     for label, field, digits in [
         ("steps in the budget", "steps", 0),
