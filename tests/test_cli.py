@@ -341,6 +341,8 @@ def test_hybrid_run_semi_supervised(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert is_count(report["classifier"]["error_percent"] / 100, 297)
     assert report["bits_per_dim"] == pytest.approx(report["nll"] / (64 * math.log(2)))
     assert report["ood"]["auroc"] > 0.9  # three steps already give noise a far lower likelihood
+    assert run_cli("eval", str(out), "--ood", "noise") == 0
+    assert "bits/dim (log-det roulette, 20 exact terms, geometric(0.5) tail, 4 probes)" in capsys.readouterr().out
     last_test = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert last_test["split"] == "test"  # eval repeats training's evaluation: the same noise and probes
     assert report["bits_per_dim"] == pytest.approx(last_test["bits_per_dim"], rel=1e-6)  # float32 sums

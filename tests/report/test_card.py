@@ -88,7 +88,7 @@ def test_digits_card(digits: tuple[Path, RunReport]) -> None:
     check_common(run, card)
     bits_lines = [line for line in result.text.splitlines() if "bits/dim" in line and "baseline" not in line]
     assert len(bits_lines) == 2
-    assert all("roulette, 20 exact terms, 4 probes" in line for line in bits_lines)
+    assert all("roulette, 20 exact terms, geometric(0.5) tail, 4 probes" in line for line in bits_lines)
 
 
 def test_cli_seeds_and_json(toy: Path, capsys: pytest.CaptureFixture) -> None:
@@ -131,3 +131,5 @@ def test_flags_and_words() -> None:
     assert not BlockCertificate(0, "residual", 0.85, 0.9, None).exceeds
     assert not BlockCertificate(0, "residual", 0.85, None, None).exceeds
     assert estimator_words({"name": "series", "n_terms": 5, "n_probes": 1}) == "series, 5 terms, 1 probe"
+    poisson = {"name": "roulette", "n_exact_terms": 20, "distribution": "poisson", "p": 0.5, "rate": 2.0, "n_probes": 1}
+    assert estimator_words(poisson) == "roulette, 20 exact terms, Poisson(2) tail, 1 probe"

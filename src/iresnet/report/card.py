@@ -169,12 +169,18 @@ def estimator_spec(estimator: LogDetEstimator) -> dict[str, Any]:
 
 
 def estimator_words(spec: dict[str, Any]) -> str:
-    """``"roulette, 20 exact terms, 4 probes"``: an :func:`estimator_spec` in words."""
+    """``"roulette, 20 exact terms, geometric(0.5) tail, 4 probes"``: an :func:`estimator_spec` in
+    words, the roulette's tail named, since the papers differ there (Residual Flows evaluates
+    with a Poisson(2) tail)."""
     words = [spec["name"]]
     if "n_terms" in spec:
         words.append(f"{spec['n_terms']} terms")
     if "n_exact_terms" in spec:
         words.append(f"{spec['n_exact_terms']} exact terms")
+    if spec.get("distribution") == "geometric":
+        words.append(f"geometric({spec['p']:g}) tail")
+    elif spec.get("distribution") == "poisson":
+        words.append(f"Poisson({spec['rate']:g}) tail")
     if "n_probes" in spec:
         words.append(f"{spec['n_probes']} probe{'s' if spec['n_probes'] != 1 else ''}")
     return ", ".join(words)

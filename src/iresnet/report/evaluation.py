@@ -18,7 +18,7 @@ from ..train.checkpoint import load_run
 from ..train.distributed import resolve_device
 from ..train.sources import run_source
 from . import plots
-from .card import estimator_words, report_card
+from .card import estimator_spec, estimator_words, report_card
 from .ood import OODReport, compare_likelihoods, ood_inputs
 
 if TYPE_CHECKING:
@@ -126,7 +126,9 @@ def evaluate_run(
         "auroc": comparison.auroc,
         "picture": None if error else str(picture),
     }
-    lines += _ood_lines(f"{config.data} test", ood, comparison, None if error else picture)
+    chosen = eval_estimator(config.eval_logdet, discrete=True)  # as _compare scores both sets
+    words = "the model's own" if chosen is None else estimator_words(estimator_spec(chosen))
+    lines += _ood_lines(f"{config.data} test", ood, comparison, None if error else picture, words)
     return RunReport(report, "\n".join(lines), picture, error)
 
 
@@ -141,8 +143,8 @@ def _compare(
     return compare_likelihoods(flow, source.test, out_images, estimator, batch_size=batch_size, progress=progress)
 
 
-def _ood_lines(in_name: str, out_name: str, comparison: OODReport, picture: Path | None) -> list[str]:
-    lines = [f"{'data set':<20} {'n':>6}  bits/dim"]
+def _ood_lines(in_name: str, out_name: str, comparison: OODReport, picture: Path | None, words: str) -> list[str]:
+    lines = [f"{'data set':<20} {'n':>6}  bits/dim (log-det {words})"]
     for name, result in ((in_name, comparison.in_distribution), (out_name, comparison.out_of_distribution)):
         lines.append(f"{name:<20} {result.n:>6}  {result.bits_per_dim:.4f} +- {result.bits_per_dim_se:.4f}")
     lines.append(f"AUROC {comparison.auroc:.4f} (in-distribution = higher likelihood)")
