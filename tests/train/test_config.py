@@ -149,3 +149,12 @@ def test_a_run_saved_before_the_probes_rename_loads_and_resumes(tmp_path: Path) 
     changes = [{"steps": 3}, parse_override("eval_logdet=exact")]  # how it evaluates may change on resume
     resumed = resolve_config(None, None, changes, saved=dataclasses.replace(saved, out=str(run)))
     assert train(resumed, resume=True, progress=False).step == 3
+
+
+@pytest.mark.parametrize("name", ["mnist-paper", "cifar10-paper"])
+def test_residual_flows_presets_evaluate_as_the_paper(name: str) -> None:
+    """Residual Flows evaluates with 20 exact terms and the training's Poisson(2) tail, one probe."""
+    estimator = eval_estimator(resolve_config(name, None, []).eval_logdet, discrete=True)
+    assert isinstance(estimator, iresnet.Roulette)
+    settings = (estimator.n_exact_terms, estimator.distribution, estimator.rate, estimator.n_probes)
+    assert settings == (20, "poisson", 2.0, 1)

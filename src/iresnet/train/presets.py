@@ -39,7 +39,9 @@ def _residual_flows(data: str, logit_alpha: float) -> dict[str, Any]:
     }
     training = {"batch_size": 64, "lr": 1e-3, "warmup_steps": 1000, "grad_clip": 1.0, "ema_decay": 0.999}
     schedule = {"steps": 350 * epoch, "eval_every": 10 * epoch, "checkpoint_every": epoch}
-    return {"data": data, "model": model, **training, **schedule, "eval_size": 10_000}
+    # the paper's evaluation: 20 exact terms, then the training's Poisson(2) tail, one probe
+    evaluation = {"name": "roulette", "n_exact_terms": 20, "distribution": "poisson", "rate": 2.0, "n_probes": 1}
+    return {"data": data, "model": model, **training, **schedule, "eval_size": 10_000, "eval_logdet": evaluation}
 
 
 _CIFAR10_EPOCH = steps_per_epoch("cifar10", 128)  # 391
