@@ -278,6 +278,30 @@ def test_a_diverging_run_says_where_and_resumes_with_a_lower_learning_rate(
     assert [(r["step"], r["lr"]) for r in records(out)] == [(1, 0.005), (2, 0.005), *[(s, 0.001) for s in range(3, 7)]]
 
 
+def test_a_solve_that_does_not_converge_in_training_says_so_and_resumes_with_more_room(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A monotone block solves a fixed point in every forward pass: with too few iterations allowed
+    the run stops with a message (no traceback) naming the step, the checkpoint and the solver
+    options to raise, and continues from the checkpoint with them (they change how the step is
+    solved, not what is trained)."""
+    out = tmp_path / "run"
+    model = ["model.block=monotone", "model.blocks=2", "model.hidden=16"]
+    first = ["--steps", "2", "warmup_steps=0", "eval_size=500", "log_every=1", "--no-progress", *model]
+    assert run_cli("train", "--out", str(out), *first) == 0
+    capsys.readouterr()
+    assert run_cli("train", "--out", str(out), "--resume", "--steps", "4", "model.max_iter=1", "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert "training stopped at step 3: a block's fixed-point solve did not converge (fixed-point inversion" in err
+    assert f"the last checkpoint, {out / 'checkpoint.pt'}, is intact (step 2)" in err
+    assert f"iresnet train --out {out} --resume model.max_iter=100\n" in err
+    assert "Traceback" not in err
+    assert run_cli("train", "--out", str(out), "--resume", "model.max_iter=100", "--no-progress") == 0
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4]
+    assert run_cli("train", "--out", str(out), "--resume", "--steps", "5", "model.hidden=8", "--no-progress") == 2
+    assert "cannot resume with different settings for model" in capsys.readouterr().err
+
+
 # -- signals ---------------------------------------------------------------------------------
 
 

@@ -325,21 +325,33 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tupl
     """What resuming the run saved with the settings ``saved`` as ``config`` changes: the settings
     (but ``out``) with their old and new values. A resumed run may change how long it trains, its
     learning rate and clipping (the advice after a non-finite loss), how it logs and how its step
-    is computed, not what it trains (``ValueError`` naming each such change). A setting that
-    ``saved`` lacks (it came later) had its default value."""
+    is computed (the model's solver options among them), not what it trains (``ValueError``
+    naming each such change). A setting that ``saved`` lacks (it came later) had its default value."""
     free = {"steps", "out", "checkpoint_every", "checkpoint_seconds", "eval_every", "log_every", "tensorboard"}
     free |= {"device", "download", "lr", "grad_clip"}
     free |= {"compile", "precision", "threads"}  # how the same step is computed
     free |= {"eval_logdet"}  # how the test evaluations estimate, not what is trained
     saved = {**TrainConfig(out=config.out).to_dict(), **saved}
     new = config.to_dict()
-    changed = [k for k, v in new.items() if k not in free and saved.get(k) != v]
+    changed = [k for k, v in new.items() if k not in free and _trained(k, saved.get(k)) != _trained(k, v)]
     if changed:
         raise ValueError(
             "cannot resume with different settings for "
             + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(config, k)!r})" for k in changed)
         )
     return {k: (saved.get(k), v) for k, v in new.items() if k != "out" and saved.get(k) != v}
+
+
+_SOLVER_OPTIONS = ("inverse_method", "atol", "rtol", "max_iter")
+"""The model options that say how a block's fixed points are solved, not what is trained: a
+resumed run may change them (the advice after a solve that did not converge)."""
+
+
+def _trained(key: str, value: Any) -> Any:
+    """A setting as far as it decides what is trained: the model options without the solver's."""
+    if key == "model" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in _SOLVER_OPTIONS}
+    return value
 
 
 def _options(task: str, data: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..core.compiled import memory_lean
+from ..core.inverse import MAX_ITER, InversionError
 from ..core.layers import initialize_from_data
 from ..core.lipschitz import converge_spectral_norms
 from ..core.validation import reports_non_finite_input
@@ -230,6 +231,8 @@ class _Trainer:
         try:
             with lean, torch.autocast(self.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, logged = self.objective(model)
+        except InversionError as error:  # a monotone or implicit block solves in every forward pass
+            raise TrainingError(self._unsolved(error)) from error
         except (ValueError, RuntimeError) as error:
             if not reports_non_finite_input(error):  # the weights have diverged
                 raise
@@ -271,6 +274,17 @@ class _Trainer:
                 f"checkpoint, e.g. iresnet train --out {self.files.root} --resume {lower}"
             )
         stopped = f"training stopped at step {self.step + 1}: {what}"
+        return f"{stopped}. Nothing was saved from this step; {self.kept()}. {advice}"
+
+    def _unsolved(self, error: InversionError) -> str:
+        """The message of a stop on a block's fixed-point solve that did not converge in a forward
+        pass: the step, what was kept, and the inverse's settings to raise."""
+        more = f"model.max_iter={max(2 * self.config.model.get('max_iter', MAX_ITER), MAX_ITER)}"
+        if self.saved_step is None:
+            advice = f"Start again with {more}, in another directory (--out) or after removing {self.files.root}."
+        else:
+            advice = f"Allow more iterations and continue, e.g. iresnet train --out {self.files.root} --resume {more}"
+        stopped = f"training stopped at step {self.step + 1}: a block's fixed-point solve did not converge ({error})"
         return f"{stopped}. Nothing was saved from this step; {self.kept()}. {advice}"
 
     def train_metrics(self, steps: list[dict[str, float]], seconds: float) -> dict[str, Any]:
