@@ -195,6 +195,31 @@ def test_digits_run_reports_bits_per_dim_beside_baselines(tmp_path: Path, capsys
     assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_iw_reports_the_importance_weighted_bound_apart(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("sklearn")
+    out = tmp_path / "digits"
+    small = ["model.blocks=1", "model.hidden=8", "eval_size=64", "--batch-size", "32", "--steps", "3", "--no-progress"]
+    assert run_cli("train", "--preset", "digits", "--out", str(out), *small) == 0
+    capsys.readouterr()
+    assert run_cli("eval", str(out), "--iw", "4", "--json", "--seeds", "1") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["iw"]) == {"k", "bits_per_dim", "bits_per_dim_se", "nll", "nll_se"}
+    assert report["iw"]["k"] == 4 and math.isfinite(report["iw"]["bits_per_dim"])
+    assert report["iw"]["bits_per_dim"] == pytest.approx(report["iw"]["nll"] / (64 * math.log(2)))
+    assert run_cli("eval", str(out), "--iw", "4", "--seeds", "1") == 0
+    printed = capsys.readouterr().out.splitlines()
+    line = next(text for text in printed if text.startswith("importance-weighted (K=4)"))
+    assert "bits/dim (a bound over 4 dequantisation samples" in line and "log-det roulette" in line
+    assert printed[0].startswith("test NLL") and "importance-weighted" not in printed[0]  # the single-sample figure
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["iw"] == report["iw"] and saved["bits_per_dim"] == report["bits_per_dim"]
+
+
+def test_eval_iw_needs_a_density_of_images(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("eval", str(trained), "--iw", "2") == 2
+    assert "--iw needs a density model of images" in capsys.readouterr().err
+
+
 def test_train_prints_the_parameter_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_cli("train", "--out", str(tmp_path / "run"), *TINY) == 0
     from iresnet.models import toy_flow
@@ -279,6 +304,7 @@ def test_reconstruct_reports_where_a_plain_resnet_fails() -> None:
 
 
 BAD_COUNTS = [["sample", "RUN", "--n", "0"], ["reconstruct", "RUN", "--n", "-3"], ["eval", "RUN", "--batch-size", "0"]]
+BAD_COUNTS += [["eval", "RUN", "--iw", "0"]]
 
 
 @pytest.mark.parametrize("command", BAD_COUNTS)

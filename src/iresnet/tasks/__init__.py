@@ -22,7 +22,17 @@ from .base import (
     listed,
 )
 from .classify import ClassifierEvaluation, ClassifyTask, evaluate_classifier, recalibrate_batch_norms
-from .density import DensityTask, Evaluation, evaluate, evaluate_baselines, summarize
+from .density import (
+    DensityTask,
+    Evaluation,
+    ImportanceWeighted,
+    dequantisation_log_probs,
+    evaluate,
+    evaluate_baselines,
+    evaluate_importance_weighted,
+    importance_weighted,
+    summarize,
+)
 from .hybrid import HybridEvaluation, HybridTask, evaluate_hybrid
 
 __all__ = [
@@ -35,16 +45,20 @@ __all__ = [
     "Evaluation",
     "HybridEvaluation",
     "HybridTask",
+    "ImportanceWeighted",
     "Task",
     "accurate_estimator",
+    "dequantisation_log_probs",
     "eval_estimator",
     "estimators_set_to",
     "evaluate",
     "evaluate_baselines",
     "evaluate_classifier",
     "evaluate_hybrid",
+    "evaluate_importance_weighted",
     "evaluation_randomness",
     "get_task",
+    "importance_weighted",
     "recalibrate_batch_norms",
     "summarize",
 ]
