@@ -1,8 +1,10 @@
 """The contract of every invertible layer (:mod:`iresnet.core.invertible`), in float64, for each
 layer in a small configuration: the log-det against the brute-force Jacobian (``None`` exactly
 where the contract says), ``inverse(forward(x)) == x``, the shapes against ``forward_shape`` /
-``inverse_shape``, dtype and device kept. A layer class without a case here fails
-``test_every_invertible_layer_has_a_case``: a new layer joins the table below."""
+``inverse_shape``, dtype and device kept. A variational dequantiser's log-det also carries
+``-log q(u | x)`` of its drawn noise: the Jacobian's part is checked at that noise. A layer class
+without a case here fails ``test_every_invertible_layer_has_a_case``: a new layer joins the table
+below."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch import Tensor
 import iresnet
 from helpers import conv_branch, dense_branch, jacobian_logdet
 from iresnet.core.invertible import InvertibleLayer
-from iresnet.data import Logit, Rescale, Shift, UniformDequantize
+from iresnet.data import Logit, Rescale, Shift, UniformDequantize, VariationalDequantize
 
 DTYPE = torch.float64
 BATCH = 5
@@ -29,6 +31,7 @@ class Case:
     build: Callable[[], InvertibleLayer]
     inputs: Callable[[torch.device], Tensor]  # a batch in the layer's domain, float64
     has_logdet: bool = True  # False: the contract's None (no log-det, or built without one)
+    dequantizer: bool = False  # y = (x + u) / L, the log-det less log q(u | x) (layer.log_q): checked at u
 
 
 def normal(*shape: int) -> Callable[[torch.device], Tensor]:
@@ -45,6 +48,14 @@ def stage(channels: int) -> iresnet.Sequential:
 
 def multiscale(event_shape: tuple[int, int, int], channels: list[int], **options: bool) -> iresnet.MultiScale:
     return iresnet.MultiScale([stage(c) for c in channels], event_shape, **options)
+
+
+def random_last_layer(layer: VariationalDequantize) -> VariationalDequantize:
+    """The layer with its zero-initialised last convolution made random: q depends on x."""
+    with torch.no_grad():
+        for parameter in layer.net[-1].parameters():
+            parameter.normal_(0, 0.3)
+    return layer
 
 
 CASES = {
@@ -87,6 +98,11 @@ CASES = {
     "Rescale": Case(lambda: Rescale(17), integers(17, 1, 3, 3)),
     "Logit": Case(lambda: Logit(0.05), lambda device: torch.rand(BATCH, 2, 3, dtype=DTYPE, device=device)),
     "UniformDequantize": Case(lambda: UniformDequantize(17), integers(17, 6)),
+    "VariationalDequantize": Case(
+        lambda: random_last_layer(VariationalDequantize(17, (2, 3, 3), hidden=4)),
+        integers(17, 2, 3, 3),
+        dequantizer=True,
+    ),
 }
 
 
@@ -104,9 +120,14 @@ def prepared(case: Case, device: torch.device) -> tuple[InvertibleLayer, Tensor]
 @pytest.mark.parametrize("name", CASES)
 def test_logdet_is_that_of_the_jacobian(name: str, device: torch.device) -> None:
     layer, x = prepared(CASES[name], device)
-    _, logdet = layer(x)
+    y, logdet = layer(x)
     if not CASES[name].has_logdet:
         assert logdet is None
+        return
+    if CASES[name].dequantizer:  # the noise is drawn anew per call: the Jacobian of x -> (x + u) / L at this u
+        u = y * layer.levels - x
+        at_u = [jacobian_logdet(lambda z, i=i: ((z + u[i]) / layer.levels, None), x[i : i + 1]) for i in range(len(x))]
+        torch.testing.assert_close(logdet + layer.log_q(u, x), torch.cat(at_u), rtol=1e-8, atol=1e-8)
         return
     torch.testing.assert_close(logdet, jacobian_logdet(layer, x), rtol=1e-8, atol=1e-8)
 

@@ -65,6 +65,7 @@ BAD = {
         "factor_out": (None, 0, "factor_out must be true or false"),
         "fc_blocks": (1.0, -1, "fc_blocks must be an integer of at least 0"),
         "fc_hidden": ([128], 0, "fc_hidden must be an integer of at least 1"),
+        "dequantization": (1, "learned", "dequantization must be one of 'uniform', 'variational'"),
     },
     ClassifierOptions: {
         **SHARED,

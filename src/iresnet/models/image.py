@@ -12,7 +12,7 @@ from torch import nn
 
 from ..core.layers import ActNorm
 from ..core.validation import check_count
-from ..data.preprocess import Logit, Shift, UniformDequantize
+from ..data.preprocess import Logit, Shift, UniformDequantize, VariationalDequantize
 from ..flows.composition import Sequential
 from ..flows.density import DensityModel
 from ..flows.multiscale import MultiScale, _stage_shapes
@@ -29,7 +29,8 @@ def image_flow(
     """A multi-scale residual flow for images of ``shape`` ``(C, H, W)`` with ``levels``
     intensity levels, taking integer images.
 
-    Pre-processing: uniform dequantisation to ``[0, 1)`` (log-det :math:`-D \\log L`), then the
+    Pre-processing: uniform dequantisation to ``[0, 1)`` (log-det :math:`-D \\log L`; or
+    ``dequantization="variational"``, a learned noise density, Flow++), then the
     logit transform with ``logit_alpha`` (Residual Flows) or, for ``None``, a shift to
     ``[-0.5, 0.5)`` (i-ResNet). Each of ``scales`` stages holds ``blocks`` times
     ``[ActNorm, residual block]`` with the branch ``act, 3x3, act, 1x1, act, 3x3`` (``hidden``
@@ -73,7 +74,9 @@ def image_flow(
                 layers += [ActNorm(c), flow_block(options.block, flat, logdet, **block)]
         stages.append(Sequential(*layers))
     alpha = options.logit_alpha
-    preprocess: list[nn.Module] = [UniformDequantize(levels), Shift() if alpha is None else Logit(alpha)]
+    variational = options.dequantization == "variational"
+    dequantize = VariationalDequantize(levels, event_shape) if variational else UniformDequantize(levels)
+    preprocess: list[nn.Module] = [dequantize, Shift() if alpha is None else Logit(alpha)]
     multiscale = MultiScale(stages, event_shape, squeeze_first=options.squeeze_first, factor_out=options.factor_out)
     return DensityModel(Sequential(*preprocess, multiscale), event_shape, learned_prior=options.learned_prior)
 

@@ -55,6 +55,9 @@ __all__ = [
     "merge_options",
 ]
 
+DEQUANTIZATIONS = ("uniform", "variational")
+"""The image flows' dequantisations (:class:`ImageFlowOptions`)."""
+
 _Options = TypeVar("_Options", bound="BranchOptions")
 
 LogDetSpec = str | Mapping[str, Any] | LogDetEstimator
@@ -244,6 +247,8 @@ class ImageFlowOptions(FlowOptions):
         factor_out: factor half the channels out to the prior at each squeeze.
         fc_blocks: fully-connected residual blocks at the end of the last stage.
         fc_hidden: the width of their hidden layers.
+        dequantization: ``"uniform"`` (:class:`~iresnet.data.UniformDequantize`) or ``"variational"``
+            (:class:`~iresnet.data.VariationalDequantize`, a learned noise density, Flow++).
     """
 
     builder: ClassVar[str] = "image_flow"
@@ -256,6 +261,7 @@ class ImageFlowOptions(FlowOptions):
     factor_out: bool = True
     fc_blocks: int = 0
     fc_hidden: int = 128
+    dequantization: str = "uniform"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -269,6 +275,7 @@ class ImageFlowOptions(FlowOptions):
             raise ValueError(f"logit_alpha must be a number in (0, 0.5), or null for no logit, got {alpha!r}")
         for name in ("squeeze_first", "factor_out"):
             check_flag(name, getattr(self, name))
+        check_choice("dequantization", self.dequantization, DEQUANTIZATIONS)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from ..core.lipschitz import DEFAULT_COEFF, converge_spectral_norms
 from ..core.logdet import LogDetEstimator
 from ..core.monotone import MonotoneBlock
 from ..core.residual import ResidualBlock
-from ..data.preprocess import UniformDequantize
+from ..data.preprocess import UniformDequantize, VariationalDequantize
 from ..flows.composition import Sequential
 from ..tasks import EVAL_SEED, Evaluation, eval_estimator, evaluate, evaluation_randomness
 
@@ -247,7 +247,7 @@ def reconstruction_errors(model: DensityModel, inputs: Tensor) -> tuple[float, f
     converge_spectral_norms(model)
     layers = list(model.transform) if isinstance(model.transform, Sequential) else [model.transform]
     x = inputs
-    while layers and isinstance(layers[0], UniformDequantize):
+    while layers and isinstance(layers[0], (UniformDequantize, VariationalDequantize)):
         x, _ = layers.pop(0)(x)
     transform = Sequential(*layers)
     z, _ = transform(x)
