@@ -65,7 +65,9 @@ class BlockCertificate:
 
     @property
     def exceeds(self) -> bool:
-        """Whether the certified bound is above the promised one (it never should be)."""
+        """Whether the certified bound is above the promised one: the certificate cannot confirm
+        the design. A loose certificate (the circular-convolution bound of a large zero-padded
+        convolution) does this; so would a normalised layer whose norm is above its coefficient."""
         return self.design is not None and self.certified > self.design
 
 
@@ -155,7 +157,7 @@ class ReportCard:
         for b in self.blocks:
             design = "-" if b.design is None else f"{b.design:.4f}"
             its = "-" if b.iterations is None else str(b.iterations)
-            flag = "  ABOVE DESIGN" if b.exceeds else ""
+            flag = "  not confirmed (certificate above design)" if b.exceeds else ""
             lines.append(f"  {b.index:>5}  {b.kind:<12} {b.certified:>16.4f} {design:>20} {its:>10}{flag}")
         return lines
 
