@@ -78,17 +78,8 @@ def evaluate(
     """The NLL of ``data`` under ``model`` in eval mode, spectral norms converged first;
     ``estimator`` replaces the blocks' log-det estimators for the evaluation (``None``: keep
     theirs). ``discrete`` data (integer images) also gets bits/dim."""
-    model.eval()
-    converge_spectral_norms(model)
-    device = next(model.parameters()).device
-    batches = data.split(batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="evaluating", unit="batch", leave=False)
-    with estimators_set_to(model, estimator):
-        log_probs = torch.cat([model(x.to(device)).double().cpu() for x in batches])
-    return summarize(log_probs, model.event_size, discrete)
+    log_probs = dequantisation_log_probs(model, data, 1, batch_size=batch_size, estimator=estimator, progress=progress)
+    return summarize(log_probs.squeeze(1), model.event_size, discrete)
 
 
 @dataclass
@@ -116,8 +107,8 @@ def dequantisation_log_probs(
     progress: bool = False,
 ) -> Tensor:
     r"""``(n, k)`` float64: :math:`\log p(x + u_j)` for ``k`` fresh dequantisation draws
-    :math:`u_j` of each of the ``n`` integer images ``data`` (the model starts with
-    :class:`~iresnet.data.UniformDequantize`), in eval mode with spectral norms converged, as
+    :math:`u_j` of each of the ``n`` integer images ``data`` (the model starts with a
+    dequantiser; for other data, ``k`` evaluations of :math:`\log p(x)`), in eval mode with spectral norms converged, as
     :func:`evaluate` scores them. The ``k`` copies of an image go through the model together,
     about ``batch_size`` rows at a time; with ``k = 1`` the batches and draws are
     :func:`evaluate`'s."""
@@ -130,7 +121,7 @@ def dequantisation_log_probs(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc=f"evaluating, K={k}", unit="batch", leave=False)
+        batches = tqdm(batches, desc="evaluating" if k == 1 else f"evaluating, K={k}", unit="batch", leave=False)
     rows = []
     with estimators_set_to(model, estimator):
         for x in batches:
