@@ -9,7 +9,7 @@ References:
 
 from .core.activations import CLipSwish, LipSwish
 from .core.aol import AOL, aol
-from .core.certificates import circular_conv_bound, lipschitz_bound, operator_norm_bound
+from .core.certificates import circular_conv_bound, conv_gram_norm, lipschitz_bound, operator_norm_bound
 from .core.dense import DenseLayer
 from .core.implicit import ImplicitBlock
 from .core.inverse import InversionError, InversionReport, solve_fixed_point
@@ -53,6 +53,7 @@ __all__ = [
     "aol",
     "as_transform",
     "circular_conv_bound",
+    "conv_gram_norm",
     "converge_spectral_norms",
     "initialize_from_data",
     "linearize",

@@ -1,10 +1,12 @@
 r"""Certificates: guaranteed upper bounds on the Lipschitz constant of a residual branch.
 
 Power iteration (:mod:`iresnet.core.lipschitz`) approaches a layer's spectral norm from below;
-the bounds here come from above. Dense layers get their exact singular values by SVD, small
-convolutions the SVD of their operator's matrix, and larger convolutions the exact norm of the
-circular convolution on the padded grid from the per-frequency matrices of the kernel's DFT,
-which bounds the zero-padded, strided operator. A chain of layers is bounded by the product
+the bounds here come from above. Dense layers get their exact singular values by SVD, 1 x 1
+convolutions those of their kernel, and other convolutions the exact norm from the eigenvalues
+of the Gram matrix of their operator on its smaller side (input or output) where that has at
+most 4096 entries. Larger convolutions get the exact norm of the circular convolution on the
+padded grid from the per-frequency matrices of the kernel's DFT, which bounds the zero-padded,
+strided operator. A chain of layers is bounded by the product
 
 .. math:: \mathrm{Lip}(g) \le \prod_i \|W_i\|_2 \prod_j \mathrm{Lip}(\phi_j).
 
@@ -36,7 +38,7 @@ from .aol import AOL
 from .dense import DenseLayer
 from .lipschitz import SpectralNorm, parametrizations_of, records_input_shape
 
-__all__ = ["lipschitz_bound", "operator_norm_bound", "circular_conv_bound", "design_bound"]
+__all__ = ["lipschitz_bound", "operator_norm_bound", "conv_gram_norm", "circular_conv_bound", "design_bound"]
 
 
 @contextlib.contextmanager
@@ -51,19 +53,23 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 _EXACT_CONV_MAX_DIM = 2048
+_EXACT_GRAM_MAX_DIM = 4096
+_GRAM_CHUNK = 256
 
 
 def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float:
     """A guaranteed upper bound on the operator norm of a linear layer's linear part at
     ``input_shape`` (one input, no batch), computed in float64.
 
-    Exact for ``nn.Linear``, and for ``nn.Conv2d`` whose input and output have at most 2048
-    entries (the SVD of the operator's matrix, its padding mode included). Larger convolutions
-    get the exact norm of the circular convolution on a grid large enough that the padded,
-    strided convolution is one of its restrictions: an upper bound that is loose by about
-    ``k / H`` on ``H x H`` maps. A padding mode other than zeros (reflect, replicate, circular)
-    copies input entries: its norm, the square root of the most copies of one entry, multiplies
-    that bound.
+    Exact for ``nn.Linear``, and for an ``nn.Conv2d`` that is 1 x 1 (stride 1, no padding: the
+    kernel matrix's norm), whose input and output have at most 2048 entries (the SVD of the
+    operator's matrix, its padding mode included), or, with zero padding, whose input or output
+    has at most 4096 entries (the top eigenvalue of the Gram matrix on that side,
+    :func:`conv_gram_norm`). Larger convolutions get the exact norm of the circular convolution
+    on a grid large enough that the padded, strided convolution is one of its restrictions: an
+    upper bound that is loose by about ``k / H`` on ``H x H`` maps. A padding mode other than
+    zeros (reflect, replicate, circular) copies input entries: its norm, the square root of the
+    most copies of one entry, multiplies that bound.
     """
     if isinstance(layer, nn.Linear):
         return torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2).item()
@@ -72,6 +78,8 @@ def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float
         if layer.groups != 1:
             raise ValueError("operator_norm_bound supports Conv2d with groups=1 only")
         pads = _padding_amounts(layer)
+        if weight.shape[2:] == (1, 1) and _pair(layer.stride) == (1, 1) and pads == ((0, 0), (0, 0)):
+            return torch.linalg.matrix_norm(weight.flatten(1), ord=2).item()  # the kernel on every pixel alone
         n_in = torch.Size(input_shape).numel()
         n_out = layer.out_channels * torch.Size(_conv_output_size(layer, input_shape)).numel()
         if max(n_in, n_out) <= _EXACT_CONV_MAX_DIM:
@@ -79,6 +87,8 @@ def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float
             columns = F.conv2d(_pad(basis, pads, layer.padding_mode), weight, None, layer.stride, 0, layer.dilation)
             return torch.linalg.matrix_norm(columns.reshape(n_in, -1), ord=2).item()
         if layer.padding_mode == "zeros":
+            if min(n_in, n_out) <= _EXACT_GRAM_MAX_DIM and _symmetric_padding(layer) is not None:
+                return conv_gram_norm(layer, input_shape)
             return circular_conv_bound(layer, input_shape)
         copies = _most_copies(input_shape[1:], pads, layer.padding_mode)
         _, height, width = input_shape
@@ -88,6 +98,41 @@ def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float
         unpadded.weight = nn.Parameter(weight, requires_grad=False)
         return copies**0.5 * circular_conv_bound(unpadded, padded)
     raise TypeError(f"no operator norm for {type(layer).__name__}")
+
+
+def conv_gram_norm(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> float:
+    r"""The exact operator norm of a zero-padded ``layer`` at ``input_shape``, in float64:
+    :math:`\sqrt{\lambda_{\max}}` of the Gram matrix :math:`W^\top W` (or :math:`W W^\top`, whichever
+    side is smaller), built column by column from the convolution and its adjoint, a chunk of
+    unit vectors at a time; its eigenvalues come from ``torch.linalg.eigvalsh``. The cost is
+    that of the smaller side's many inputs through the layer and an eigensolve of that size."""
+    weight = layer.weight.detach().double()
+    input_shape = tuple(input_shape)
+    output_shape = (layer.out_channels, *_conv_output_size(layer, input_shape))
+    padding = _symmetric_padding(layer)
+    if layer.padding_mode != "zeros" or padding is None:
+        raise ValueError(
+            f"conv_gram_norm needs zero padding, the same on both sides, got {layer.padding!r} ({layer.padding_mode})"
+        )
+    stride, dilation = layer.stride, layer.dilation
+
+    def forward(x: Tensor) -> Tensor:
+        return F.conv2d(x, weight, None, stride, padding, dilation)
+
+    def adjoint(x: Tensor) -> Tensor:
+        return torch.nn.grad.conv2d_input((x.shape[0], *input_shape), weight, x, stride, padding, dilation)
+
+    side, there, back = (input_shape, forward, adjoint)
+    if torch.Size(output_shape).numel() < torch.Size(input_shape).numel():
+        side, there, back = (output_shape, adjoint, forward)
+    n = torch.Size(side).numel()
+    gram = weight.new_empty(n, n)
+    for start in range(0, n, _GRAM_CHUNK):
+        rows = torch.arange(start, min(start + _GRAM_CHUNK, n), device=weight.device)
+        units = weight.new_zeros(len(rows), n)
+        units[torch.arange(len(rows)), rows] = 1.0
+        gram[rows] = back(there(units.view(len(rows), *side))).reshape(len(rows), n)
+    return torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt().item()
 
 
 def _pair(values: tuple[int, ...]) -> tuple[int, int]:
@@ -110,6 +155,12 @@ def _padding_amounts(layer: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]
     else:
         vertical, horizontal = ((p, p) for p in padding)
     return vertical, horizontal
+
+
+def _symmetric_padding(layer: nn.Conv2d) -> tuple[int, int] | None:
+    """The padding as ``(vertical, horizontal)`` when each is the same on both sides, else ``None``."""
+    (top, bottom), (left, right) = _padding_amounts(layer)
+    return (top, left) if (top, left) == (bottom, right) else None
 
 
 def _pad(x: Tensor, pads: tuple[tuple[int, int], tuple[int, int]], mode: str) -> Tensor:
