@@ -107,7 +107,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--config", help="a JSON file of settings, applied over the preset")
     train.add_argument("--task", help="density (default), classify, or hybrid (both, one network)")
     train.add_argument(
-        "--data", help="8gaussians, checkerboard, ..., digits, mnist, cifar10, patches16, patches32, faces"
+        "--data", help="8gaussians, checkerboard, ..., digits, mnist, mnist3x32, cifar10, patches16, patches32, faces"
     )
     train.add_argument("--data-dir", dest="data_dir", help="where MNIST / CIFAR-10 files are (or go)")
     train.add_argument("--download", action="store_const", const=True, help="download MNIST / CIFAR-10 if absent")

@@ -107,6 +107,23 @@ def test_mnist_reads_idx_files_exactly(tmp_path):
             assert images[0, 0, 27, 0] == 7 and images[0, 0, 0, 0] == 255 and images[0, 0, 0, 1] == 0
 
 
+def test_mnist3x32_is_the_i_resnet_code_layout(tmp_path):
+    """The i-ResNet code's MNIST: 2 zero pixels around each digit, the channel three times."""
+    pytest.importorskip("torchvision")
+    expected = fake_mnist(tmp_path)
+    for train in (True, False):
+        images, labels = load_images("mnist3x32", tmp_path, train=train)
+        want_images, want_labels = expected[train]
+        assert images.dtype == torch.uint8 and images.shape == (len(want_images), 3, 32, 32)
+        for channel in range(3):
+            np.testing.assert_array_equal(images[:, channel, 2:30, 2:30].numpy(), want_images)
+        border = torch.ones(32, 32, dtype=torch.bool)
+        border[2:30, 2:30] = False
+        assert images[:, :, border].eq(0).all()
+        np.testing.assert_array_equal(labels.numpy(), want_labels)
+    assert IMAGE_DATASETS["mnist3x32"].event_size == 3072
+
+
 def test_mnist_root_may_be_a_string_and_rejects_a_wrong_image_size(tmp_path):
     pytest.importorskip("torchvision")
     fake_mnist(tmp_path)
@@ -355,16 +372,17 @@ def test_default_root_is_the_user_cache(tmp_path, monkeypatch):
 
 
 def test_spec_table():
-    assert set(IMAGE_DATASETS) == {"digits", "mnist", "cifar10", "patches16", "patches32", "faces"}
+    assert set(IMAGE_DATASETS) == {"digits", "mnist", "mnist3x32", "cifar10", "patches16", "patches32", "faces"}
     assert IMAGE_DATASETS["mnist"] == ImageSpec("mnist", (1, 28, 28), 256, 10)
+    assert IMAGE_DATASETS["mnist3x32"] == ImageSpec("mnist3x32", (3, 32, 32), 256, 10)
     assert IMAGE_DATASETS["faces"] == ImageSpec("faces", (1, 24, 24), 256, 2)
-    assert [spec.event_size for spec in IMAGE_DATASETS.values()] == [64, 784, 3072, 768, 3072, 576]
+    assert [spec.event_size for spec in IMAGE_DATASETS.values()] == [64, 784, 3072, 3072, 768, 3072, 576]
     assert all(name == spec.name for name, spec in IMAGE_DATASETS.items())
-    assert [spec.classes for spec in IMAGE_DATASETS.values()] == [10, 10, 10, 1, 1, 2]
+    assert [spec.classes for spec in IMAGE_DATASETS.values()] == [10, 10, 10, 10, 1, 1, 2]
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match="digits, mnist, cifar10"):
+    with pytest.raises(ValueError, match="digits, mnist, mnist3x32, cifar10"):
         load_images("svhn")
 
 

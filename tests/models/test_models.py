@@ -119,7 +119,9 @@ def test_bad_model_option_names_the_known_ones() -> None:
         build_density_model("8gaussians", {"hiden": 3})
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(PRESETS) if PRESETS[n]["data"] in ("mnist", "cifar10")])
+@pytest.mark.parametrize(
+    "name", [n for n in sorted(PRESETS) if PRESETS[n]["data"] in ("mnist", "mnist3x32", "cifar10")]
+)
 def test_paper_presets_count_epochs_one_way(name: str) -> None:
     """The audit: steps per epoch were 390 in one preset and 391 in another for the same data and
     batch. Every schedule is now whole epochs of ceil(N / B) steps."""
@@ -127,7 +129,9 @@ def test_paper_presets_count_epochs_one_way(name: str) -> None:
 
     preset = PRESETS[name]
     epoch = steps_per_epoch(preset["data"], preset["batch_size"])
-    assert epoch == -(-{"mnist": 60_000, "cifar10": 50_000}[preset["data"]] // preset["batch_size"])
+    assert epoch == -(
+        -{"mnist": 60_000, "mnist3x32": 60_000, "cifar10": 50_000}[preset["data"]] // preset["batch_size"]
+    )
     for key in ("steps", "eval_every", "checkpoint_every"):  # Residual Flows warms up for 1,000 steps, not epochs
         assert preset[key] % epoch == 0, key
     assert all(m % epoch == 0 for m in preset.get("lr_milestones", []))

@@ -130,6 +130,9 @@ def test_flags_and_words() -> None:
     assert BlockCertificate(0, "residual", 0.95, 0.9, None).exceeds
     assert not BlockCertificate(0, "residual", 0.85, 0.9, None).exceeds
     assert not BlockCertificate(0, "residual", 0.85, None, None).exceeds
-    assert estimator_words({"name": "series", "n_terms": 5, "n_probes": 1}) == "series, 5 terms, 1 probe"
+    assert (
+        estimator_words({"name": "series", "n_terms": 5, "n_probes": 1})
+        == "series, 5 terms (truncated: biased), 1 probe"
+    )
     poisson = {"name": "roulette", "n_exact_terms": 20, "distribution": "poisson", "p": 0.5, "rate": 2.0, "n_probes": 1}
     assert estimator_words(poisson) == "roulette, 20 exact terms, Poisson(2) tail, 1 probe"

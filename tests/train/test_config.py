@@ -15,6 +15,7 @@ import torch
 import iresnet
 from iresnet.cli import main
 from iresnet.core.logdet import make_estimator
+from iresnet.data import IMAGE_DATASETS
 from iresnet.tasks import eval_estimator
 from iresnet.train import TrainConfig, parse_override, resolve_config, train
 from iresnet.train.checkpoint import load_config
@@ -158,3 +159,19 @@ def test_residual_flows_presets_evaluate_as_the_paper(name: str) -> None:
     assert isinstance(estimator, iresnet.Roulette)
     settings = (estimator.n_exact_terms, estimator.distribution, estimator.rate, estimator.n_probes)
     assert settings == (20, "poisson", 2.0, 1)
+
+
+@pytest.mark.parametrize(
+    "name, n_terms", [("cifar10-iresnet-paper", 5), ("mnist-iresnet-paper", 10), ("mnist3x32-iresnet-paper", 10)]
+)
+def test_iresnet_presets_evaluate_as_the_released_code(name: str, n_terms: int) -> None:
+    """The i-ResNet code evaluates with its training's truncated series and one probe; the
+    MNIST presets differ in the layout alone (1 x 28 x 28, or the code's 3 x 32 x 32)."""
+    config = resolve_config(name, None, [])
+    estimator = eval_estimator(config.eval_logdet, discrete=True)
+    assert isinstance(estimator, iresnet.PowerSeries)
+    assert (estimator.n_terms, estimator.n_probes) == (n_terms, 1) == (config.model["logdet"]["n_terms"], 1)
+    if name.startswith("mnist"):
+        others = resolve_config("mnist-iresnet-paper", None, [])
+        assert {**config.model, "squeeze_first": None} == {**others.model, "squeeze_first": None}
+        assert IMAGE_DATASETS[config.data].shape == ((3, 32, 32) if "3x32" in name else (1, 28, 28))

@@ -173,10 +173,11 @@ def estimator_spec(estimator: LogDetEstimator) -> dict[str, Any]:
 def estimator_words(spec: dict[str, Any]) -> str:
     """``"roulette, 20 exact terms, geometric(0.5) tail, 4 probes"``: an :func:`estimator_spec` in
     words, the roulette's tail named, since the papers differ there (Residual Flows evaluates
-    with a Poisson(2) tail)."""
+    with a Poisson(2) tail), and a truncated series called biased (the i-ResNet code evaluates
+    with one)."""
     words = [spec["name"]]
     if "n_terms" in spec:
-        words.append(f"{spec['n_terms']} terms")
+        words.append(f"{spec['n_terms']} terms (truncated: biased)")
     if "n_exact_terms" in spec:
         words.append(f"{spec['n_exact_terms']} exact terms")
     if spec.get("distribution") == "geometric":
