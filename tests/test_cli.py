@@ -283,6 +283,28 @@ def test_reconstruct_a_classifier(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert lines[0].split()[:2] == ["block", "certified"] and len(lines) == 1 + 2 + 2  # header, 2 blocks, 2 lines
 
 
+def test_reconstruct_an_image_flow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("sklearn")
+    out = tmp_path / "flow"
+    small = ["model.blocks=1", "model.hidden=8", "model.fc_hidden=16", "eval_size=64", "--batch-size", "32"]
+    assert run_cli("train", "--preset", "digits", "--out", str(out), "--steps", "3", *small) == 0
+    capsys.readouterr()
+    assert run_cli("reconstruct", str(out), "--n", "4") == 0
+    printed = capsys.readouterr().out
+    assert "4 of 4 images recovered exactly in levels" in printed
+    assert (out / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
+    lines = printed.splitlines()
+    assert lines[0].split()[:3] == ["block", "kind", "certified"] and len(lines) == 1 + 4 + 2  # 2 x 1 conv, 2 FC
+
+
+def test_reconstruct_refuses_a_toy_density(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "toy"
+    assert run_cli("train", "--out", str(out), "--steps", "2", "model.blocks=1", "eval_size=64") == 0
+    capsys.readouterr()
+    assert run_cli("reconstruct", str(out)) != 0
+    assert "reconstruct inverts a classifier's trunk or an image flow" in capsys.readouterr().err
+
+
 def test_reconstruct_reports_where_a_plain_resnet_fails() -> None:
     """An unconstrained trunk with large weights: the report names the failure, no exception."""
     import torch

@@ -220,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--device", default="auto", help=_DEVICE_HELP)
 
     rebuild = commands.add_parser(
-        "reconstruct", help="invert a classifier's trunk from its features back to the inputs; writes a PNG"
+        "reconstruct",
+        help="invert a classifier's trunk from its features, or an image flow from its latents, back to the "
+        "inputs; writes a PNG",
     )
-    rebuild.add_argument("run", help="the run directory of a classifier")
+    rebuild.add_argument("run", help="the run directory of a classifier or of an image flow")
     rebuild.add_argument("--n", type=_positive_int, default=16, help="number of test images (default 16)")
     rebuild.add_argument("--out", help="the PNG to write (default RUN/reconstructions.png)")
     rebuild.add_argument("--device", default="auto", help=_DEVICE_HELP)

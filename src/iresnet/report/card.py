@@ -44,6 +44,7 @@ __all__ = [
     "estimator_words",
     "reconstruction_errors",
     "report_card",
+    "round_trip",
     "step_seconds",
 ]
 
@@ -242,22 +243,32 @@ def block_certificates(model: nn.Module) -> list[BlockCertificate]:
 
 
 @torch.no_grad()
-def reconstruction_errors(model: DensityModel, inputs: Tensor) -> tuple[float, float]:
-    """``inputs`` mapped to the latent and inverted back, in eval mode with spectral norms
-    converged: the max and mean absolute error, in the space after any dequantisation (whose
-    rounding is not inverted). Each block's ``last_inversion`` then reports the inverse."""
+def round_trip(model: DensityModel, inputs: Tensor) -> tuple[Tensor, Tensor, Sequential]:
+    """``inputs`` dequantised, mapped to the latent and inverted back, in eval mode with spectral
+    norms converged: the dequantised inputs, their reconstruction (in the same space; the
+    dequantisation's rounding is not inverted) and the dequantisation layers, whose inverse
+    rounds a reconstruction back to levels. Each block's ``last_inversion`` then reports the
+    inverse."""
     model.eval()
     converge_spectral_norms(model)
     layers = list(model.transform) if isinstance(model.transform, Sequential) else [model.transform]
+    dequantisers = []
     x = inputs
     while layers and isinstance(layers[0], (UniformDequantize, VariationalDequantize)):
-        x, _ = layers.pop(0)(x)
+        dequantisers.append(layers.pop(0))
+        x, _ = dequantisers[-1](x)
     transform = Sequential(*layers)
     z, _ = transform(x)
     for block in model.modules():
         if isinstance(block, ResidualBlock):
             block.last_inversion = None
-    difference = (transform.inverse(z) - x).abs()
+    return x, transform.inverse(z), Sequential(*dequantisers)
+
+
+def reconstruction_errors(model: DensityModel, inputs: Tensor) -> tuple[float, float]:
+    """The max and mean absolute error of :func:`round_trip`'s reconstruction of ``inputs``."""
+    x, reconstruction, _ = round_trip(model, inputs)
+    difference = (reconstruction - x).abs()
     return difference.max().item(), difference.mean().item()
 
 

@@ -1,6 +1,7 @@
 """Inverting a trained classifier's trunk from its final features back to the input: the
 reconstruction error, the cost of the fixed-point and Anderson inversions per block, and each
-block's certified Lipschitz bound (Behrmann et al., 2019, section 5)."""
+block's certified Lipschitz bound (Behrmann et al., 2019, section 5); and an image flow's test
+images mapped to the latent and back, rounded to levels."""
 
 from __future__ import annotations
 
@@ -18,13 +19,24 @@ from ..core.inverse import InversionError
 from ..core.invertible import Invertible
 from ..core.lipschitz import converge_spectral_norms
 from ..core.residual import ResidualBlock
+from ..flows.density import DensityModel
 from ..models.classifier import Classifier
+from ..tasks import evaluation_randomness
 from ..train.checkpoint import load_run
 from ..train.distributed import resolve_device
 from ..train.sources import run_source
 from . import plots
+from .card import BlockCertificate, block_certificates, round_trip
 
-__all__ = ["BlockReport", "Reconstruction", "RunReconstruction", "reconstruct", "reconstruct_run"]
+__all__ = [
+    "BlockReport",
+    "FlowReconstruction",
+    "Reconstruction",
+    "RunReconstruction",
+    "reconstruct",
+    "reconstruct_flow",
+    "reconstruct_run",
+]
 
 _METHODS = ("fixed_point", "anderson")
 
@@ -132,28 +144,100 @@ def _iteration_cells(counts: list[int | None]) -> list[str]:
     return [str(c) if c is not None else "failed" if i == failed else "not reached" for i, c in enumerate(counts)]
 
 
+@dataclass
+class FlowReconstruction:
+    """An image flow's test images mapped to the latent and inverted back (:func:`reconstruct_flow`):
+    the reconstructions rounded to levels (``None`` where the inverse failed, ``failure`` saying
+    why), how many came back exactly, the absolute error before rounding (in the dequantised
+    space) and each block's certificate and inverse iterations."""
+
+    images: Tensor | None
+    exact: int
+    max_error: float | None
+    mean_error: float | None
+    blocks: list[BlockCertificate]
+    failure: str | None = None
+
+
+@torch.no_grad()
+def reconstruct_flow(model: DensityModel, images: Tensor) -> FlowReconstruction:
+    """``images`` (integer levels) dequantised, mapped to the latent by ``model`` and inverted
+    back by each block's own inverse method, in eval mode with spectral norms converged
+    (:func:`~iresnet.report.card.round_trip`), then rounded to levels."""
+    try:
+        x, reconstruction, dequantisers = round_trip(model, images)
+    except InversionError as error:
+        return FlowReconstruction(None, 0, None, None, block_certificates(model), str(error))
+    recovered = dequantisers.inverse(reconstruction)
+    exact = int((recovered == images.to(recovered)).flatten(1).all(1).sum())
+    difference = (reconstruction - x).abs()
+    blocks = block_certificates(model)
+    return FlowReconstruction(recovered, exact, difference.max().item(), difference.mean().item(), blocks)
+
+
+@dataclass
+class FlowRunReconstruction:
+    """``iresnet reconstruct`` on an image flow: the :class:`FlowReconstruction` of the first test
+    images, the picture ``path`` of originals beside reconstructions (not drawn where the
+    inversion failed), and ``error``, why the picture could not be written."""
+
+    reconstruction: FlowReconstruction
+    path: Path
+    error: OSError | None = None
+
+    def table(self) -> str:
+        """Each block's certified bound against its design and the iterations of its inverse."""
+        lines = [f"{'block':>5}  {'kind':<12} {'certified Lip(g)':>16} {'design':>8} {'iterations':>10}"]
+        for b in self.reconstruction.blocks:
+            design = "-" if b.design is None else f"{b.design:.4f}"
+            iterations = "-" if b.iterations is None else str(b.iterations)
+            lines.append(f"{b.index:>5}  {b.kind:<12} {b.certified:>16.4f} {design:>8} {iterations:>10}")
+        if self.reconstruction.images is None:
+            lines.append(f"the inverse failed: {self.reconstruction.failure}")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """Where the picture went, how many images came back exactly, and the error before rounding."""
+        done = self.reconstruction
+        n = 0 if done.images is None else len(done.images)
+        return (
+            f"originals | reconstructions written to {self.path}\n"
+            f"{done.exact} of {n} images recovered exactly in levels; before rounding, max abs error "
+            f"{done.max_error:.3g}, mean {done.mean_error:.3g} (in the dequantised space)"
+        )
+
+
 def reconstruct_run(
     run: str | os.PathLike, n: int = 16, *, out: str | os.PathLike | None = None, device: str = "auto"
-) -> RunReconstruction:
+) -> RunReconstruction | FlowRunReconstruction:
     """``iresnet reconstruct``: the trunk of a trained classifier inverted from the features of
-    its first ``n`` test images (:func:`reconstruct`), and, where the inversion succeeds, the
+    its first ``n`` test images (:func:`reconstruct`), or an image flow's first ``n`` test images
+    mapped to the latent and back (:func:`reconstruct_flow`); where the inversion succeeds, the
     originals beside the reconstructions written to ``out`` (default ``RUN/reconstructions.png``).
-    ``ValueError`` for a run whose model is not a classifier."""
+    ``ValueError`` for a run that is neither."""
     resolved = resolve_device(device)
     model, config = load_run(run, resolved)
-    if not isinstance(model, Classifier):
-        raise ValueError(f"{run} holds a {config.task!r} run: reconstruct inverts a classifier's trunk")
-    source = run_source(config).image_data()
-    images = source.test[:n].to(resolved)
-    done = RunReconstruction(
-        reconstruct(model, images), Path(out) if out is not None else Path(run) / "reconstructions.png"
-    )
+    source = run_source(config)
+    if not (isinstance(model, Classifier) or (isinstance(model, DensityModel) and source.is_image)):
+        raise ValueError(
+            f"{run} holds a {config.task!r} run on {config.data!r}: reconstruct inverts a classifier's trunk or "
+            "an image flow"
+        )
+    images = source.image_data().test[:n].to(resolved)
+    path = Path(out) if out is not None else Path(run) / "reconstructions.png"
+    done: RunReconstruction | FlowRunReconstruction
+    if isinstance(model, Classifier):
+        done = RunReconstruction(reconstruct(model, images), path)
+    else:
+        with evaluation_randomness(resolved):
+            done = FlowRunReconstruction(reconstruct_flow(model, images), path)
     if done.reconstruction.images is None:
         return done
-    shown = done.reconstruction.images.round().clamp(0, source.levels - 1).to(torch.uint8).cpu()
+    levels = source.image_data().levels
+    shown = done.reconstruction.images.round().clamp(0, levels - 1).to(torch.uint8).cpu()
     scale, nrow = max(1, 64 // images.shape[-1]), math.ceil(math.sqrt(len(images)))
     try:
-        plots.side_by_side(images.cpu(), shown, done.path, levels=source.levels, scale=scale, nrow=nrow)
+        plots.side_by_side(images.cpu(), shown, done.path, levels=levels, scale=scale, nrow=nrow)
     except OSError as error:
         done.error = error
     return done
