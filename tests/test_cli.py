@@ -291,7 +291,7 @@ def test_reconstruct_an_image_flow(tmp_path: Path, capsys: pytest.CaptureFixture
     capsys.readouterr()
     assert run_cli("reconstruct", str(out), "--n", "4") == 0
     printed = capsys.readouterr().out
-    assert "4 of 4 images recovered exactly in levels" in printed
+    assert "4 of 4 images and 100.00% of their pixels recovered exactly in levels" in printed
     assert (out / "reconstructions.png").read_bytes()[:4] == b"\x89PNG"
     lines = printed.splitlines()
     assert lines[0].split()[:3] == ["block", "kind", "certified"] and len(lines) == 1 + 4 + 2  # 2 x 1 conv, 2 FC

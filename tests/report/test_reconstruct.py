@@ -43,6 +43,7 @@ def test_an_image_flow_reconstructs_its_images_exactly(block: str) -> None:
     result = reconstruct_flow(model, images)
     assert result.failure is None and result.images is not None
     assert result.exact == 6 and torch.equal(result.images, images.to(result.images))
+    assert result.pixels_exact == 1.0 and result.max_level_error == 0
     assert result.max_error is not None and result.max_error < 1e-4
     branches = 2 if block == "implicit" else 1
     assert len(result.blocks) == 3 * branches  # two conv blocks and one fully-connected
