@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,6 +173,39 @@ def test_converged_conv_with_close_singular_values_obeys_coeff(device, channels,
     with torch.no_grad():
         float64.weight.copy_(conv.weight)  # the float32 eval-mode weight, exactly
     assert 0.9 * (1 - 1e-4) <= exact_norm(float64, input_shape) <= 0.9
+
+
+def test_converges_where_lapack_svd_fails(device):
+    """A patches32 run stopped with a traceback at its final evaluation: LAPACK's SVD (gesdd) did
+    not converge on the operator of this trained 1x1 kernel at 4 x 4 (1024 x 1024, every singular
+    value repeated 16 times). The exact pair now comes from an eigensolve of the Gram matrix."""
+    kernel = torch.from_numpy(np.load(Path(__file__).parent / "fixtures" / "svd_failing_kernel.npy"))
+    conv = nn.Conv2d(64, 64, 1, bias=False).to(device)
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+    float64 = nn.Conv2d(64, 64, 1, bias=False).double().to(device)
+    with torch.no_grad():
+        float64.weight.copy_(kernel)
+    norm = exact_norm(float64, (64, 4, 4))  # svdvals converges where the full SVD does not
+    iresnet.spectral_norm(conv, coeff=0.9, input_shape=(64, 4, 4))
+    conv.eval()
+    assert conv.parametrizations.weight[0].converge(conv.parametrizations.weight.original) == 0  # the exact pair
+    with torch.no_grad():
+        float64.weight.copy_(conv.weight)
+    assert 0.9 * (1 - 1e-4) <= exact_norm(float64, (64, 4, 4)) <= 0.9 < norm
+    assert iresnet.operator_norm_bound(float64, (64, 4, 4)) == pytest.approx(exact_norm(float64, (64, 4, 4)), rel=1e-10)
+
+
+def test_certificate_survives_a_failing_svd(device, monkeypatch):
+    """Where LAPACK's SVD fails, the certificate falls back to the Gram matrix's eigenvalues."""
+    layer = nn.Linear(6, 4).double().to(device)
+    expected = iresnet.operator_norm_bound(layer, (6,))
+
+    def failing(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "matrix_norm", failing)
+    assert iresnet.operator_norm_bound(layer, (6,)) == pytest.approx(expected, rel=1e-10)
 
 
 def test_conv_without_input_shape_raises_clear_error(device):

@@ -72,20 +72,20 @@ def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float
     most copies of one entry, multiplies that bound.
     """
     if isinstance(layer, nn.Linear):
-        return torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2).item()
+        return _largest_singular_value(layer.weight.detach().double())
     if isinstance(layer, nn.Conv2d):
         weight = layer.weight.detach().double()
         if layer.groups != 1:
             raise ValueError("operator_norm_bound supports Conv2d with groups=1 only")
         pads = _padding_amounts(layer)
         if weight.shape[2:] == (1, 1) and _pair(layer.stride) == (1, 1) and pads == ((0, 0), (0, 0)):
-            return torch.linalg.matrix_norm(weight.flatten(1), ord=2).item()  # the kernel on every pixel alone
+            return _largest_singular_value(weight.flatten(1))  # the kernel on every pixel alone
         n_in = torch.Size(input_shape).numel()
         n_out = layer.out_channels * torch.Size(_conv_output_size(layer, input_shape)).numel()
         if max(n_in, n_out) <= _EXACT_CONV_MAX_DIM:
             basis = torch.eye(n_in, dtype=weight.dtype, device=weight.device).view(n_in, *input_shape)
             columns = F.conv2d(_pad(basis, pads, layer.padding_mode), weight, None, layer.stride, 0, layer.dilation)
-            return torch.linalg.matrix_norm(columns.reshape(n_in, -1), ord=2).item()
+            return _largest_singular_value(columns.reshape(n_in, -1))
         if layer.padding_mode == "zeros":
             if min(n_in, n_out) <= _EXACT_GRAM_MAX_DIM and _symmetric_padding(layer) is not None:
                 return conv_gram_norm(layer, input_shape)
@@ -98,6 +98,17 @@ def operator_norm_bound(layer: nn.Module, input_shape: tuple[int, ...]) -> float
         unpadded.weight = nn.Parameter(weight, requires_grad=False)
         return copies**0.5 * circular_conv_bound(unpadded, padded)
     raise TypeError(f"no operator norm for {type(layer).__name__}")
+
+
+def _largest_singular_value(matrix: Tensor) -> float:
+    """The largest singular value of a float64 matrix; where LAPACK's SVD fails to converge (it
+    does on some operators whose singular values repeat), the square root of the largest
+    eigenvalue of the smaller Gram matrix."""
+    try:
+        return torch.linalg.matrix_norm(matrix, ord=2).item()
+    except torch.linalg.LinAlgError:
+        gram = matrix.T @ matrix if matrix.shape[1] <= matrix.shape[0] else matrix @ matrix.T
+        return torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt().item()
 
 
 def conv_gram_norm(layer: nn.Conv2d, input_shape: tuple[int, ...]) -> float:

@@ -179,8 +179,8 @@ class SpectralNorm(nn.Module):
     def converge(
         self, weight: Tensor, tolerance: float = _CONVERGE_TOLERANCE, max_iter: int = _CONVERGE_MAX_ITER
     ) -> int:
-        r"""Converge the vectors for ``weight``: the exact top singular pair (an SVD in float64)
-        where the operator's matrix is small, else the top eigenvector of :math:`W^\top W` by the
+        r"""Converge the vectors for ``weight``: the exact top singular pair (an eigensolve in
+        float64) where the operator's matrix is small, else the top eigenvector of :math:`W^\top W` by the
         Lanczos method in float64 (:meth:`_lanczos`), until its residual is below ``tolerance``
         times the eigenvalue. Eval mode then adds a margin of ten times the tolerance. Returns the
         products with :math:`W^\top W` taken (0 for the SVD)."""
@@ -244,7 +244,8 @@ class SpectralNorm(nn.Module):
 
     def _exact_singular_pair(self, weight: Tensor) -> bool:
         """Set ``u``, ``v`` to the operator's top singular vectors when its matrix has at most
-        :data:`_EXACT_PAIR_MAX_DIM` rows and columns; returns whether it did."""
+        :data:`_EXACT_PAIR_MAX_DIM` rows and columns (from the eigenvectors of its Gram matrix);
+        returns whether it did."""
         if self.is_conv:
             n_in = self.u.numel()
             n_out = self.v.numel()
@@ -255,9 +256,16 @@ class SpectralNorm(nn.Module):
             matrix = rows.reshape(n_in, n_out).T  # the operator: W e_i is its column i
         else:
             matrix = weight.double()
-        left, _, right = torch.linalg.svd(matrix, full_matrices=False)
-        self.v.copy_(left[:, 0].view_as(self.v))
-        self.u.copy_(right[0].view_as(self.u))
+        # The top eigenvector of the smaller Gram matrix, by eigh: LAPACK's SVD (gesdd) fails to converge on
+        # some trained operators whose singular values repeat (a 1x1 convolution's, once per pixel).
+        if matrix.shape[1] <= matrix.shape[0]:
+            right = torch.linalg.eigh(matrix.T @ matrix).eigenvectors[:, -1]
+            left = matrix @ right
+        else:
+            left = torch.linalg.eigh(matrix @ matrix.T).eigenvectors[:, -1]
+            right = matrix.T @ left
+        self.v.copy_(_unit(left).view_as(self.v))
+        self.u.copy_(_unit(right).view_as(self.u))
         return True
 
     @torch.compiler.disable  # reads the weight's version: outside any compiled graph
