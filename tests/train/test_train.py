@@ -139,6 +139,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, mon
     assert max(r["step"] for r in records(tmp_path / "run")) == 4
 
 
+def test_an_evaluation_that_raises_saves_the_training_first(tmp_path: Path, monkeypatch) -> None:
+    """A patches32 run lost its last 33 steps when LAPACK failed inside its final evaluation: the
+    steps before a failing evaluation are now checkpointed, and the error says where and how to go on."""
+    from iresnet.tasks.density import DensityTask
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(DensityTask, "evaluate", failing)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="failed to converge") as caught:
+        train(config(run, steps=5, checkpoint_every=100, eval_every=5), progress=False)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 5
+    assert any("the evaluation at step 5 failed" in note and "--resume" in note for note in caught.value.__notes__)
+    monkeypatch.undo()
+    assert train(config(run, steps=6, checkpoint_every=100, eval_every=5), resume=True, progress=False).step == 6
+
+
 def test_warmup_schedule(tmp_path: Path) -> None:
     train(config(tmp_path / "run", steps=6, lr=0.01, warmup_steps=4), progress=False)
     lrs = [r["lr"] for r in records(tmp_path / "run")]

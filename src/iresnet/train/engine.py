@@ -212,6 +212,20 @@ class _Trainer:
                 self.eval_model(), self.source, size=config.eval_size, eval_logdet=config.eval_logdet
             )
 
+    def evaluation_or_checkpoint(self) -> Evaluated:
+        """:meth:`run_evaluation`; where it raises (a bug), the training so far is saved first (one
+        process: a checkpoint is collective under torch.distributed) and the error says so."""
+        try:
+            return self.run_evaluation()
+        except Exception as error:
+            if self.procs.world == 1 and self.saved_step != self.step:
+                self.save_checkpoint()
+                error.add_note(
+                    f"iresnet: the evaluation at step {self.step} failed; the training up to it is saved in "
+                    f"{self.files.checkpoint} (iresnet train --out {self.files.root} --resume continues from there)"
+                )
+            raise
+
     # -- the loop ------------------------------------------------------------------------------
     def step_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This step's inputs on the device and their labels (``None`` for a task without)."""
@@ -329,7 +343,7 @@ class _Trainer:
                     self.pending, self.logged_at = [], time.perf_counter()
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     if self.procs.main:
-                        self.evaluation = self.run_evaluation()
+                        self.evaluation = self.evaluation_or_checkpoint()
                         self.record({"step": self.step, "split": "test", **self.evaluation.metrics()})
                         bar.write(f"step {self.step}: {self.evaluation}")
                 if self.checkpoint_due():
