@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -220,10 +221,15 @@ class _Trainer:
         except Exception as error:
             if self.procs.world == 1 and self.saved_step != self.step:
                 self.save_checkpoint()
-                error.add_note(
+                note = (
                     f"iresnet: the evaluation at step {self.step} failed; the training up to it is saved in "
                     f"{self.files.checkpoint} (iresnet train --out {self.files.root} --resume continues from there)"
                 )
+                add_note = getattr(error, "add_note", None)  # Python 3.11: shown with the traceback
+                if add_note is not None:
+                    add_note(note)
+                else:
+                    print(note, file=sys.stderr)
             raise
 
     # -- the loop ------------------------------------------------------------------------------
