@@ -139,9 +139,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, mon
     assert max(r["step"] for r in records(tmp_path / "run")) == 4
 
 
-def test_an_evaluation_that_raises_saves_the_training_first(tmp_path: Path, monkeypatch) -> None:
+def test_an_evaluation_that_raises_saves_the_training_first(tmp_path: Path, monkeypatch, capsys) -> None:
     """A patches32 run lost its last 33 steps when LAPACK failed inside its final evaluation: the
-    steps before a failing evaluation are now checkpointed, and the error says where and how to go on."""
+    steps before a failing evaluation are now checkpointed, the error says where and how to go on,
+    and the resumed run evaluates that step before anything else (here the last: no step is left)."""
     from iresnet.tasks.density import DensityTask
 
     def failing(*args, **kwargs):
@@ -152,9 +153,15 @@ def test_an_evaluation_that_raises_saves_the_training_first(tmp_path: Path, monk
     with pytest.raises(RuntimeError, match="failed to converge") as caught:
         train(config(run, steps=5, checkpoint_every=100, eval_every=5), progress=False)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 5
-    assert any("the evaluation at step 5 failed" in note and "--resume" in note for note in caught.value.__notes__)
+    notes = [*getattr(caught.value, "__notes__", []), capsys.readouterr().err]  # Python 3.10: on stderr
+    assert any("the evaluation at step 5 failed" in note and "--resume evaluates that step" in note for note in notes)
+    assert records(run, "test") == []
     monkeypatch.undo()
-    assert train(config(run, steps=6, checkpoint_every=100, eval_every=5), resume=True, progress=False).step == 6
+    resumed = train(config(run, steps=5, checkpoint_every=100, eval_every=5), resume=True, progress=False)
+    assert resumed.step == 5 and resumed.evaluation is not None
+    assert [r["step"] for r in records(run, "test")] == [5]
+    again = train(config(run, steps=6, checkpoint_every=100, eval_every=5), resume=True, progress=False)
+    assert [r["step"] for r in records(run, "test")] == [5, 6] and again.step == 6  # evaluated once, not again
 
 
 def test_warmup_schedule(tmp_path: Path) -> None:

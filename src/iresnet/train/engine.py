@@ -117,6 +117,7 @@ class _Trainer:
         self.logged_at = time.perf_counter()  # when the last train record was written
         self.saved_at = time.monotonic()  # when the last checkpoint was written (or the loop began)
         self.evaluation: Evaluated | None = None
+        self.evaluation_due = False  # a checkpoint written when the evaluation of its step failed
         self.writer = None
         self.unwritten: list[str] = []  # the final files not written yet
 
@@ -135,6 +136,7 @@ class _Trainer:
             "config": self.config.to_dict(),
             # the next train record averages over these steps too, resumed or not
             "pending": {"steps": list(self.pending), "seconds": time.perf_counter() - self.logged_at},
+            "evaluation_due": self.evaluation_due,
         }
 
     def save_checkpoint(self) -> None:
@@ -180,6 +182,7 @@ class _Trainer:
             set_lr(self.optimizer, self.scheduler, self.config, self.step)
         pending = state.get("pending", {"steps": [], "seconds": 0.0})  # older checkpoints: none
         self.pending, self.pending_seconds = list(pending["steps"]), pending["seconds"]
+        self.evaluation_due = bool(state.get("evaluation_due", False))
         if self.procs.main:
             truncate_metrics(self.files.metrics, self.step)
 
@@ -213,17 +216,23 @@ class _Trainer:
                 self.eval_model(), self.source, size=config.eval_size, eval_logdet=config.eval_logdet
             )
 
-    def evaluation_or_checkpoint(self) -> Evaluated:
-        """:meth:`run_evaluation`; where it raises (a bug), the training so far is saved first (one
-        process: a checkpoint is collective under torch.distributed) and the error says so."""
+    def evaluate_and_record(self, bar: Any) -> None:
+        """The main process's evaluation at this step, recorded and shown under the progress
+        ``bar``. Where it raises (a bug), the training so far is saved first (one process: a
+        checkpoint is collective under torch.distributed), marked so that a resumed run evaluates
+        that step first, and the error says so."""
+        if not self.procs.main:
+            return
         try:
-            return self.run_evaluation()
+            self.evaluation = self.run_evaluation()
         except Exception as error:
-            if self.procs.world == 1 and self.saved_step != self.step:
+            if self.procs.world == 1:
+                self.evaluation_due = True
                 self.save_checkpoint()
                 note = (
                     f"iresnet: the evaluation at step {self.step} failed; the training up to it is saved in "
-                    f"{self.files.checkpoint} (iresnet train --out {self.files.root} --resume continues from there)"
+                    f"{self.files.checkpoint}: iresnet train --out {self.files.root} --resume evaluates that step, "
+                    "then goes on"
                 )
                 add_note = getattr(error, "add_note", None)  # Python 3.11: shown with the traceback
                 if add_note is not None:
@@ -231,6 +240,9 @@ class _Trainer:
                 else:
                     print(note, file=sys.stderr)
             raise
+        self.evaluation_due = False
+        self.record({"step": self.step, "split": "test", **self.evaluation.metrics()})
+        bar.write(f"step {self.step}: {self.evaluation}")
 
     # -- the loop ------------------------------------------------------------------------------
     def step_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -338,6 +350,9 @@ class _Trainer:
         self.logged_at = time.perf_counter() - self.pending_seconds
         self.saved_at = time.monotonic()
         try:
+            if self.evaluation_due:  # the evaluation of the checkpoint's step failed: it comes first
+                self.evaluate_and_record(bar)
+                self.save_checkpoint()  # without the mark, so that it is done once
             while self.step < config.steps:
                 self.pending.append(self.train_step(model))
                 bar.update(1)
@@ -348,10 +363,7 @@ class _Trainer:
                     bar.set_postfix({k: f"{entry[k]:.4f}" for k in shown if k in entry})
                     self.pending, self.logged_at = [], time.perf_counter()
                 if self.step % config.eval_every == 0 or self.step == config.steps:
-                    if self.procs.main:
-                        self.evaluation = self.evaluation_or_checkpoint()
-                        self.record({"step": self.step, "split": "test", **self.evaluation.metrics()})
-                        bar.write(f"step {self.step}: {self.evaluation}")
+                    self.evaluate_and_record(bar)
                 if self.checkpoint_due():
                     self.save_checkpoint()
                 if self.procs.any(stop.requested):
