@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,30 @@ def test_converged_conv_with_close_singular_values_obeys_coeff(device, channels,
     with torch.no_grad():
         float64.weight.copy_(conv.weight)  # the float32 eval-mode weight, exactly
     assert 0.9 * (1 - 1e-4) <= exact_norm(float64, input_shape) <= 0.9
+
+
+@pytest.mark.parametrize("krylov", [4, 16])
+def test_lanczos_restarts_converge_to_the_norm(device, monkeypatch, krylov):
+    """A Krylov basis capped (as memory caps it for large operators) restarts from its Ritz
+    vector and still converges to the operator's norm, and says it converged (no warning)."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 8, 3, padding=1).double().to(device)
+    iresnet.spectral_norm(conv, coeff=100.0, input_shape=(4, 12, 12))
+    p = conv.parametrizations.weight[0]
+    p.u.normal_()  # away from the converged vector
+    monkeypatch.setattr("iresnet.core.lipschitz._KRYLOV_MAX_DIM", krylov)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps = p.converge(conv.parametrizations.weight.original, tolerance=1e-7, max_iter=5000)
+    assert steps > krylov  # it restarted
+    assert sigma_estimate(conv) == pytest.approx(exact_norm(conv, (4, 12, 12)), rel=1e-9)
+
+
+def test_lanczos_that_runs_out_of_products_warns(device):
+    conv = nn.Conv2d(4, 8, 3, padding=1).double().to(device)
+    iresnet.spectral_norm(conv, coeff=100.0, input_shape=(4, 12, 12))
+    with pytest.warns(RuntimeWarning, match="did not converge to 1e-12 in 3 steps"):
+        conv.parametrizations.weight[0].converge(conv.parametrizations.weight.original, tolerance=1e-12, max_iter=3)
 
 
 def test_converges_where_lapack_svd_fails(device):

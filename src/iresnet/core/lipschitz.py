@@ -180,13 +180,16 @@ class SpectralNorm(nn.Module):
         self, weight: Tensor, tolerance: float = _CONVERGE_TOLERANCE, max_iter: int = _CONVERGE_MAX_ITER
     ) -> int:
         r"""Converge the vectors for ``weight``: the exact top singular pair (an eigensolve in
-        float64) where the operator's matrix is small, else the top eigenvector of :math:`W^\top W` by the
-        Lanczos method in float64 (:meth:`_lanczos`), until its residual is below ``tolerance``
-        times the eigenvalue. Eval mode then adds a margin of ten times the tolerance. Returns the
-        products with :math:`W^\top W` taken (0 for the SVD)."""
+        float64) where the operator's matrix is small, else the top eigenvector of
+        :math:`W^\top W` by the Lanczos method in float64 (:meth:`_lanczos`), until its residual is
+        below ``tolerance`` times the eigenvalue; a warning where ``max_iter`` products did not
+        get there. Eval mode then adds a margin of ten times the tolerance. Returns the products
+        with :math:`W^\top W` taken (0 for the eigensolve)."""
         with torch.autocast(weight.device.type, enabled=False):
-            steps = 0 if self._exact_singular_pair(weight) else self._lanczos(weight.double(), tolerance, max_iter)
-        if steps >= max_iter:
+            steps, converged = (
+                (0, True) if self._exact_singular_pair(weight) else self._lanczos(weight, tolerance, max_iter)
+            )
+        if not converged:
             warnings.warn(
                 f"the spectral norm's Lanczos iteration did not converge to {tolerance:g} in {max_iter} steps: "
                 "certify the layer with iresnet.lipschitz_bound",
@@ -197,26 +200,34 @@ class SpectralNorm(nn.Module):
         self._converged_for = _weight_state(weight)
         return steps
 
-    def _lanczos(self, weight: Tensor, tolerance: float, max_iter: int) -> int:
+    def _lanczos(self, weight: Tensor, tolerance: float, max_iter: int) -> tuple[int, bool]:
         r"""The top eigenpair :math:`(\theta, y)` of :math:`A = W^\top W` by Lanczos with full
-        reorthogonalisation, started from ``u``: the Krylov basis :math:`Q` turns :math:`A` into
-        the tridiagonal :math:`T = Q^\top A Q`, whose top eigenvector :math:`s` gives :math:`y = Qs`
+        reorthogonalisation, in float64: the Krylov basis :math:`Q` turns :math:`A` into the
+        tridiagonal :math:`T = Q^\top A Q`, whose top eigenvector :math:`s` gives :math:`y = Qs`
         with residual :math:`\|Ay - \theta y\| = \beta_k |s_k|`. Stops once that is at most
-        ``tolerance`` :math:`\theta`; a basis that would outgrow its memory restarts from
-        :math:`y`. Sets ``u = y`` and ``v = Wy / |Wy|``; returns the products taken.
+        ``tolerance`` :math:`\theta` (or the basis spans the space); a basis that would outgrow
+        its memory restarts from :math:`y`. Sets ``u = y`` and ``v = Wy / |Wy|``; returns the
+        products taken and whether it converged.
+
+        The start is ``u`` plus a fixed small random part (its own generator: the global random
+        state stays as it was), so that no direction of the top singular vector is missing from
+        it: a vector with zero entries (``_unit`` sets negligible ones to 0) could lie in an
+        invariant subspace without it.
 
         Power iteration converges as :math:`(\sigma_2/\sigma_1)^{2k}`: a convolution's top
         singular values lie close together (within :math:`10^{-5}` relative in trained flows),
         where it stalls short of :math:`\sigma` by more than any margin. Lanczos converges with
         the square root of that gap."""
+        weight = weight.double()
         shape = self.u.shape
         n = shape.numel()
         size = max(2, min(n, _KRYLOV_MAX_DIM, _KRYLOV_BYTES // (8 * n)))
+        generator = torch.Generator(weight.device).manual_seed(0)
+        noise = torch.randn(n, generator=generator, device=weight.device, dtype=torch.float64)
         y = self.u.double().flatten()
-        if not torch.linalg.vector_norm(y) > 0:
-            y = torch.randn_like(y)
-        taken = 0
-        while True:
+        y = y + 1e-3 * noise * (torch.linalg.vector_norm(y) if torch.linalg.vector_norm(y) > 0 else 1.0) / n**0.5
+        taken, converged = 0, False
+        while not converged and taken < max_iter:
             basis = y.new_zeros(size, n)
             basis[0] = y / torch.linalg.vector_norm(y)
             alphas: list[float] = []
@@ -230,17 +241,15 @@ class SpectralNorm(nn.Module):
                     z = z - active.T @ (active @ z)
                 beta = torch.linalg.vector_norm(z).item()
                 theta, s = _top_ritz_pair(alphas, betas)
-                converged = beta * abs(s[-1].item()) <= tolerance * theta
-                if converged or taken >= max_iter or k + 1 == size or beta == 0.0:
+                converged = beta * abs(s[-1].item()) <= tolerance * theta or k + 1 >= n
+                if converged or taken >= max_iter or k + 1 == size:
                     break
                 betas.append(beta)
                 basis[k + 1] = z / beta
             y = s.to(basis) @ basis[: k + 1]
-            if converged or taken >= max_iter or beta == 0.0 or k + 1 == n:
-                break
-        self.u.copy_(_unit(y.view(shape)))
-        self.v.copy_(_unit(self.apply_operator(weight, y.view(shape))))
-        return taken
+        self.u.copy_(_unit(y.view(shape).to(self.u.dtype)))
+        self.v.copy_(_unit(self.apply_operator(weight, y.view(shape)).to(self.v.dtype)))
+        return taken, converged
 
     def _exact_singular_pair(self, weight: Tensor) -> bool:
         """Set ``u``, ``v`` to the operator's top singular vectors when its matrix has at most
@@ -264,8 +273,8 @@ class SpectralNorm(nn.Module):
         else:
             left = torch.linalg.eigh(matrix @ matrix.T).eigenvectors[:, -1]
             right = matrix.T @ left
-        self.v.copy_(_unit(left).view_as(self.v))
-        self.u.copy_(_unit(right).view_as(self.u))
+        self.v.copy_(_unit(left.to(self.v.dtype)).view_as(self.v))
+        self.u.copy_(_unit(right.to(self.u.dtype)).view_as(self.u))
         return True
 
     @torch.compiler.disable  # reads the weight's version: outside any compiled graph
@@ -420,7 +429,7 @@ def converge_spectral_norms(
     model: nn.Module, tolerance: float = _CONVERGE_TOLERANCE, max_iter: int = _CONVERGE_MAX_ITER
 ) -> int:
     """Converge every spectral norm in ``model`` for its current weight (:meth:`SpectralNorm.converge`:
-    the exact singular pair of small operators, else power iteration until the estimated error is
+    the exact singular pair of small operators, else the Lanczos method until the residual is
     below ``tolerance``), so that the frozen eval-mode weights obey their coefficient. Eval-mode
     calls also do this for a weight that changed; calling it first keeps the cost out of the first
     call. Returns the number of layers converged.

@@ -67,8 +67,9 @@ class BlockCertificate:
     @property
     def exceeds(self) -> bool:
         """Whether the certified bound is above the promised one: the certificate cannot confirm
-        the design. A loose certificate (the circular-convolution bound of a large zero-padded
-        convolution) does this; so would a normalised layer whose norm is above its coefficient."""
+        the design. A loose certificate (the circular-convolution bound of a convolution too large
+        on both sides for the exact ones) does this; so would a normalised layer whose norm is above
+        its coefficient."""
         return self.design is not None and self.certified > self.design
 
 
