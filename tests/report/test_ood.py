@@ -90,7 +90,7 @@ def test_unknown_names_and_other_shapes_are_refused_before_reading_files(monkeyp
 
     monkeypatch.setattr("iresnet.report.ood.load_images", no_files)
     digits = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="choose one of noise, inverted, digits, mnist, cifar10"):
+    with pytest.raises(ValueError, match="choose one of noise, inverted, digits, mnist, mnist3x32, cifar10"):
         ood_inputs("svhn", digits, 17, torch.Generator())
     with pytest.raises(
         ValueError, match=r"mnist images have shape \(1, 28, 28\) and 256 levels, .* \(1, 8, 8\) and 17"

@@ -237,7 +237,8 @@ def reconstruct_run(
             f"{run} holds a {config.task!r} run on {config.data!r}: reconstruct inverts a classifier's trunk or "
             "an image flow"
         )
-    images = source.image_data().test[:n].to(resolved)
+    data = source.image_data()
+    images = data.test[:n].to(resolved)
     path = Path(out) if out is not None else Path(run) / "reconstructions.png"
     done: RunReconstruction | FlowRunReconstruction
     if isinstance(model, Classifier):
@@ -247,11 +248,10 @@ def reconstruct_run(
             done = FlowRunReconstruction(reconstruct_flow(model, images), path)
     if done.reconstruction.images is None:
         return done
-    levels = source.image_data().levels
-    shown = done.reconstruction.images.round().clamp(0, levels - 1).to(torch.uint8).cpu()
+    shown = done.reconstruction.images.round().clamp(0, data.levels - 1).to(torch.uint8).cpu()
     scale, nrow = max(1, 64 // images.shape[-1]), math.ceil(math.sqrt(len(images)))
     try:
-        plots.side_by_side(images.cpu(), shown, done.path, levels=levels, scale=scale, nrow=nrow)
+        plots.side_by_side(images.cpu(), shown, done.path, levels=data.levels, scale=scale, nrow=nrow)
     except OSError as error:
         done.error = error
     return done

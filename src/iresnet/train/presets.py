@@ -104,7 +104,7 @@ _PHOTOS_FLOW = {**_DIGITS_FLOW, "scales": 3}  # one more squeeze: 16 x 16 -> 2 x
 
 
 def _photos(data: str, steps: int) -> dict[str, Any]:
-    """The digits flow and training on a photo data set, its steps sized for about 15 minutes on 2 cores."""
+    """The digits flow and training on a photo data set for ``steps`` steps, evaluated every fifth of them."""
     every = steps // 5
     return {
         "data": data,
@@ -139,15 +139,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval_every": 1000,
         "checkpoint_every": 1000,
     },
-    # real photographs on a CPU, no download (patches of eight photographs split by photograph, LFW faces), about
-    # 15 minutes on 2 cores each. Sized from the seconds per step on one thread (OMP_NUM_THREADS=1, batch 64,
+    # real photographs on a CPU, no download (patches of eight photographs split by photograph, LFW faces). Sized
+    # for at most about 15 minutes on 2 cores from the seconds per step on one thread (OMP_NUM_THREADS=1, batch 64,
     # steps 11-30 of a run), t1, taking 2 threads as 1.6 times faster: steps = 900 s * 1.6 / t1, rounded down to
-    # hundreds. Measured t1: 0.51 s (patches16), 1.74 s (patches32), 0.64 s (faces),
-    # on a machine shared with other jobs; evaluations (every fifth of the run) come on top. The faces have 150
-    # training images: a 2,200-step run's test figure was best at step 880 (5.81 bits/dim) and 6.15 at the end
-    # (overfitting), so they stop at 900 steps, about 5 minutes; the 16 x 16 patches likewise: a 2,800-step run's
-    # test figure was 4.96 at step 1,120, 4.99 at 1,680 and 5.33 at 2,240 while its training figure kept falling,
-    # so they stop at 1,400 steps, about 8 minutes
+    # hundreds. Measured t1: 0.51 s (patches16), 1.74 s (patches32), 0.64 s (faces), on a machine shared with other
+    # jobs; evaluations (every fifth of the run) come on top. Two stop earlier because they overfit: the faces (150
+    # training images: a 2,200-step run's test figure was best at step 880, 5.81 bits/dim, and 6.15 at the end) at
+    # 900 steps, the 16 x 16 patches (a 2,800-step run's test figure was 4.96 at step 1,120, 4.99 at 1,680 and 5.33
+    # at 2,240, its training figure still falling) at 1,400. Measured with --threads 1, two runs side by side on 2
+    # cores: 10 min 39 s (patches16), 16 min 11 s (patches32), 7 min 40 s (faces)
     "patches16": _photos("patches16", 1400),
     "patches32": _photos("patches32", 800),
     "faces": _photos("faces", 900),
