@@ -247,6 +247,7 @@ def _train(args: argparse.Namespace) -> int:
     from .report.pictures import write_final_files
     from .train import RunInUseError, TrainingError, parse_override, resolve_config, train
     from .train.checkpoint import WriteError, resumed_config
+    from .train.stopping import sigterm_interrupts
 
     flags = (
         "task",
@@ -269,7 +270,8 @@ def _train(args: argparse.Namespace) -> int:
     saved = resumed_config(args.out, args.preset) if args.resume else None  # then what this command line changes
     config = resolve_config(args.preset, args.config, overrides, saved=saved)
     try:
-        result = train(config, resume=args.resume, progress=args.progress, finish=write_final_files)
+        with sigterm_interrupts():
+            result = train(config, resume=args.resume, progress=args.progress, finish=write_final_files)
         if result.main and result.interrupted:
             print(f"interrupted at step {result.step}; continue with: iresnet train --out {result.run_dir} --resume")
         elif result.main:

@@ -425,6 +425,34 @@ def test_ctrl_c_before_training_starts_is_one_line(
     assert not (tmp_path / "run").exists()
 
 
+def test_sigterm_before_training_starts_is_ctrl_c(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A scheduler's cancel while the data load used to kill the process silently, leaving a run
+    directory that a new run there refuses; it is now Ctrl-C: one line, exit 130, no directory."""
+    from iresnet.train import engine
+
+    class Unhandled(Exception):
+        pass
+
+    def loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM should have stopped the load")
+
+    def unhandled(signum, frame):  # what the test process gets if iresnet installs nothing (not its death)
+        raise Unhandled
+
+    monkeypatch.setattr(engine, "make_source", loading)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        assert run_cli("train", "--out", str(tmp_path / "run"), "--no-progress") == 130
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the handler is put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert capsys.readouterr().err == "iresnet train: interrupted\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_picture_that_cannot_be_drawn_is_reported_and_the_run_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

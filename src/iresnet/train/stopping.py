@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["StopRequests", "StoppedAtOnce"]
+__all__ = ["StopRequests", "StoppedAtOnce", "sigterm_interrupts"]
 
 
 class StoppedAtOnce(KeyboardInterrupt):
@@ -53,6 +53,27 @@ class StopRequests:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises ``KeyboardInterrupt`` while the context lasts, as Ctrl-C does: a scheduler's
+    cancel before training starts (data, model) then gets Ctrl-C's message and clean-up, not a
+    silent death that leaves a half-made run directory. Within training, :class:`StopRequests`
+    takes both signals over. Nothing outside the main thread."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _notice(text: str) -> None:
