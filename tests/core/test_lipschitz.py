@@ -116,6 +116,22 @@ def test_eval_mode_converges_for_a_changed_weight(device):
     assert torch.linalg.matrix_norm(layer.weight, ord=2).item() <= 0.5
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_optimiser_step_in_eval_mode_is_seen(device, fused):
+    """A fused optimiser step (Adam(fused=True)) writes the weight without bumping its version,
+    so an eval-mode layer used to keep its old vectors and exceed its coefficient; both kinds of
+    step are now seen, and the weight obeys its coefficient after either."""
+    torch.manual_seed(0)
+    layer = iresnet.spectral_norm(nn.Linear(16, 16).to(device), coeff=0.5).eval()
+    x = torch.randn(8, 16, device=device)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1.0, fused=fused)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(x).pow(2).sum().neg().backward()  # eval mode throughout: no power iteration in between
+        optimizer.step()
+        assert torch.linalg.matrix_norm(layer.weight.double(), ord=2).item() <= 0.5
+
+
 def test_training_forward_updates_vectors(device):
     layer = iresnet.spectral_norm(nn.Linear(5, 5).to(device), coeff=0.5)
     with torch.no_grad():

@@ -34,13 +34,14 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 import torch.nn.grad
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .attributes import attribute_set
 from .validation import check_count
@@ -337,17 +338,32 @@ def _top_ritz_pair(alphas: list[float], betas: list[float]) -> tuple[float, Tens
 
 
 def _weight_state(weight: Tensor) -> tuple | None:
-    """What identifies a weight's values without reading them: its storage and in-place version
-    (an inference tensor has no version, and cannot change outside inference mode). ``None``,
-    never equal to a recorded state, where it cannot be read (a tensor of ``torch.func``'s
-    transforms, without storage): such a weight counts as changed. An update that bypasses the
-    version counter (a fused optimiser step) is not seen: call :func:`converge_spectral_norms`
-    after one."""
+    """What identifies a weight's values without reading them: its storage, its in-place version
+    (an inference tensor has no version, and cannot change outside inference mode) and the fused
+    optimiser steps taken on it (:func:`_count_fused_steps`). ``None``, never equal to a recorded
+    state, where it cannot be read (a tensor of ``torch.func``'s transforms, without storage): such
+    a weight counts as changed."""
     try:
         version = None if weight.is_inference() else weight._version
-        return weight.data_ptr(), version, weight.dtype, weight.device
+        return weight.data_ptr(), version, getattr(weight, _FUSED_STEPS, 0), weight.dtype, weight.device
     except RuntimeError:
         return None
+
+
+_FUSED_STEPS = "_iresnet_fused_steps"
+
+
+def _count_fused_steps(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """A global optimiser step post-hook: a fused step (``fused=True``, e.g. ``torch.optim.Adam``'s)
+    writes its parameters without bumping their version counters, by which an eval-mode spectral
+    norm sees that its weight changed; so such a step is counted on each of its parameters."""
+    for group in optimizer.param_groups:
+        if group.get("fused") or optimizer.defaults.get("fused"):
+            for parameter in group["params"]:
+                setattr(parameter, _FUSED_STEPS, getattr(parameter, _FUSED_STEPS, 0) + 1)
+
+
+register_optimizer_step_post_hook(_count_fused_steps)
 
 
 def _unit(x: Tensor) -> Tensor:
