@@ -132,6 +132,16 @@ def test_an_optimiser_step_in_eval_mode_is_seen(device, fused):
         assert torch.linalg.matrix_norm(layer.weight.double(), ord=2).item() <= 0.5
 
 
+@pytest.mark.parametrize("layer, input_shape", [(nn.Linear(8, 8), None), (nn.Conv2d(4, 4, 3, padding=1), (4, 40, 40))])
+def test_a_non_finite_weight_is_named_not_a_lapack_error(device, layer, input_shape):
+    """Both the eigensolve and Lanczos used to end in LAPACK's 'failed to converge'."""
+    layer = iresnet.spectral_norm(layer.to(device), input_shape=input_shape).eval()
+    with torch.no_grad():
+        layer.parametrizations.weight.original.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"the weight holds NaN or inf \(1 of \d+ entries\)"):
+        layer.weight
+
+
 def test_training_forward_updates_vectors(device):
     layer = iresnet.spectral_norm(nn.Linear(5, 5).to(device), coeff=0.5)
     with torch.no_grad():

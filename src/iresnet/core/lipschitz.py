@@ -184,8 +184,15 @@ class SpectralNorm(nn.Module):
         float64) where the operator's matrix is small, else the top eigenvector of
         :math:`W^\top W` by the Lanczos method in float64 (:meth:`_lanczos`), until its residual is
         below ``tolerance`` times the eigenvalue; a warning where ``max_iter`` products did not
-        get there. Eval mode then adds a margin of ten times the tolerance. Returns the products
-        with :math:`W^\top W` taken (0 for the eigensolve)."""
+        get there; ``ValueError`` for a weight holding NaN or inf. Eval mode then adds a margin of
+        ten times the tolerance. Returns the products with :math:`W^\top W` taken (0 for the
+        eigensolve)."""
+        if not bool(torch.isfinite(weight).all()):
+            bad = int((~torch.isfinite(weight)).sum())
+            raise ValueError(
+                f"the weight holds NaN or inf ({bad} of {weight.numel()} entries): its spectral norm is undefined "
+                "(a diverged optimiser step, or a damaged state dict?)"
+            )
         with torch.autocast(weight.device.type, enabled=False):
             steps, converged = (
                 (0, True) if self._exact_singular_pair(weight) else self._lanczos(weight, tolerance, max_iter)
