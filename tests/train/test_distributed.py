@@ -26,14 +26,18 @@ def losses(run: Path) -> list[float]:
     return [r["nll"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_two_processes_train_like_one(tmp_path: Path) -> None:
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
-    if torchrun is None:
+def torchrun(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """``torchrun`` with two processes on this machine, one thread each."""
+    launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if launcher is None:
         pytest.fail("torchrun, installed with torch, was not found")
-    command = [torchrun, "--standalone", "--nproc-per-node", "2"]  # standalone: a free port of its own
-    command += ["-m", "iresnet", "train", "--out", str(tmp_path / "two"), *SETTINGS]
+    command = [launcher, "--standalone", "--nproc-per-node", "2", *arguments]  # standalone: a free port of its own
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_two_processes_train_like_one(tmp_path: Path) -> None:
+    done = torchrun("-m", "iresnet", "train", "--out", str(tmp_path / "two"), *SETTINGS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run written to") == 1  # only rank 0 reports
 
@@ -44,6 +48,42 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     assert len(one) == len(two) == 8  # 6 train and 2 test records
     assert one == pytest.approx(two, rel=1e-5)
     assert (tmp_path / "two/model.safetensors").exists()
+
+
+FAILING_EVALUATION = """
+import sys
+from iresnet.cli import main
+from iresnet.tasks.density import DensityTask
+
+def failing(*args, **kwargs):
+    raise RuntimeError("linalg.svd: The algorithm failed to converge")
+
+DensityTask.evaluate = failing
+main(sys.argv[1:])
+"""
+
+
+def test_an_evaluation_that_raises_under_torchrun_saves_the_training_first(tmp_path: Path) -> None:
+    """The main process alone evaluates; where that raises, both processes save the steps so far
+    together (a checkpoint is collective) before they stop, and the resumed run evaluates that
+    step first, then trains on exactly as an uninterrupted run does."""
+    script = tmp_path / "failing_evaluation.py"
+    script.write_text(FAILING_EVALUATION)
+    run = tmp_path / "run"
+    failed = torchrun(str(script), "train", "--out", str(run), *SETTINGS, "checkpoint_every=100")
+    assert failed.returncode != 0
+    assert "the evaluation at step 3 failed" in failed.stderr and "--resume evaluates that step" in failed.stderr
+    assert "failed in the main process (rank 0)" in failed.stderr  # the other process says why it stopped
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 3 and checkpoint["evaluation_due"] and len(checkpoint["rng"]) == 2
+
+    resumed = torchrun("-m", "iresnet", "train", "--out", str(run), "--resume", *SETTINGS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = torchrun("-m", "iresnet", "train", "--out", str(tmp_path / "whole"), *SETTINGS)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "test"] == [3, 6]
+    assert losses(run) == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
 
 
 def gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:

@@ -218,31 +218,37 @@ class _Trainer:
 
     def evaluate_and_record(self, bar: Any) -> None:
         """The main process's evaluation at this step, recorded and shown under the progress
-        ``bar``. Where it raises (a bug), the training so far is saved first (one process: a
-        checkpoint is collective under torch.distributed), marked so that a resumed run evaluates
-        that step first, and the error says so."""
-        if not self.procs.main:
-            return
-        try:
-            self.evaluation = self.run_evaluation()
-        except Exception as error:
-            if self.procs.world == 1:
-                self.evaluation_due = True
-                self.save_checkpoint()
-                note = (
-                    f"iresnet: the evaluation at step {self.step} failed; the training up to it is saved in "
-                    f"{self.files.checkpoint}: iresnet train --out {self.files.root} --resume evaluates that step, "
-                    "then goes on"
-                )
-                add_note = getattr(error, "add_note", None)  # Python 3.11: shown with the traceback
-                if add_note is not None:
-                    add_note(note)
-                else:
-                    print(note, file=sys.stderr)
-            raise
+        ``bar``; every process calls it. Where the evaluation raises (a bug), every process saves
+        the training so far together (a checkpoint is collective under torch.distributed), marked
+        so that a resumed run evaluates that step first; then the main process raises the error,
+        which says so, and the others a :class:`TrainingError` that points to it."""
+        evaluation, failure = None, None
+        if self.procs.main:
+            try:
+                evaluation = self.run_evaluation()
+            except Exception as error:
+                failure = error
+        if self.procs.any(failure is not None):
+            self.evaluation_due = True
+            self.save_checkpoint()
+            saved = (
+                f"the training up to it is saved in {self.files.checkpoint}: iresnet train --out {self.files.root} "
+                "--resume evaluates that step, then goes on"
+            )
+            if failure is None:
+                raise TrainingError(f"the evaluation at step {self.step} failed in the main process (rank 0); {saved}")
+            note = f"iresnet: the evaluation at step {self.step} failed; {saved}"
+            add_note = getattr(failure, "add_note", None)  # Python 3.11: shown with the traceback
+            if add_note is not None:
+                add_note(note)
+            else:
+                print(note, file=sys.stderr)
+            raise failure
         self.evaluation_due = False
-        self.record({"step": self.step, "split": "test", **self.evaluation.metrics()})
-        bar.write(f"step {self.step}: {self.evaluation}")
+        if evaluation is not None:  # the main process
+            self.evaluation = evaluation
+            self.record({"step": self.step, "split": "test", **evaluation.metrics()})
+            bar.write(f"step {self.step}: {evaluation}")
 
     # -- the loop ------------------------------------------------------------------------------
     def step_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
