@@ -121,6 +121,50 @@ def test_inverse_is_differentiable_by_implicit_function_theorem(device):
     assert torch.autograd.gradcheck(inverse_of, params, atol=1e-7)
 
 
+def test_gradient_with_respect_to_an_inverse_is_not_transformed(device):
+    """The implicit gradient acts on the way from the solution to ``y`` and the parameters; the
+    gradient of a function of the solution with respect to the solution itself is plain (it
+    once came back multiplied by (I + J_g)^-T)."""
+    block = block_of(mlp_branch(3, 0.9, hidden=8), device).eval()
+    y = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    x = block.inverse(y)
+    (along_x,) = torch.autograd.grad(x.pow(2).sum(), x, retain_graph=True)
+    torch.testing.assert_close(along_x, 2 * x.detach())
+    (along_y,) = torch.autograd.grad(x.pow(2).sum(), y)  # still through the implicit gradient
+    jacobians = torch.stack([torch.autograd.functional.jacobian(lambda s: block(s[None])[0][0], s) for s in x.detach()])
+    expected = torch.linalg.solve(jacobians.transpose(1, 2), 2 * x.detach())  # J_F^-T (2x)
+    torch.testing.assert_close(along_y, expected, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("efficient", [False, True], ids=["series", "series-efficient"])
+def test_logdet_on_the_autograd_path_of_an_inverse_is_that_of_its_value(device, efficient):
+    """A series on the autograd path differentiates ``g`` at its input: an input that carries the
+    inverse's implicit gradient (or any hook) must give the log-det and gradients of its value."""
+    g = nn.Sequential(
+        iresnet.spectral_norm(nn.Linear(3, 8), 0.7), nn.Tanh(), iresnet.spectral_norm(nn.Linear(8, 3), 0.7)
+    )
+    series = iresnet.PowerSeries(n_terms=60, probe="basis", memory_efficient=efficient)
+    block = iresnet.ResidualBlock(g.to(device=device, dtype=torch.float64), series).eval()
+    assert block.jacobian_path == "autograd"  # Tanh has no explicit products
+    y = torch.randn(5, 3, dtype=torch.float64, device=device)
+    results = []
+    for attached in (True, False):
+        y_in = y.clone().requires_grad_()
+        x = block.inverse(y_in)
+        x_in = x if attached else x.detach().requires_grad_()
+        _, logdet = block(x_in)
+        (along_x,) = torch.autograd.grad(logdet.sum(), x_in, retain_graph=True)
+        results.append((logdet.detach(), along_x))
+        x.register_hook(lambda grad: 100 * grad)  # a user's hook on the input changes nothing either
+        torch.testing.assert_close(block(x)[1].detach(), logdet.detach())
+    (value, along_x), (reference, reference_along_x) = results
+    with torch.no_grad():
+        exact = iresnet.ResidualBlock(block.g, "exact")(x_in.detach())[1]
+    torch.testing.assert_close(reference, exact, rtol=1e-10, atol=1e-10)  # 60 terms: exact in float64
+    torch.testing.assert_close(value, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(along_x, reference_along_x, rtol=1e-10, atol=1e-12)
+
+
 class InverseOf(nn.Module):
     """A module whose forward is a block's inverse, for functional_call over its parameters."""
 

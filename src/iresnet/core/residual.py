@@ -217,7 +217,9 @@ class ResidualBlock(InvertibleLayer):
                 self._check_branch_shape(x, products.output)
                 return products.output, self.logdet.from_products(products, x, differentiable, draws, **kind)
             with torch.enable_grad():
-                x_in = x if differentiable and x.requires_grad else x.detach().requires_grad_()
+                # an alias of x: the estimator's gradients with respect to it must not run hooks on x
+                # (the implicit gradient of an inverse that produced x is one, a user's another)
+                x_in = x.view_as(x) if differentiable and x.requires_grad else x.detach().requires_grad_()
                 gx = self._branch(x_in)
                 logdet = self.logdet(self.g, x_in, gx, differentiable, **kind)
         if not differentiable:
@@ -277,7 +279,9 @@ class ResidualBlock(InvertibleLayer):
 
     def _implicit_gradient(self, w_star: Tensor, b: Tensor, sign: float) -> Tensor:
         r"""``b - s g(w*)`` (equal to ``w*`` within tolerance) whose backward pass applies
-        :math:`(I + s J_g)^{-\top}` by the fixed-point iteration :math:`u = a - s J_g^\top u`."""
+        :math:`(I + s J_g)^{-\top}` by the fixed-point iteration :math:`u = a - s J_g^\top u`;
+        returned as an alias, so that a gradient with respect to the solution itself is not
+        transformed: the hook acts only on its way on to ``b`` and the parameters."""
         w0 = w_star.detach().requires_grad_()
         gw0 = self.g(w0)
         w = b - sign * gw0
@@ -296,7 +300,7 @@ class ResidualBlock(InvertibleLayer):
             raise InversionError(f"the implicit gradient of the inverse did not converge in {self.max_iter} iterations")
 
         w.register_hook(apply_inverse_transpose)
-        return w
+        return w.view_as(w)
 
     def extra_repr(self) -> str:
         path = "autograd" if self.jacobian == "autograd" or self._explicit_refusal() else "explicit"  # never raises

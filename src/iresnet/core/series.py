@@ -172,6 +172,11 @@ class SeriesEstimator(LogDetEstimator):
         params = [p for p in g.parameters() if p.requires_grad]
         neumann = self.memory_efficient and differentiable and (x.requires_grad or params)
         create_graph = differentiable and not neumann
+        outer = x
+        if neumann:  # partial derivatives, x held fixed: _StoredGradient hands x's on to whatever made x,
+            with torch.enable_grad():  # whose graph may hold these parameters too (a block's solve)
+                x = x.detach().requires_grad_()
+                gx = g(x)
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])
         expansion = _ExpansionWatch()
@@ -197,10 +202,10 @@ class SeriesEstimator(LogDetEstimator):
             expansion.check()
         if not neumann:
             return in_graph(value, gx) if differentiable else value.detach()
-        inputs = ([x] if x.requires_grad else []) + params
+        inputs = ([x] if outer.requires_grad else []) + params
         grads = torch.autograd.grad(surrogate.sum() / self.n_probes, inputs, retain_graph=True, allow_unused=True)
-        stored: list[Tensor | None] = list(grads) if x.requires_grad else [None, *grads]
-        return _StoredGradient.apply(value.detach(), stored, x, *params)
+        stored: list[Tensor | None] = list(grads) if outer.requires_grad else [None, *grads]
+        return _StoredGradient.apply(value.detach(), stored, outer, *params)
 
 
 class _ExpansionWatch:
