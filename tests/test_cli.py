@@ -451,6 +451,42 @@ def test_a_corrupt_model_safetensors_falls_back_to_the_checkpoint(trained: Path,
     assert "cannot be read as safetensors" in capsys.readouterr().err
 
 
+def test_a_resumed_run_not_finished_is_used_at_its_checkpoints_step(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A finished run resumed for more steps and stopped keeps its old model.safetensors (step 4)
+    beside a checkpoint of step 6: eval, sample and the API use the checkpoint and say so (they
+    used the old weights without a word); once the run finishes, its new weights again."""
+    import torch
+
+    from iresnet.train import load_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    stop_after(monkeypatch, 6)
+    assert run_cli("train", "--out", str(run), "--resume", "--steps", "9", "--no-progress") == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run_cli("eval", str(run), "--seeds", "1") == 0
+    captured = capsys.readouterr()
+    said = f"iresnet: warning: {run / 'checkpoint.pt'} holds step 6, later than {run / 'model.safetensors'} (step 4)"
+    assert said in captured.err and f"iresnet train --out {run} --resume" in captured.err
+    assert run_cli("sample", str(run), "--n", "4") == 0
+    assert "holds step 6" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="the weights of step 6 are used"):
+        model, _ = load_run(run)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    expected = {**checkpoint["model"], **checkpoint["ema"]["shadow"]}
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+
+    assert run_cli("train", "--out", str(run), "--resume", "--no-progress") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _ = load_run(run)  # the finished run's weights, step 9, with nothing to say
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 9
+
+
 def test_weights_that_do_not_fit_the_config_fall_back_to_the_checkpoint(trained: Path, tmp_path: Path) -> None:
     import torch
     from safetensors.torch import save_file

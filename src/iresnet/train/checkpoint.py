@@ -234,14 +234,16 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return state
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+def save_weights(model: nn.Module, path: str | os.PathLike, step: int | None = None) -> None:
     """The model's state dict (parameters and buffers) as safetensors, atomically, with the
-    mode of any new file (0644 under the usual umask 022)."""
+    mode of any new file (0644 under the usual umask 022); the training ``step`` they belong to,
+    where given, in the file's metadata (:func:`load_run` compares it with the checkpoint's)."""
     from safetensors.torch import save
 
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in model.state_dict().items()}
+    metadata = None if step is None else {"step": str(step)}
     # not safetensors' save_file: it writes through a private temporary file, mode 0600
-    _replace_atomically(Path(path), lambda tmp: tmp.write_bytes(save(tensors)))
+    _replace_atomically(Path(path), lambda tmp: tmp.write_bytes(save(tensors, metadata=metadata)))
 
 
 def save_text(text: str, path: str | os.PathLike) -> None:
@@ -327,13 +329,25 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
     or else from the last checkpoint), in eval mode on ``device`` (``"auto"`` too, see
     :func:`~iresnet.train.distributed.resolve_device`), with its config.
 
-    A ``model.safetensors`` that cannot be read, or whose tensors do not fit the model that
-    ``config.json`` describes, is passed over for the checkpoint with a warning naming it; where
-    neither file gives the weights, ``ValueError`` names both and what is wrong with each."""
+    A checkpoint of a later step than ``model.safetensors`` (a resumed run, stopped or still
+    training) comes first, with a warning that names both steps. A ``model.safetensors`` that
+    cannot be read, or whose tensors do not fit the model that ``config.json`` describes, is
+    passed over for the checkpoint with a warning naming it; where neither file gives the
+    weights, ``ValueError`` names both and what is wrong with each."""
     files, config = RunFiles(run), load_config(run)
     model = get_task(config.task).build_model(config.data, config.model)
+    readers = [(files.weights, _safetensors_weights), (files.checkpoint, _checkpoint_weights)]
+    steps = _steps_of(files)
+    if steps is not None and steps[1] > steps[0]:
+        readers.reverse()
+        warnings.warn(
+            f"{files.checkpoint} holds step {steps[1]}, later than {files.weights} (step {steps[0]}): the run was "
+            f"resumed and has not finished, so the weights of step {steps[1]} are used. To finish it: "
+            f"iresnet train --out {files.root} --resume",
+            stacklevel=2,
+        )
     problems = []
-    for path, read in ((files.weights, _safetensors_weights), (files.checkpoint, _checkpoint_weights)):
+    for path, read in readers:
         if not path.exists():
             continue
         try:
@@ -347,6 +361,23 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
     if not problems:
         raise FileNotFoundError(f"{files.root} holds neither {files.weights.name} nor {files.checkpoint.name}")
     raise ValueError(f"no usable weights in {files.root}: " + "; ".join(problems))
+
+
+def _steps_of(files: RunFiles) -> tuple[int, int] | None:
+    """The training steps of ``model.safetensors`` (from its metadata) and of the checkpoint, or
+    ``None`` where either is missing, unreadable or (weights written before the step was kept)
+    unknown: the readers of :func:`load_run` say what is wrong with a damaged file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not (files.weights.exists() and files.checkpoint.exists()):
+        return None
+    try:
+        with safe_open(str(files.weights), "pt") as weights:
+            weights_step = int((weights.metadata() or {})["step"])
+        checkpoint = torch.load(files.checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return weights_step, int(checkpoint["step"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError, pickle.UnpicklingError, EOFError):
+        return None
 
 
 def _safetensors_weights(path: Path) -> dict[str, torch.Tensor]:

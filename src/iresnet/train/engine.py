@@ -73,13 +73,14 @@ class FinishedRun:
     files: RunFiles
     task: Task
     unwritten: list[str]
+    step: int  # the last training step
 
     def save_weights(self) -> None:
         """``model.safetensors``: the model with its spectral norms converged and calibrated as
         the task asks (the classifier's BatchNorm statistics); the final step of a run without one."""
         converge_spectral_norms(self.model)
         self.task.calibrate(self.model, self.source)
-        save_weights(self.model, self.files.weights)
+        save_weights(self.model, self.files.weights, self.step)
         self.unwritten.remove(self.files.weights.name)
 
 
@@ -387,7 +388,7 @@ class _Trainer:
         if not self.procs.main:
             return
         self.unwritten = [self.files.weights.name]
-        final_step(FinishedRun(self.eval_model(), self.source, self.files, self.task, self.unwritten))
+        final_step(FinishedRun(self.eval_model(), self.source, self.files, self.task, self.unwritten, self.step))
 
     def stopped_at_once(self, finishing: bool) -> str:
         """What a second signal left behind."""
