@@ -68,6 +68,20 @@ def test_default_run_directories_are_claimed_atomically(tmp_path: Path) -> None:
     assert default_run_directory("toy", True, tmp_path) == tmp_path / "toy-16"
 
 
+def test_numbers_follow_the_order_runs_started_in_and_resume_takes_the_latest(tmp_path: Path) -> None:
+    """A removed run leaves a gap that a new run does not fill: it once took runs/toy-2 after
+    toy-3, and ``--resume`` without ``--out`` then continued the finished toy-3 instead."""
+    first, second, third = (default_run_directory("toy", False, tmp_path) for _ in range(3))
+    assert [first.name, second.name, third.name] == ["toy", "toy-2", "toy-3"]
+    second.rmdir()
+    (tmp_path / "toy-x").mkdir()  # not one of the numbered runs
+    (tmp_path / "toy-paper-7").mkdir()  # another preset's
+    assert default_run_directory("toy", False, tmp_path) == tmp_path / "toy-4"
+    assert default_run_directory("toy", True, tmp_path) == tmp_path / "toy-4"
+    assert default_run_directory("moons", True, tmp_path) == tmp_path / "moons"  # none yet
+    assert default_run_directory("toy", False, tmp_path / "new") == tmp_path / "new/toy"
+
+
 def test_two_runs_started_together_get_a_directory_each(tmp_path: Path) -> None:
     runs = [start("--data", data, "--steps", "5", *SMALL, cwd=tmp_path) for data in ("8gaussians", "moons")]
     for run in runs:

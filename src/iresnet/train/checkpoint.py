@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,19 +55,21 @@ class RunFiles:
 
 
 def default_run_directory(preset: str, resume: bool, root: str | os.PathLike = "runs") -> Path:
-    """``runs/PRESET``, ``runs/PRESET-2``, ``-3``, ...: for a new run the first that does not exist,
-    created here (by ``mkdir``, which fails for all but one of several processes that try the same
-    name at once: the others take the next), so that no run overwrites another; to ``resume``, the
-    last that exists (or ``runs/PRESET`` where none does)."""
+    """``runs/PRESET``, ``runs/PRESET-2``, ``-3``, ...: for a new run the one after the highest
+    number there, created here (by ``mkdir``, which fails for all but one of several processes
+    that try the same name at once: the others take the next), so that no run overwrites another
+    and the numbers follow the order the runs started in, gaps left by removed runs included; to
+    ``resume``, the highest number there, the latest run (or ``runs/PRESET`` where none is)."""
 
     def path(index: int) -> Path:
         return Path(root) / (preset if index == 1 else f"{preset}-{index}")
 
-    index = 1
+    numbered = re.compile(rf"{re.escape(preset)}(?:-([0-9]+))?")
+    matches = [numbered.fullmatch(entry.name) for entry in Path(root).iterdir()] if Path(root).is_dir() else []
+    highest = max((int(match.group(1) or 1) for match in matches if match is not None), default=0)
     if resume:
-        while path(index + 1).exists():
-            index += 1
-        return path(index)
+        return path(max(highest, 1))
+    index = highest + 1
     while True:
         try:
             path(index).mkdir(parents=True)
