@@ -451,6 +451,26 @@ def test_a_corrupt_model_safetensors_falls_back_to_the_checkpoint(trained: Path,
     assert "cannot be read as safetensors" in capsys.readouterr().err
 
 
+def test_a_new_run_refuses_a_directory_of_other_files(tmp_path: Path, capsys) -> None:
+    """``--out`` naming a folder of the user's once trained into it, writing samples.png over
+    theirs; an empty ``--out`` trained into the current directory."""
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "samples.png").write_text("precious")
+    assert run_cli("train", "--out", str(folder), *TINY) == 2
+    error = capsys.readouterr().err
+    assert f"{folder} is not empty and holds no run (samples.png)" in error and "Choose another --out" in error
+    assert [p.name for p in folder.iterdir()] == ["samples.png"] and (folder / "samples.png").read_text() == "precious"
+    (tmp_path / "afile").write_text("x")
+    assert run_cli("train", "--out", str(tmp_path / "afile"), *TINY) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert run_cli("train", "--out", "", *TINY) == 2
+    assert "out must name a run directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("train", "--out", str(empty), *TINY) == 0  # an empty folder is a new run's
+
+
 def test_a_resumed_run_not_finished_is_used_at_its_checkpoints_step(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

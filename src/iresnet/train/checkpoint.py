@@ -132,7 +132,8 @@ def claimed_run(config: TrainConfig, procs: Processes, resume: bool) -> Iterator
                 root.mkdir(parents=True)
                 created = True
             except FileExistsError:
-                pass
+                if not resume:
+                    _refuse_foreign_files(root)
         refused = None
         if procs.main:
             try:
@@ -150,6 +151,23 @@ def claimed_run(config: TrainConfig, procs: Processes, resume: bool) -> Iterator
             if created and procs.main:
                 _remove_if_empty(root)
             raise
+
+
+def _refuse_foreign_files(root: Path) -> None:
+    """``FileExistsError`` where a new run's directory is not empty and holds no run's
+    ``config.json``: the run would write its own files among the files there, over any of the same
+    name (``samples.png``, say). A run's directory is refused later, with what to do
+    (:func:`starting_state`)."""
+    if not root.is_dir():
+        raise FileExistsError(f"{root} is a file, not a directory: choose another --out")
+    names = sorted(entry.name for entry in root.iterdir() if entry.name != ".lock")
+    if not names or RunFiles(root).config.name in names:
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise FileExistsError(
+        f"{root} is not empty and holds no run ({shown}): a new run there would write its files among these, "
+        "over any of the same name. Choose another --out, a new or an empty directory"
+    )
 
 
 def _remove_if_empty(root: Path) -> None:

@@ -100,6 +100,8 @@ class TrainConfig:
             check, kind = _TYPE_CHECKS[str(setting.type)]  # the annotation's text: annotations are postponed
             if not check(value):
                 raise ValueError(f"{setting.name} must be {kind}, got {value!r}")
+        if self.out is not None and not self.out.strip():
+            raise ValueError("out must name a run directory, got an empty one (leave it out for runs/PRESET)")
         positive = ("steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "eval_size")
         for name in positive:
             if getattr(self, name) < 1:
