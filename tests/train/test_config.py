@@ -73,6 +73,18 @@ def test_dotted_overrides_nest() -> None:
             parse_override(text)
 
 
+def test_preset_as_a_setting_chooses_the_preset() -> None:
+    """``preset=digits`` once gave the toy preset's data and model under the name digits."""
+    config = resolve_config(None, None, [parse_override("preset=digits")])
+    assert (config.preset, config.data, config.model) == ("digits", "digits", resolve_config("digits").model)
+    with pytest.raises(ValueError, match="--preset toy and preset=digits disagree: give the preset once"):
+        resolve_config("toy", None, [parse_override("preset=digits")])
+    saved = dataclasses.replace(resolve_config("toy"), out="runs/toy")
+    with pytest.raises(ValueError, match="runs/toy is a run of the 'toy' preset, not 'digits'"):
+        resolve_config(None, None, [parse_override("preset=digits")], saved=saved)
+    assert resolve_config(None, None, [parse_override("preset=toy")], saved=saved).preset == "toy"
+
+
 def test_eval_logdet_is_checked() -> None:
     assert TrainConfig().eval_logdet == "auto"
     for value, message in [

@@ -291,10 +291,15 @@ def resolve_config(
     it was configured, changed only by ``config_file`` and ``overrides``; ``preset``, if given,
     must be the run's."""
     from_file = {} if config_file is None else read_settings(config_file)
+    named = [override["preset"] for override in overrides if "preset" in override]  # preset=NAME
+    if preset is not None and any(other != preset for other in named):
+        raise ValueError(f"--preset {preset} and preset={named[-1]} disagree: give the preset once")
+    preset = preset or (named[-1] if named else None)
     if saved is not None:
-        if preset is not None and preset != saved.preset:
+        asked = preset or from_file.get("preset")
+        if asked is not None and asked != saved.preset:
             raise ValueError(
-                f"{saved.out} is a run of the {saved.preset!r} preset, not {preset!r}: leave out --preset to resume it"
+                f"{saved.out} is a run of the {saved.preset!r} preset, not {asked!r}: leave out --preset to resume it"
             )
         settings = _merge(saved.to_dict(), from_file, str(config_file))
         for override in overrides:
