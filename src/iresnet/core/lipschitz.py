@@ -80,7 +80,10 @@ class SpectralNorm(nn.Module):
     iteration, warm-started from the previous vectors. In eval mode the vectors are frozen and
     :math:`\hat\sigma = v^\top W u` is read off them, after they have been converged for the
     weight as it is now: an eval-mode call on a weight changed since the last convergence (an
-    optimiser step, a loaded state dict) converges first (:meth:`converge`). Eval mode divides by
+    optimiser step, a loaded state dict) converges first (:meth:`converge`). A change is seen by
+    the weight's version counter, which a write through ``.data`` (``p.data.copy_(w)``) bypasses:
+    write under ``torch.no_grad()`` to the parameter itself, or call
+    :func:`converge_spectral_norms` after such a write. Eval mode divides by
     :math:`\hat\sigma (1 + 10\,\mathrm{tol})`, a margin over the convergence tolerance, so that
     the frozen weight's norm is at most ``coeff``.
 
