@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..core.invertible import Invertible, InvertibleLayer, sum_logdets
 from ..core.layers import Squeeze
+from ..core.validation import check_input
 
 __all__ = ["MultiScale"]
 
@@ -25,7 +26,8 @@ class MultiScale(InvertibleLayer):
 
     Arguments:
         stages: invertible modules, one per scale, each keeping its input's shape.
-        event_shape: the ``(C, H, W)`` of one input.
+        event_shape: the ``(C, H, W)`` of one input; an input of another shape, or a latent of
+            another size than :math:`CHW`, raises ``ValueError``.
         squeeze_first: squeeze before the first stage (a 1-channel image gets 4 channels).
         factor_out: factor half the channels out at each squeeze (else keep them all, as the
             Residual Flows image models do).
@@ -52,6 +54,7 @@ class MultiScale(InvertibleLayer):
         self.stage_shapes = _stage_shapes(self.event_shape, len(stages), squeeze_first, factor_out)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        check_input(x, "MultiScale input", self.event_shape, None)
         if self.squeeze_first:
             x, _ = self.squeeze(x)
         parts, logdets = [], []
@@ -68,6 +71,7 @@ class MultiScale(InvertibleLayer):
         return torch.cat(parts, 1), sum_logdets(logdets, x)
 
     def inverse(self, z: Tensor) -> Tensor:
+        check_input(z, "MultiScale.inverse input", (math.prod(self.event_shape),), None)
         factored_shapes = self.stage_shapes[1:] if self.factor_out else []
         sizes = [math.prod(s) for s in factored_shapes] + [math.prod(self.stage_shapes[-1])]
         parts = list(z.split(sizes, 1))
