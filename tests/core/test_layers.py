@@ -141,3 +141,21 @@ def test_actnorm_keeps_the_scale_of_a_constant_channel(device):
     y, _ = norm(x)
     assert norm.log_scale[1].item() == 0.0
     torch.testing.assert_close(y[:, 1], torch.zeros(16, dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"num_features": 0}, "num_features must be an integer of at least 1, got 0"),
+        ({"num_features": -1}, "num_features must be an integer of at least 1, got -1"),
+        ({"num_features": 2.5}, "num_features must be an integer of at least 1, got 2.5"),
+        ({"num_features": 2, "eps": -1.0}, r"eps must be a number in \(0, inf\), got -1.0"),
+        ({"num_features": 2, "eps": 0.0}, r"eps must be a number in \(0, inf\), got 0.0"),
+        ({"num_features": 2, "eps": float("nan")}, r"eps must be a number in \(0, inf\), got nan"),
+        ({"num_features": 2, "eps": float("inf")}, r"eps must be a number in \(0, inf\), got inf"),
+    ],
+)
+def test_actnorm_refuses_a_bad_size_or_eps(arguments, message):
+    """The audit: eps=-1 gave NaN scales silently, 0 features were accepted, -1 and 2.5 died in torch.zeros."""
+    with pytest.raises(ValueError, match=message):
+        iresnet.ActNorm(**arguments)

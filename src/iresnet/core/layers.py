@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .invertible import InvertibleLayer
-from .validation import check_input
+from .validation import check_count, check_input, check_interval
 
 __all__ = ["ActNorm", "Squeeze", "InjectivePad", "initialize_from_data"]
 
@@ -22,6 +22,10 @@ class ActNorm(InvertibleLayer):
     the statistics by two passes in float64; a channel constant in that batch keeps
     :math:`s = 0`. A first batch with fewer than two values per channel raises ``ValueError``.
     :math:`\log|\det| = (\prod_{i \ge 2} n_i) \sum_c s_c`.
+
+    Arguments:
+        num_features: the number of channels :math:`C`, an integer of at least 1.
+        eps: :math:`\epsilon > 0`, finite, added to the variance at initialisation.
 
     References:
         Kingma, Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
@@ -46,6 +50,8 @@ class ActNorm(InvertibleLayer):
 
     def __init__(self, num_features: int, eps: float = 1e-6) -> None:
         super().__init__()
+        check_count("num_features", num_features)
+        check_interval("eps", eps, 0)
         self.num_features = num_features
         self.eps = eps
         self.bias = nn.Parameter(torch.zeros(num_features))
