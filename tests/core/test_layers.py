@@ -1,4 +1,4 @@
-"""ActNorm (its data-dependent initialisation, initialize_from_data) and Squeeze."""
+"""ActNorm (its data-dependent initialisation, initialize_from_data), Squeeze and InjectivePad."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 
 import iresnet
 from helpers import jacobian_logdet
+from iresnet.core.validation import NonFiniteInputError
 
 
 def test_actnorm_data_dependent_initialisation(device):
@@ -159,3 +160,18 @@ def test_actnorm_refuses_a_bad_size_or_eps(arguments, message):
     """The audit: eps=-1 gave NaN scales silently, 0 features were accepted, -1 and 2.5 died in torch.zeros."""
     with pytest.raises(ValueError, match=message):
         iresnet.ActNorm(**arguments)
+
+
+def test_injective_pad_refuses_what_it_cannot_pad_or_unpad(device):
+    """The audit: inverse of 2 channels with extra=3 returned 1 channel, NaN went through, extra=1.5 was taken."""
+    with pytest.raises(ValueError, match="extra must be an integer of at least 0, got 1.5"):
+        iresnet.InjectivePad(1.5)
+    pad = iresnet.InjectivePad(3)
+    with pytest.raises(ValueError, match=r"InjectivePad.inverse input: expected \(batch, C \+ 3, H, W\) with C >= 1"):
+        pad.inverse(torch.randn(1, 2, 2, 2, device=device))
+    with pytest.raises(ValueError, match=r"InjectivePad.inverse input: expected \(batch, C \+ 3, H, W\)"):
+        pad.inverse(torch.randn(1, 5, 2, device=device))
+    with pytest.raises(NonFiniteInputError, match="InjectivePad input: 1 of 2 samples hold NaN or inf"):
+        pad(torch.stack([torch.zeros(1, 2, 2), torch.full((1, 2, 2), float("nan"))]).to(device))
+    with pytest.raises(NonFiniteInputError, match="InjectivePad.inverse input"):
+        pad.inverse(torch.full((1, 4, 2, 2), float("inf"), device=device))

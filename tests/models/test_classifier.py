@@ -73,7 +73,7 @@ def test_injective_pad() -> None:
     assert torch.equal(pad.inverse(y), x)
     with pytest.raises(ValueError, match="expected"):
         pad(torch.randn(3, 4))
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match="extra must be an integer of at least 0"):
         InjectivePad(-1)
 
 

@@ -186,23 +186,31 @@ class InjectivePad(InvertibleLayer):
     :mod:`iresnet.core.invertible`), and its inverse, which drops the extra channels, is a left
     inverse: ``inverse(forward(x))`` is ``x``, ``forward(inverse(y))`` is ``y`` only where the
     extra channels of ``y`` are zero. More channels give the residual branches room (Behrmann
-    et al. pad 13 zero channels onto CIFAR-10's 3)."""
+    et al. pad 13 zero channels onto CIFAR-10's 3). ``extra`` is an integer of at least 0; both
+    directions take finite ``(batch, C, H, W)``, the inverse more than ``extra`` channels."""
 
     bijective = False
 
     def __init__(self, extra: int) -> None:
         super().__init__()
-        if extra < 0:
-            raise ValueError(f"extra must be non-negative, got {extra}")
+        check_count("extra", extra, 0)
         self.extra = extra
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        check_input(x, "InjectivePad input", None, None)
         if x.dim() != 4:
             raise ValueError(f"InjectivePad input: expected (batch, C, H, W), got shape {tuple(x.shape)}")
         zeros = x.new_zeros(x.shape[0], self.extra, *x.shape[2:])
         return torch.cat([x, zeros], 1), None
 
     def inverse(self, y: Tensor) -> Tensor:
+        name = "InjectivePad.inverse input"
+        check_input(y, name, None, None)
+        if y.dim() != 4 or y.shape[1] <= self.extra:
+            raise ValueError(
+                f"{name}: expected (batch, C + {self.extra}, H, W) with C >= 1 (the input's channels, then the "
+                f"{self.extra} padded ones), got shape {tuple(y.shape)}"
+            )
         return y[:, : y.shape[1] - self.extra]
 
     def forward_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
