@@ -65,6 +65,13 @@ def test_squeeze_layout_and_round_trip(device):
         squeeze(torch.randn(1, 1, 3, 4, device=device))
 
 
+@pytest.mark.parametrize("shape", [(4, 4, 4), (1, 4, 2, 2, 1), (1, 6, 2, 2)])
+def test_squeeze_inverse_names_the_shape_it_takes(device, shape):
+    """The audit: a 3-D input died in unpacking ("not enough values to unpack")."""
+    with pytest.raises(ValueError, match=r"Squeeze.inverse input: expected \(batch, 4C, H, W\)"):
+        iresnet.Squeeze().inverse(torch.randn(*shape, device=device))
+
+
 def test_initialize_from_data_initialises_actnorm_and_nothing_else():
     """ActNorm takes its data-dependent initialisation; the random state, the power-iteration
     vectors, BatchNorm statistics and every module's mode are as before."""

@@ -173,9 +173,11 @@ class Squeeze(InvertibleLayer):
 
     def inverse(self, y: Tensor) -> Tensor:
         check_input(y, "Squeeze.inverse input", None, None)
+        if y.dim() != 4 or y.shape[1] % 4:
+            raise ValueError(
+                f"Squeeze.inverse input: expected (batch, 4C, H, W), channels a multiple of 4, got {tuple(y.shape)}"
+            )
         b, c4, h, w = y.shape
-        if c4 % 4:
-            raise ValueError(f"Squeeze.inverse input: channels must be a multiple of 4, got {c4}")
         c = c4 // 4
         return y.view(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
 
