@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -442,6 +443,22 @@ def test_bound_does_not_touch_power_iteration(device):
 def test_bound_refuses_unknown_activation(device):
     with pytest.raises(TypeError, match="cannot certify"):
         iresnet.lipschitz_bound(nn.Sequential(nn.Linear(2, 2), nn.Softplus(beta=5)).to(device), (2,))
+
+
+@pytest.mark.parametrize(
+    ("g", "input_shape", "takes", "reached"),
+    [
+        (nn.Sequential(nn.Linear(3, 8), nn.ELU(), nn.Linear(8, 3)), (4,), "Linear takes 3 features", (4,)),
+        (nn.Sequential(nn.Linear(3, 8), nn.ELU(), nn.Linear(6, 3)), (3,), "Linear takes 6 features", (8,)),
+        (nn.Conv2d(2, 2, 3, padding=1), (3, 4, 4), "Conv2d takes (2, H, W)", (3, 4, 4)),
+        (nn.Conv2d(2, 2, 3, padding=1), (2, 4), "Conv2d takes (2, H, W)", (2, 4)),
+    ],
+)
+def test_bound_refuses_an_input_shape_that_does_not_fit(g, input_shape, takes, reached):
+    """The audit: a branch taking 3 features and input_shape (4,) gave torch's raw matmul error."""
+    message = f"input_shape {input_shape} does not fit the branch: its {takes}, one input reaches it as {reached}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        iresnet.lipschitz_bound(g, input_shape)
 
 
 def test_spectral_norm_class_is_a_parametrization():

@@ -314,7 +314,8 @@ def lipschitz_bound(g: nn.Module, input_shape: tuple[int, ...]) -> float:
     :math:`\mathrm{Lip}(g) \le \prod_i \|W_i\|_2 \prod_j \mathrm{Lip}(\phi_j)`.
 
     The weights are read as the layers use them in eval mode; nothing is updated.
-    ``input_shape`` is the shape of one input, without batch.
+    ``input_shape`` is the shape of one input, without batch; one that a ``Linear`` or
+    ``Conv2d`` of the chain cannot take raises ``ValueError``.
 
     Example:
         One dense layer's bound is its largest singular value; a chain's is at most the product
@@ -339,6 +340,7 @@ def lipschitz_bound(g: nn.Module, input_shape: tuple[int, ...]) -> float:
     with _eval_mode(g):
         for layer in _chain(g):
             if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                _check_fits(layer, shape, input_shape)
                 bound *= operator_norm_bound(layer, shape)
             elif isinstance(layer, DenseLayer):
                 eta = layer.eta.detach().double()
@@ -356,6 +358,20 @@ def lipschitz_bound(g: nn.Module, input_shape: tuple[int, ...]) -> float:
             probe = torch.zeros((1, *shape), dtype=_dtype_of(layer, g))
             shape = tuple(layer(probe).shape[1:])
     return bound
+
+
+def _check_fits(layer: nn.Linear | nn.Conv2d, shape: tuple[int, ...], input_shape: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless one input of ``shape``, which ``input_shape`` becomes on its way
+    through the branch, can enter ``layer``."""
+    if isinstance(layer, nn.Linear):
+        fits, takes = len(shape) > 0 and shape[-1] == layer.in_features, f"{layer.in_features} features"
+    else:
+        fits, takes = len(shape) == 3 and shape[0] == layer.in_channels, f"({layer.in_channels}, H, W)"
+    if not fits:
+        raise ValueError(
+            f"input_shape {tuple(input_shape)} does not fit the branch: its {type(layer).__name__} takes {takes}, "
+            f"one input reaches it as {shape}; pass the shape of one input of the branch, without batch"
+        )
 
 
 def _dtype_of(layer: nn.Module, model: nn.Module) -> torch.dtype:
