@@ -242,6 +242,20 @@ def test_fresh_conv_block_names_a_wrong_channel_count(device):
         block(torch.randn(2, 4, 6, 6, device=device))
 
 
+@pytest.mark.parametrize("event_shape", [3, (3.0,), (0,), (), "3"])
+def test_block_refuses_an_event_shape_that_is_not_a_shape(event_shape):
+    """The audit: event_shape=3 gave "'int' object is not iterable"."""
+    with pytest.raises(ValueError, match=r"event_shape must be a tuple of integers of at least 1, .* \(such as \(3,\)"):
+        iresnet.ResidualBlock(dense_branch(3, 8, 0.9), event_shape=event_shape)
+    assert iresnet.ResidualBlock(dense_branch(3, 8, 0.9), event_shape=[3]).event_shape == (3,)
+
+
+def test_block_refuses_a_branch_that_is_not_a_module():
+    """The audit: a lambda gave "'function' object has no attribute '_forward_hooks'"."""
+    with pytest.raises(TypeError, match="g must be an nn.Module .* got function"):
+        iresnet.ResidualBlock(lambda x: 0.5 * x)
+
+
 def test_anderson_warns_when_the_iterates_prove_g_expanding(device):
     """The audit: Anderson returned a root for a non-contractive g without a word."""
     g = nn.Linear(3, 3, bias=False).double().to(device)

@@ -86,7 +86,8 @@ class ResidualBlock(InvertibleLayer):
             float32, 1e-10 in float64).
         max_iter: the cap on fixed-point iterations.
         anderson_memory: the history length of Anderson acceleration.
-        event_shape: the shape of one input; taken from the first input if ``None``.
+        event_shape: the shape of one input, a tuple (``(3,)`` for 3 features); taken from the
+            first input if ``None``.
         jacobian: how the log-det reaches ``J_g``. ``"explicit"``: matrix products and
             convolutions from the branch's forward pass (:mod:`iresnet.core.jacobian`), so training
             needs one first-order backward pass and ``torch.compile`` accepts it; raises for a
@@ -130,6 +131,20 @@ class ResidualBlock(InvertibleLayer):
         compile_inverse: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(g, nn.Module):
+            raise TypeError(
+                "g must be an nn.Module (the residual branch, such as an nn.Sequential of spectral-normalised "
+                f"layers), got {type(g).__name__}"
+            )
+        if event_shape is not None and (
+            not isinstance(event_shape, (tuple, list))
+            or not event_shape
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in event_shape)
+        ):
+            raise ValueError(
+                "event_shape must be a tuple of integers of at least 1, the shape of one input without batch "
+                f"(such as (3,) for 3 features), or None, got {event_shape!r}"
+            )
         check_choice("inverse_method", inverse_method, INVERSE_METHODS)
         check_interval("atol", atol, 0, optional=True)
         check_interval("rtol", rtol, 0, optional=True)
