@@ -461,6 +461,13 @@ def test_bound_refuses_an_input_shape_that_does_not_fit(g, input_shape, takes, r
         iresnet.lipschitz_bound(g, input_shape)
 
 
+@pytest.mark.parametrize("coeff", ["0.9", True, None, 0, -0.5, float("inf"), float("nan")])
+def test_spectral_norm_refuses_a_coeff_that_is_not_a_positive_number(coeff):
+    """The audit: '0.9' died comparing a str with 0, and True was taken as coefficient 1."""
+    with pytest.raises(ValueError, match=rf"coeff must be a number in \(0, inf\), got {re.escape(repr(coeff))}"):
+        iresnet.spectral_norm(nn.Linear(3, 3), coeff)
+
+
 def test_spectral_norm_class_is_a_parametrization():
     layer = iresnet.spectral_norm(nn.Linear(3, 3))
     assert isinstance(layer.parametrizations.weight[0], SpectralNorm)

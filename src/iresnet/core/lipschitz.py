@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .attributes import attribute_set
-from .validation import check_count
+from .validation import check_count, check_interval
 
 __all__ = [
     "DEFAULT_COEFF",
@@ -89,7 +89,7 @@ class SpectralNorm(nn.Module):
 
     Arguments:
         layer: the ``nn.Linear`` or ``nn.Conv2d`` whose weight is normalised.
-        coeff: the bound :math:`c` on the layer's operator norm.
+        coeff: the bound :math:`c` on the layer's operator norm, a finite number above 0.
         power_iterations: power-iteration steps per training evaluation.
         input_shape: ``(C, H, W)`` of a convolution's input; inferred at the first call if
             ``None``.
@@ -109,8 +109,7 @@ class SpectralNorm(nn.Module):
         input_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
-        if not 0 < coeff:
-            raise ValueError(f"coeff must be positive, got {coeff}")
+        check_interval("coeff", coeff, 0)
         self.frozen = False  # set by frozen_power_iteration: a training-mode layer that does not iterate
         self.margin = 0.0
         self._converged_for: tuple | None = None
