@@ -174,8 +174,9 @@ def test_refuses_what_it_cannot_bound():
         iresnet.aol(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(TypeError, match="nn.Linear or nn.Conv2d, got Conv1d"):
         iresnet.aol(nn.Conv1d(2, 2, 3))
-    with pytest.raises(ValueError, match="coeff must be a positive number"):
-        iresnet.aol(nn.Linear(2, 2), coeff=0)
+    for coeff in (float("inf"), float("nan"), 0, True, "0.9"):  # the audit: inf was taken
+        with pytest.raises(ValueError, match=r"coeff must be a number in \(0, inf\)"):
+            iresnet.aol(nn.Linear(2, 2), coeff=coeff)
 
 
 def test_state_dict_round_trip_and_removal():

@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .lipschitz import DEFAULT_COEFF, weight_parametrizations
+from .validation import check_interval
 
 __all__ = ["AOL", "aol", "aol_layers"]
 
@@ -69,13 +70,12 @@ class AOL(nn.Module):
     Arguments:
         layer: the ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``, zero padding) whose weight is
             rescaled.
-        coeff: the bound :math:`c` on the layer's operator norm.
+        coeff: the bound :math:`c` on the layer's operator norm, a finite number above 0.
     """
 
     def __init__(self, layer: nn.Linear | nn.Conv2d, coeff: float = DEFAULT_COEFF) -> None:
         super().__init__()
-        if isinstance(coeff, bool) or not isinstance(coeff, (int, float)) or not coeff > 0:
-            raise ValueError(f"coeff must be a positive number, got {coeff!r}")
+        check_interval("coeff", coeff, 0)
         if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
             raise ValueError(
                 "aol supports Conv2d with groups=1 and padding_mode='zeros', got "
