@@ -450,6 +450,7 @@ def test_bound_refuses_unknown_activation(device):
     [
         (nn.Sequential(nn.Linear(3, 8), nn.ELU(), nn.Linear(8, 3)), (4,), "Linear takes 3 features", (4,)),
         (nn.Sequential(nn.Linear(3, 8), nn.ELU(), nn.Linear(6, 3)), (3,), "Linear takes 6 features", (8,)),
+        (iresnet.spectral_norm(nn.Linear(3, 3), 0.9), (4,), "Linear takes 3 features", (4,)),
         (nn.Conv2d(2, 2, 3, padding=1), (3, 4, 4), "Conv2d takes (2, H, W)", (3, 4, 4)),
         (nn.Conv2d(2, 2, 3, padding=1), (2, 4), "Conv2d takes (2, H, W)", (2, 4)),
     ],

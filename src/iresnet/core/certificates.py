@@ -364,12 +364,12 @@ def _check_fits(layer: nn.Linear | nn.Conv2d, shape: tuple[int, ...], input_shap
     """Raise ``ValueError`` unless one input of ``shape``, which ``input_shape`` becomes on its way
     through the branch, can enter ``layer``."""
     if isinstance(layer, nn.Linear):
-        fits, takes = len(shape) > 0 and shape[-1] == layer.in_features, f"{layer.in_features} features"
+        fits, takes = len(shape) > 0 and shape[-1] == layer.in_features, f"Linear takes {layer.in_features} features"
     else:
-        fits, takes = len(shape) == 3 and shape[0] == layer.in_channels, f"({layer.in_channels}, H, W)"
-    if not fits:
+        fits, takes = len(shape) == 3 and shape[0] == layer.in_channels, f"Conv2d takes ({layer.in_channels}, H, W)"
+    if not fits:  # named by kind: a spectral-normalised layer's class is ParametrizedLinear
         raise ValueError(
-            f"input_shape {tuple(input_shape)} does not fit the branch: its {type(layer).__name__} takes {takes}, "
+            f"input_shape {tuple(input_shape)} does not fit the branch: its {takes}, "
             f"one input reaches it as {shape}; pass the shape of one input of the branch, without batch"
         )
 
