@@ -741,3 +741,38 @@ def test_model_lipschitz_aol_trains_toy_and_digits(tmp_path: Path, capsys: pytes
         assert math.isfinite(json.loads(capsys.readouterr().out)["nll"])
     model = build_model("density", "8gaussians", {"blocks": 1, "hidden": 8, "lipschitz": "aol"})
     assert list(aol_layers(model)) and not list(spectral_norms(model))
+
+
+def too_few_iterations(trained: Path, tmp_path: Path) -> Path:
+    """A copy of ``trained`` whose inverse may take one iteration (as a resume with model.max_iter=1 leaves it)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    settings = json.loads((run / "config.json").read_text())
+    settings["model"]["max_iter"] = 1
+    (run / "config.json").write_text(json.dumps(settings))
+    return run
+
+
+def test_sample_says_in_one_line_that_the_inverse_did_not_converge(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = too_few_iterations(trained, tmp_path)
+    assert run_cli("sample", str(run), "--n", "8", "--out", str(tmp_path / "s.png")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iresnet sample: error: no samples were drawn: the inverse did not")
+    assert err[0].endswith(f"(model.max_iter is 1): iresnet train --out {run} --resume model.max_iter=100")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_eval_reports_the_figures_and_the_inverse_check_as_failed(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = too_few_iterations(trained, tmp_path)
+    assert run_cli("eval", str(run), "--seeds", "1") == 1
+    out, err = capsys.readouterr()
+    assert "test NLL" in out and "FAILED: 64 test inputs to the latent and back: fixed-point inversion" in out
+    assert err.strip().splitlines()[-1].startswith("iresnet eval: error: the report card's inverse check failed")
+    assert "Traceback" not in err and "--resume model.max_iter=100" in err
+    report = json.loads((run / "eval.json").read_text())
+    assert report["nll"] > 0 and report["card"]["reconstruction"]["failure"].startswith("fixed-point inversion")
+    assert report["card"]["reconstruction"]["max_abs_error"] is None

@@ -308,10 +308,31 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"report written to {path}", file=sys.stderr if args.json else sys.stdout)
     except OSError as error:
         _cannot_write(args, Path(args.run) / "eval.json", error, "warning")
+    code = 0
+    if result.inverse_failure is not None:  # the figures above need no inverse
+        print(_unsolved(args, "the report card's inverse check failed", result.inverse_failure), file=sys.stderr)
+        code = 1
     if result.picture_error is not None:
         _cannot_write(args, result.picture or f"the picture of --ood {args.ood}", result.picture_error)
-        return 1
-    return 0
+        code = 1
+    return code
+
+
+_UNSOLVED = {"eval": "the run cannot be evaluated", "sample": "no samples were drawn", "fid": "no samples were drawn"}
+"""What a command could not do where its run's inverse (or a block's solve) does not converge."""
+
+
+def _unsolved(args: argparse.Namespace, what: str, failure: str) -> str:
+    """One line: what the command could not do, the inverse that did not converge, and how to
+    allow it more iterations (the solver's settings of a run may change on --resume)."""
+    from .core.inverse import MAX_ITER
+    from .train.checkpoint import load_config
+
+    now = load_config(args.run).model.get("max_iter", MAX_ITER)
+    return (
+        f"iresnet {args.command}: error: {what}: the inverse did not converge: {failure} Allow it more iterations "
+        f"(model.max_iter is {now}): iresnet train --out {args.run} --resume model.max_iter={max(2 * now, MAX_ITER)}"
+    )
 
 
 def _cannot_write(args: argparse.Namespace, path: str | Path, error: OSError, kind: str = "error") -> None:
@@ -384,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         run_demo(dim=args.dim, hidden=args.hidden, coeff=args.coeff, seed=args.seed)
         return
+    from .core.inverse import InversionError
+
     commands = {"train": _train, "eval": _evaluate, "sample": _sample, "fid": _fid, "reconstruct": _reconstruct}
     try:
         with warnings.catch_warnings():
@@ -391,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as error:
         parser.exit(2, f"iresnet {args.command}: error: {error}\n")
+    except InversionError as error:  # train and reconstruct report their own
+        print(_unsolved(args, _UNSOLVED[args.command], str(error)), file=sys.stderr)
+        code = 1
     sys.exit(code)
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..core.certificates import design_bound, lipschitz_bound
 from ..core.implicit import ImplicitBlock
+from ..core.inverse import InversionError
 from ..core.lipschitz import DEFAULT_COEFF, converge_spectral_norms
 from ..core.logdet import LogDetEstimator
 from ..core.monotone import MonotoneBlock
@@ -88,10 +89,12 @@ class ReportCard:
     train_estimator: dict[str, Any]
     eval_estimator: dict[str, Any]
     reconstructed: int
-    max_error: float
-    mean_error: float
+    max_error: float | None
+    mean_error: float | None
     coeff: float
     blocks: list[BlockCertificate]
+    inverse_failure: str | None = None
+    """Why the inverse of the reconstructed inputs did not converge (then no errors), or ``None``."""
 
     def values(self) -> list[float]:
         """The test figure of each seed, in :attr:`unit`."""
@@ -122,6 +125,7 @@ class ReportCard:
                 "mean_abs_error": self.mean_error,
                 "iterations_mean": statistics.fmean(iterations) if iterations else None,
                 "iterations_max": max(iterations, default=None),
+                "failure": self.inverse_failure,
             },
             "coeff": self.coeff,
             "blocks": [{**asdict(b), "exceeds": b.exceeds} for b in self.blocks],
@@ -142,6 +146,12 @@ class ReportCard:
             if recon["iterations_max"] is None
             else (f"{recon['iterations_mean']:.1f} mean, {recon['iterations_max']} max per block")
         )
+        inverse = (
+            f"{self.reconstructed} test inputs to the latent and back: max abs error {self.max_error:.2e}, mean "
+            f"{self.mean_error:.2e}; fixed-point iterations {iterations}"
+            if self.inverse_failure is None
+            else f"FAILED: {self.reconstructed} test inputs to the latent and back: {self.inverse_failure}"
+        )
         lines = [
             f"report card over {len(self.seeds)} evaluation seeds ({', '.join(map(str, self.seeds))}):",
             f"  {'test':<22} {figures['mean']:.4f} +- {figures['std']:.4f} {self.unit} (std over seeds; "
@@ -151,8 +161,7 @@ class ReportCard:
             f"  {'peak eval memory':<22} {self.peak_memory / 2**20:.1f} MiB per batch ({self.memory_kind})",
             f"  {'train log-det':<22} {estimator_words(self.train_estimator)}",
             f"  {'eval log-det':<22} {words}",
-            f"  {'inverse':<22} {self.reconstructed} test inputs to the latent and back: max abs error "
-            f"{self.max_error:.2e}, mean {self.mean_error:.2e}; fixed-point iterations {iterations}",
+            f"  {'inverse':<22} {inverse}",
             f"  {'block':>5}  {'kind':<12} {'certified Lip(g)':>16} {f'design (coeff {self.coeff:g})':>20} "
             f"{'iterations':>10}",
         ]
@@ -287,7 +296,8 @@ def report_card(
     """The card of a density run's ``model``: the test evaluation under ``seeds`` evaluation seeds
     (:data:`~iresnet.tasks.EVAL_SEED` first, so that the first is the usual evaluation), each
     reseeding the dequantisation noise and the estimator's draws; the peak memory of the first;
-    the time per step recorded in ``metrics``; and the inverse and the certificates."""
+    the time per step recorded in ``metrics``; and the inverse and the certificates. An inverse
+    that does not converge is reported (:attr:`ReportCard.inverse_failure`), not raised."""
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     discrete = source.is_image
@@ -305,7 +315,12 @@ def report_card(
             )
     with evaluation_randomness(device):
         inputs = source.test[:RECONSTRUCTED].to(device)
-        max_error, mean_error = reconstruction_errors(model, inputs)
+        errors: tuple[float | None, float | None] = (None, None)
+        failure = None
+        try:
+            errors = reconstruction_errors(model, inputs)
+        except InversionError as error:  # the figures need no inverse: they stand, the check failed
+            failure = str(error)
     parameters = sum(p.numel() for p in model.parameters())
     return ReportCard(
         seeds=seed_list,
@@ -318,8 +333,9 @@ def report_card(
         train_estimator=estimator_spec(trained),
         eval_estimator=estimator_spec(trained if chosen is None else chosen),
         reconstructed=len(inputs),
-        max_error=max_error,
-        mean_error=mean_error,
+        max_error=errors[0],
+        mean_error=errors[1],
         coeff=config.model.get("coeff", DEFAULT_COEFF),
         blocks=block_certificates(model),
+        inverse_failure=failure,
     )

@@ -41,12 +41,14 @@ __all__ = ["RunReport", "baselines", "evaluate_run", "save_report", "training_su
 @dataclass
 class RunReport:
     """A run's evaluation: ``report`` (the JSON of ``eval.json``), ``text`` (the same for people),
-    and, with an OOD comparison, its ``picture`` and the error that kept it from being written."""
+    with an OOD comparison, its ``picture`` and the error that kept it from being written, and
+    ``inverse_failure``, why the report card's inverse did not converge (its check failed)."""
 
     report: dict[str, Any]
     text: str
     picture: Path | None = None
     picture_error: OSError | None = None
+    inverse_failure: str | None = None
 
 
 def baselines(source: DataSource) -> dict[str, Evaluation]:
@@ -135,8 +137,9 @@ def evaluate_run(
         scores = baselines(source)
         report["baselines"] = {name: asdict(value) for name, value in scores.items()}
         lines += _baseline_lines(scores)
+    unsolved = None if card is None else card.inverse_failure
     if comparison is None or ood is None:  # comparison is None exactly where ood is
-        return RunReport(report, "\n".join(lines))
+        return RunReport(report, "\n".join(lines), inverse_failure=unsolved)
     picture, error = Path(run) / f"ood-{ood}.png", None
     try:
         labels = (f"{config.data} test", ood)
@@ -155,7 +158,7 @@ def evaluate_run(
     chosen = eval_estimator(config.eval_logdet, discrete=True)  # as _compare scores both sets
     words = "the model's own" if chosen is None else estimator_words(estimator_spec(chosen))
     lines += _ood_lines(f"{config.data} test", ood, comparison, None if error else picture, words)
-    return RunReport(report, "\n".join(lines), picture, error)
+    return RunReport(report, "\n".join(lines), picture, error, unsolved)
 
 
 def _iw_report(weighted: ImportanceWeighted) -> dict[str, Any]:
