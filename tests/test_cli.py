@@ -776,3 +776,27 @@ def test_eval_reports_the_figures_and_the_inverse_check_as_failed(
     report = json.loads((run / "eval.json").read_text())
     assert report["nll"] > 0 and report["card"]["reconstruction"]["failure"].startswith("fixed-point inversion")
     assert report["card"]["reconstruction"]["max_abs_error"] is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "where", "message"),
+    [
+        ("--out", "afile", "--out {tmp}/afile is a file, not a directory: choose a directory for the run"),
+        ("--out", "afile/x", "--out {tmp}/afile/x: {tmp}/afile is a file, not a directory: choose a directory"),
+        ("--out", "dangling", "cannot make the run directory {tmp}/dangling: No such file or directory; choose"),
+        ("--config", "adir", "{tmp}/adir is a directory, not a JSON file of settings"),
+        ("--config", "afile/x", "{tmp}/afile/x: cannot read it: Not a directory"),
+    ],
+)
+def test_a_path_that_cannot_be_used_is_refused_before_training(
+    flag: str, where: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # a link to nothing: mkdir fails
+    before = sorted(tmp_path.rglob("*"))
+    out = [] if flag == "--out" else ["--out", str(tmp_path / "run")]
+    assert run_cli("train", flag, str(tmp_path / where), *out, *TINY) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("iresnet train: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1
+    assert sorted(tmp_path.rglob("*")) == before

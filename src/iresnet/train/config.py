@@ -179,8 +179,13 @@ _TYPE_CHECKS = {  # a field's annotation: its check and what it asks for
 def read_settings(path: str | os.PathLike) -> dict[str, Any]:
     """The settings in the JSON file ``path`` (an object of :class:`TrainConfig`'s fields);
     ``ValueError`` naming the file, and the line (and column), where it is not valid JSON, not an
-    object, or names an unknown setting."""
-    raw = Path(path).read_bytes()
+    object, or names an unknown setting, or where it cannot be read (a directory, a missing file)."""
+    try:
+        raw = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a JSON file of settings") from None
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it: {error.strerror or error}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
