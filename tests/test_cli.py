@@ -800,3 +800,42 @@ def test_a_path_that_cannot_be_used_is_refused_before_training(
     err = capsys.readouterr().err
     assert err.startswith("iresnet train: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1
     assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    ("command", "where", "name"),
+    [
+        ("eval", "iresnet.report.evaluation", "evaluate_run"),
+        ("sample", "iresnet.report.pictures", "sample_run"),
+        ("reconstruct", "iresnet.report.reconstruct", "reconstruct_run"),
+        ("fid", "iresnet.report.fid", "fid_run"),
+        ("train", "iresnet.train", "resolve_config"),  # train's start-up, before training runs
+    ],
+)
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(
+    command: str, where: str, name: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(f"{where}.{name}", pressed)
+    extra = {"fid": ["--weights", "w.pth"], "train": ["--no-progress"]}.get(command, ["RUN"])
+    assert run_cli(command, *(["RUN"] if command == "fid" else []), *extra) == 130
+    assert capsys.readouterr().err == f"iresnet {command}: interrupted\n"
+
+
+def test_ctrl_c_while_the_command_imports_torch_is_one_line(trained: Path) -> None:
+    """A real SIGINT while ``python -m iresnet`` still imports the package (torch): no traceback,
+    no death by the signal, but the command's line and exit 130."""
+    source = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-X", "importtime", "-m", "iresnet", "eval", str(trained), "--seeds", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert process.stderr is not None
+    for line in process.stderr:  # -X importtime: a line as each module is imported
+        if line.split("|")[-1].strip() == "torch":  # torch is loaded; the package is not yet
+            break
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "\niresnet eval: interrupted\n" in stderr and "Traceback" not in stderr  # among -X importtime's lines

@@ -10,7 +10,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 _TRAIN_EPILOG = """settings come from the preset, then --config (a JSON object of settings), then the
 flags, then KEY=VALUE overrides (model options as model.KEY=VALUE, e.g. model.hidden=64; an
@@ -421,7 +421,37 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+_COMMANDS = ("train", "eval", "sample", "fid", "reconstruct", "demo")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """``iresnet COMMAND ...``; Ctrl-C anywhere (the imports, loading a run or data, the work)
+    is one line, ``iresnet COMMAND: interrupted``, and exit status 130."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _main(words)
+    except KeyboardInterrupt:  # train reports its own once training runs, with what was kept
+        _interrupted(words)
+
+
+def _interrupted(words: Sequence[str]) -> NoReturn:
+    """``iresnet COMMAND: interrupted`` on standard error, then exit 130."""
+    command = next((f" {word}" for word in words if word in _COMMANDS), "")
+    print(f"iresnet{command}: interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def interrupted_while_importing() -> None:
+    """Ctrl-C while ``import iresnet`` loads torch, before :func:`main` runs: where this process is
+    the ``iresnet`` command (the script, or ``python -m iresnet``), its one line and exit 130;
+    elsewhere nothing (the package's import then raises the ``KeyboardInterrupt`` on)."""
+    argv = getattr(sys, "orig_argv", [])  # while python -m imports the package, sys.argv[0] is "-m"
+    module = sys.argv[:1] == ["-m"] and any(a == "-m" and b == "iresnet" for a, b in zip(argv, argv[1:]))
+    if module or Path(sys.argv[0]).name == "iresnet":
+        _interrupted(sys.argv[1:])
+
+
+def _main(argv: Sequence[str]) -> None:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command == "train":  # KEY=VALUE overrides may come after the flags too
