@@ -839,3 +839,40 @@ def test_ctrl_c_while_the_command_imports_torch_is_one_line(trained: Path) -> No
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "\niresnet eval: interrupted\n" in stderr and "Traceback" not in stderr  # among -X importtime's lines
+
+
+CPU_ALLOCATOR = (
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 400000000 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+def test_a_model_that_does_not_fit_in_memory_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """model.hidden=100000000 fails in the allocator while the model is built (as here, without
+    asking a test machine for that memory): one line, exit 2, no run directory."""
+    from iresnet.tasks import get_task
+
+    def allocating(*args, **kwargs):
+        raise RuntimeError(CPU_ALLOCATOR)
+
+    monkeypatch.setattr(type(get_task("density")), "build_model", allocating)
+    assert run_cli("train", "--out", str(tmp_path / "run"), *TINY, "model.hidden=100000000") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("iresnet train: error: the model does not fit in memory on cpu: an allocation of ")
+    assert "400,000,000 bytes failed" in err and "choose smaller model settings" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_running_out_of_memory_elsewhere_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import torch
+
+    def evaluating(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+
+    monkeypatch.setattr("iresnet.report.evaluation.evaluate_run", evaluating)
+    assert run_cli("eval", "RUN") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("iresnet eval: error: out of memory: an allocation of 2.00 GiB failed; choose a smaller")
+    assert err.count("\n") == 1

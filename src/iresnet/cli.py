@@ -476,6 +476,17 @@ def _main(argv: Sequence[str]) -> None:
     except InversionError as error:  # train and reconstruct report their own
         print(_unsolved(args, _UNSOLVED[args.command], str(error)), file=sys.stderr)
         code = 1
+    except RuntimeError as error:  # torch's allocator; a model that does not fit is refused before training
+        from .train.engine import allocation, out_of_memory
+
+        if not out_of_memory(error):
+            raise
+        print(
+            f"iresnet {args.command}: error: out of memory: {allocation(error)}; choose a smaller --batch-size "
+            "(or fewer samples, --n), or a run of smaller model settings",
+            file=sys.stderr,
+        )
+        code = 1
     sys.exit(code)
 
 

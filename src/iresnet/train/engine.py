@@ -10,6 +10,7 @@ import contextlib
 import copy
 import json
 import math
+import re
 import sys
 import time
 import warnings
@@ -50,6 +51,21 @@ __all__ = ["FinishedRun", "StoppedAtOnce", "TrainingError", "TrainResult", "trai
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or gradient); the last checkpoint is intact."""
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is torch's failure to allocate memory, on a GPU or on the CPU."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def allocation(error: BaseException) -> str:
+    """The allocation that failed, in words, from torch's message (CPU: bytes; CUDA: its unit)."""
+    text = str(error)
+    found = re.search(r"allocate (\d+) bytes", text) or re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", text)
+    if found is None:
+        return "an allocation failed"
+    size = f"{int(found[1]):,} bytes" if found[1].isdigit() else found[1]
+    return f"an allocation of {size} failed"
 
 
 @dataclass
@@ -107,7 +123,15 @@ class _Trainer:
                 f"precision=bf16 runs on CUDA only (bfloat16 autocast of the branches), and this run is on "
                 f"{procs.device}: use precision=float32, or device=cuda on a machine with a GPU"
             )
-        self.model: nn.Module = self.task.build_model(config.data, config.model).to(procs.device)
+        try:
+            self.model: nn.Module = self.task.build_model(config.data, config.model).to(procs.device)
+        except RuntimeError as error:
+            if not out_of_memory(error):
+                raise
+            raise ValueError(
+                f"the model does not fit in memory on {procs.device}: {allocation(error)} while it was built with "
+                f"the model options {config.model}; choose smaller model settings (model.hidden, model.blocks, ...)"
+            ) from None
         self.optimizer, self.scheduler = optimizer(config, self.model)
         self.ema = ExponentialMovingAverage(self.model, config.ema_decay) if config.ema_decay else None
         self.step = 0
