@@ -876,3 +876,27 @@ def test_running_out_of_memory_elsewhere_is_one_line(monkeypatch: pytest.MonkeyP
     err = capsys.readouterr().err
     assert err.startswith("iresnet eval: error: out of memory: an allocation of 2.00 GiB failed; choose a smaller")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+        (["--lambda", "inf"], "hybrid_lambda must be a finite number >= 0, got inf"),
+        (["warmup_steps=-1"], "warmup_steps must be at least 0, got -1"),
+        (["seed=99999999999999999999999"], "seed must lie strictly between -2**43 and 2**43 (8,796,093,022,208)"),
+        (["--seed", str(2**63 - 1)], "seed must lie strictly between -2**43 and 2**43"),
+    ],
+)
+def test_settings_out_of_range_are_refused_before_anything_is_written(
+    setting: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_cli("train", "--out", str(tmp_path / "run"), *TINY, *setting) == 2
+    assert capsys.readouterr().err.startswith(f"iresnet train: error: {message}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sample_seed_beyond_64_bits_is_refused_by_the_parser(capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("sample", "RUN", "--seed", "99999999999999999999999") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("iresnet sample: error: argument --seed: must be an integer from -2**63 to 2**64 - 1")

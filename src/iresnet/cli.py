@@ -94,6 +94,17 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed that torch.manual_seed takes, a 64-bit integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer from -2**63 to 2**64 - 1 (64 bits), got {value}")
+    return value
+
+
 def _add_train(commands: argparse._SubParsersAction) -> None:
     from .train.presets import PRESETS
 
@@ -189,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("run", help="the run directory")
     sample.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     sample.add_argument("--out", help="the PNG to write (default RUN/samples.png)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0)
     sample.add_argument(
         "--temperature",
         type=_temperature,
@@ -214,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference-stats", dest="reference_stats", metavar="PATH", help="an .npz of mu and sigma to compare with"
     )
     fid.add_argument("--n", type=_positive_int, default=1000, help="samples (and training images) (default 1000)")
-    fid.add_argument("--seed", type=int, default=0)
+    fid.add_argument("--seed", type=_seed, default=0)
     fid.add_argument("--temperature", type=_temperature, default=1.0, metavar="T", help="as for sample (default 1)")
     fid.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=100)
     fid.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -239,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_COEFF,
         help=f"spectral norm coefficient, 0 < c < 1 (default {DEFAULT_COEFF})",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     return parser
 
 

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import warnings
@@ -21,6 +22,10 @@ from ..tasks import TASKS, get_task, listed
 from .presets import PRESETS
 
 __all__ = ["TrainConfig", "parse_override", "read_settings", "resolve_config", "resume_changes", "upgrade_settings"]
+
+SEED_LIMIT = 2**43
+"""A run's seed lies strictly between -SEED_LIMIT and SEED_LIMIT: its data streams' generators
+are seeded with ``seed * 1_000_003 + step + stream * 2**40``, which torch takes as a 64-bit integer."""
 
 
 @dataclass
@@ -116,8 +121,8 @@ class TrainConfig:
             raise ValueError(f"lr_milestones must be strictly increasing steps of at least 1, got {self.lr_milestones}")
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"lr_gamma must lie in (0, 1], got {self.lr_gamma}")
-        if not self.hybrid_lambda >= 0:
-            raise ValueError(f"hybrid_lambda must be non-negative, got {self.hybrid_lambda}")
+        if not 0 <= self.hybrid_lambda < math.inf:
+            raise ValueError(f"hybrid_lambda must be a finite number >= 0, got {self.hybrid_lambda}")
         if not 0 < self.labelled_fraction <= 1:
             raise ValueError(f"labelled_fraction must lie in (0, 1], got {self.labelled_fraction}")
         if self.labelled_fraction < 1 and not task.labelled:
@@ -129,8 +134,12 @@ class TrainConfig:
                 raise ValueError(
                     f"{other} is for the task{'s' if len(owners) > 1 else ''} {listed(owners)}, not {self.task}"
                 )
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be at least 0, got {self.warmup_steps}")
+        if not -SEED_LIMIT < self.seed < SEED_LIMIT:  # the data streams' generators take seed * 1_000_003 + ...
+            raise ValueError(f"seed must lie strictly between -2**43 and 2**43 ({SEED_LIMIT:,}), got {self.seed}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
         if self.checkpoint_seconds is not None and not self.checkpoint_seconds > 0:
