@@ -900,3 +900,9 @@ def test_a_sample_seed_beyond_64_bits_is_refused_by_the_parser(capsys: pytest.Ca
     assert run_cli("sample", "RUN", "--seed", "99999999999999999999999") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("iresnet sample: error: argument --seed: must be an integer from -2**63 to 2**64 - 1")
+
+
+def test_fid_checks_the_run_before_the_weights(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("fid", str(trained), "--weights", str(tmp_path / "missing.pth")) == 2
+    err = capsys.readouterr().err
+    assert err == f"iresnet fid: error: {trained} was trained on '8gaussians': the FID compares images\n"

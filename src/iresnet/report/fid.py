@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..core.lipschitz import converge_spectral_norms
 from ..tasks import get_task
-from ..train.checkpoint import load_run
+from ..train.checkpoint import load_config, load_run
 from ..train.distributed import resolve_device
 from ..train.sources import run_source
 
@@ -239,6 +239,12 @@ def fid_run(
     ``ValueError`` for a run without a flow, a run of 2-D data, or ``n < 2``."""
     if n < 2:
         raise ValueError(f"n must be at least 2 (a covariance), got {n}")
+    config = load_config(run)  # the run first: it decides whether the weights are needed at all
+    if not get_task(config.task).generative:
+        raise ValueError(f"{run} holds a {config.task!r} run: only runs with a flow can be sampled")
+    source = run_source(config)
+    if not source.is_image:
+        raise ValueError(f"{run} was trained on {config.data!r}: the FID compares images")
     if features is None:
         if weights is None:
             raise ValueError("either the Inception weights or a feature extractor is needed")
@@ -248,9 +254,6 @@ def fid_run(
     flow = get_task(config.task).flow(model)
     if flow is None:
         raise ValueError(f"{run} holds a {config.task!r} run: only runs with a flow can be sampled")
-    source = run_source(config)
-    if not source.is_image:
-        raise ValueError(f"{run} was trained on {config.data!r}: the FID compares images")
     data = source.image_data()
     converge_spectral_norms(flow)
     with torch.random.fork_rng():
