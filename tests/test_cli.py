@@ -906,3 +906,12 @@ def test_fid_checks_the_run_before_the_weights(trained: Path, tmp_path: Path, ca
     assert run_cli("fid", str(trained), "--weights", str(tmp_path / "missing.pth")) == 2
     err = capsys.readouterr().err
     assert err == f"iresnet fid: error: {trained} was trained on '8gaussians': the FID compares images\n"
+
+
+def test_eval_with_one_seed_prints_no_spread(trained: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_cli("eval", str(trained), "--seeds", "1", "--json") == 0
+    card = json.loads(capsys.readouterr().out)["card"]
+    assert card["std"] is None and len(card["per_seed"]) == 1
+    assert run_cli("eval", str(trained), "--seeds", "1") == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed and re.search(r"test +[\d.]+ nats \(one seed; exact\)", printed)

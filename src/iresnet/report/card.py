@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import resource
 import statistics
 import sys
@@ -111,7 +110,7 @@ class ReportCard:
             "seeds": self.seeds,
             "per_seed": values,
             "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+            "std": statistics.stdev(values) if len(values) > 1 else None,  # one seed: no spread
             "se": self._first_se(),
             "parameters": self.parameters,
             "step_seconds": self.step_seconds,
@@ -152,10 +151,12 @@ class ReportCard:
             if self.inverse_failure is None
             else f"FAILED: {self.reconstructed} test inputs to the latent and back: {self.inverse_failure}"
         )
+        std = figures["std"]
+        spread, over = ("", "one seed") if std is None else (f"+- {std:.4f} ", "std over seeds")
         lines = [
             f"report card over {len(self.seeds)} evaluation seeds ({', '.join(map(str, self.seeds))}):",
-            f"  {'test':<22} {figures['mean']:.4f} +- {figures['std']:.4f} {self.unit} (std over seeds; "
-            f"{words}); per-example se {figures['se']:.4f}",
+            f"  {'test':<22} {figures['mean']:.4f} {spread}{self.unit} ({over}; {words}); per-example se "
+            f"{figures['se']:.4f}",
             f"  {'parameters':<22} {self.parameters:,}",
             f"  {'time per train step':<22} {step}",
             f"  {'peak eval memory':<22} {self.peak_memory / 2**20:.1f} MiB per batch ({self.memory_kind})",
