@@ -915,3 +915,15 @@ def test_eval_with_one_seed_prints_no_spread(trained: Path, capsys: pytest.Captu
     assert run_cli("eval", str(trained), "--seeds", "1") == 0
     printed = capsys.readouterr().out
     assert "nan" not in printed and re.search(r"test +[\d.]+ nats \(one seed; exact\)", printed)
+
+
+def test_resume_says_the_checkpoint_of_a_finished_run_is_missing(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "checkpoint.pt").unlink()
+    assert run_cli("train", "--out", str(run), "--resume", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"iresnet train: error: nothing to resume: the checkpoint {run / 'checkpoint.pt'} is missing")
+    assert "before its first checkpoint" not in err

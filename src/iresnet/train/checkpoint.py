@@ -297,6 +297,11 @@ def starting_state(files: RunFiles, resume: bool, device: str | torch.device = "
         logged = files.metrics.exists() and files.metrics.read_text().strip()
         if resume:
             early = " (its run stopped before its first checkpoint)" if logged else ""
+            if files.weights.exists():  # a finished run's: its checkpoint was removed
+                raise FileNotFoundError(
+                    f"nothing to resume: the checkpoint {files.checkpoint} is missing ({files.weights.name} holds "
+                    "the final weights, not the training state to go on from)"
+                )
             raise FileNotFoundError(f"nothing to resume: {files.checkpoint} does not exist{early}")
         if logged:
             raise FileExistsError(
