@@ -927,3 +927,16 @@ def test_resume_says_the_checkpoint_of_a_finished_run_is_missing(
     err = capsys.readouterr().err
     assert err.startswith(f"iresnet train: error: nothing to resume: the checkpoint {run / 'checkpoint.pt'} is missing")
     assert "before its first checkpoint" not in err
+
+
+def test_resume_with_fewer_steps_than_done_trains_nothing_and_changes_nothing(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.name != ".lock"}
+    assert run_cli("train", "--out", str(run), "--resume", "--steps", "2", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"iresnet train: error: nothing to train: {run} is at step 4, beyond steps=2; give more")
+    assert err.count("\n") == 1
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.name != ".lock"} == before

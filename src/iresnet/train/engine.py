@@ -451,6 +451,11 @@ def train(
         with claimed_run(config, procs, resume) as config:
             trainer = _Trainer(config, procs, progress)
             trainer.restore(resume)
+            if trainer.step > config.steps:  # before anything is written: the run stays as it is
+                raise ValueError(
+                    f"nothing to train: {config.out} is at step {trainer.step}, beyond steps={config.steps}; give "
+                    "more steps to go on, or leave --steps out to keep the run's own"
+                )
             if procs.main:
                 parameters = sum(p.numel() for p in trainer.model.parameters())
                 resuming = f", resuming at step {trainer.step}" if trainer.step else ""
