@@ -940,3 +940,12 @@ def test_resume_with_fewer_steps_than_done_trains_nothing_and_changes_nothing(
     assert err.startswith(f"iresnet train: error: nothing to train: {run} is at step 4, beyond steps=2; give more")
     assert err.count("\n") == 1
     assert {path.name: path.read_bytes() for path in run.iterdir() if path.name != ".lock"} == before
+
+
+def test_sample_refuses_a_picture_name_other_than_png(trained: Path, tmp_path: Path, capsys) -> None:
+    assert run_cli("sample", str(trained), "--n", "8", "--out", str(tmp_path / "x.jpg")) == 2
+    assert (
+        capsys.readouterr().err
+        == f"iresnet sample: error: --out {tmp_path / 'x.jpg'}: samples are written as PNG: name a .png file\n"
+    )
+    assert not list(tmp_path.iterdir())

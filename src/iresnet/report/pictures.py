@@ -162,6 +162,8 @@ def sample_run(
         raise ValueError("--by-class needs a hybrid with a class-conditional prior (model.classifier=gaussians)")
     converge_spectral_norms(flow)
     path = Path(out) if out is not None else Path(run) / "samples.png"
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {path}: samples are written as PNG: name a .png file")
     classes = len(flow.class_means) if by_class and flow.class_means is not None else None
     source = run_source(config)
     try:
