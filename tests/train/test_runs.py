@@ -257,7 +257,8 @@ def test_the_partial_files_of_a_killed_write_are_removed(tmp_path: Path, capsys:
 def test_a_new_run_does_not_add_to_the_records_of_one_without_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(config(run, steps=3), progress=False)
-    (run / "checkpoint.pt").unlink()  # as if killed before its first checkpoint
+    for name in ("checkpoint.pt", "model.safetensors"):  # as if killed before its first checkpoint
+        (run / name).unlink()
     before = (run / "metrics.jsonl").read_text()
     with pytest.raises(FileExistsError, match="holds metrics.jsonl of an earlier run that stopped before its first"):
         train(config(run, steps=3), progress=False)
