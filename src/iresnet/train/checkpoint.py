@@ -158,8 +158,10 @@ def _refuse_foreign_files(root: Path) -> None:
     ``config.json``: the run would write its own files among the files there, over any of the same
     name (``samples.png``, say). A run's directory is refused later, with what to do
     (:func:`starting_state`)."""
-    if not root.is_dir():
+    if root.is_file():
         raise FileExistsError(f"{root} is a file, not a directory: choose another --out")
+    if not root.is_dir():  # a dangling link, say: making the lock in it fails with its own message
+        return
     names = sorted(entry.name for entry in root.iterdir() if entry.name != ".lock")
     if not names or RunFiles(root).config.name in names:
         return
