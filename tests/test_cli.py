@@ -471,6 +471,25 @@ def test_a_new_run_refuses_a_directory_of_other_files(tmp_path: Path, capsys) ->
     assert run_cli("train", "--out", str(empty), *TINY) == 0  # an empty folder is a new run's
 
 
+def test_an_inverse_that_fails_in_trainings_evaluation_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A monotone or implicit block solves in its evaluation: where that fails during training,
+    the command once died with KeyError: 'train' in its own error handling."""
+    from iresnet.core.inverse import InversionError
+    from iresnet.tasks.density import DensityTask
+
+    def unsolved(*args, **kwargs):
+        raise InversionError("fixed-point inversion (fixed_point) failed for 3 of 500 samples after 2 iterations")
+
+    monkeypatch.setattr(DensityTask, "evaluate", unsolved)
+    run = tmp_path / "run"
+    assert run_cli("train", "--out", str(run), *TINY) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("iresnet train: error: the inverse did not converge: fixed-point inversion")
+    if sys.version_info >= (3, 11):  # the note of what was saved joins the line; before, engine prints it
+        assert error.count("\n") == 1
+    assert f"the training up to it is saved in {run / 'checkpoint.pt'}" in error
+
+
 def test_a_resumed_run_not_finished_is_used_at_its_checkpoints_step(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from .report.evaluation import training_summary
     from .report.pictures import write_final_files
-    from .train import RunInUseError, TrainingError, parse_override, resolve_config, train
+    from .train import RunDirectoryError, RunInUseError, TrainingError, parse_override, resolve_config, train
     from .train.checkpoint import WriteError, resumed_config
     from .train.stopping import sigterm_interrupts
 
@@ -299,11 +299,8 @@ def _train(args: argparse.Namespace) -> int:
     except (RunInUseError, WriteError) as error:
         print(f"iresnet train: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, RunInUseError) else 1
-    except OSError as error:  # making or locking the run directory, which the checks above cannot foresee
-        if error.filename is None or not Path(error.filename).is_relative_to(root):
-            raise
-        reason = f"cannot make the run directory {root}: {error.strerror or error}; choose another --out"
-        print(f"iresnet train: error: {reason}", file=sys.stderr)
+    except RunDirectoryError as error:  # making or locking it, which the checks above cannot foresee
+        print(f"iresnet train: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:  # a second Ctrl-C (its message says what was kept), or one outside training
         print(f"iresnet train: {str(error) or 'interrupted'}", file=sys.stderr)
@@ -368,10 +365,13 @@ def _unsolved(args: argparse.Namespace, what: str, failure: str) -> str:
     from .core.inverse import MAX_ITER
     from .train.checkpoint import load_config
 
+    said = f"iresnet {args.command}: error: {what}: the inverse did not converge: {failure}"
+    if "not finite" in failure:  # diverged: more iterations cannot help
+        return f"{said} The run's weights may hold values too large to invert; more iterations will not help."
     now = load_config(args.run).model.get("max_iter", MAX_ITER)
     return (
-        f"iresnet {args.command}: error: {what}: the inverse did not converge: {failure} Allow it more iterations "
-        f"(model.max_iter is {now}): iresnet train --out {args.run} --resume model.max_iter={max(2 * now, MAX_ITER)}"
+        f"{said} Allow it more iterations (model.max_iter is {now}): "
+        f"iresnet train --out {args.run} --resume model.max_iter={max(2 * now, MAX_ITER)}"
     )
 
 
@@ -484,8 +484,12 @@ def _main(argv: Sequence[str]) -> None:
             code = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as error:
         parser.exit(2, f"iresnet {args.command}: error: {error}\n")
-    except InversionError as error:  # train and reconstruct report their own
-        print(_unsolved(args, _UNSOLVED[args.command], str(error)), file=sys.stderr)
+    except InversionError as error:  # reconstruct reports its own; train's, from an evaluation, says what was saved
+        if args.command in _UNSOLVED:
+            print(_unsolved(args, _UNSOLVED[args.command], str(error)), file=sys.stderr)
+        else:
+            failure = f"the inverse did not converge: {error}{_notes(error)}"
+            print(f"iresnet {args.command}: error: {failure}", file=sys.stderr)
         code = 1
     except RuntimeError as error:  # torch's allocator; a model that does not fit is refused before training
         from .train.engine import allocation, out_of_memory
@@ -493,12 +497,29 @@ def _main(argv: Sequence[str]) -> None:
         if not out_of_memory(error):
             raise
         print(
-            f"iresnet {args.command}: error: out of memory: {allocation(error)}; choose a smaller --batch-size "
-            "(or fewer samples, --n), or a run of smaller model settings",
+            f"iresnet {args.command}: error: out of memory: {allocation(error)}; choose {_SMALLER[args.command]}"
+            f"{_notes(error)}",
             file=sys.stderr,
         )
         code = 1
     sys.exit(code)
+
+
+_SMALLER = {
+    "train": "a smaller batch_size or eval_size, or smaller model settings",
+    "eval": "a smaller --batch-size",
+    "sample": "fewer samples (--n)",
+    "fid": "a smaller --batch-size",
+    "reconstruct": "fewer images (--n)",
+}
+"""What to make smaller where a command runs out of memory."""
+
+
+def _notes(error: BaseException) -> str:
+    """The notes an error carries (Python 3.11's ``add_note``: what training saved, say), after a
+    semicolon; nothing without."""
+    notes = getattr(error, "__notes__", [])
+    return "".join(f"; {note.removeprefix('iresnet: ')}" for note in notes)
 
 
 _PACKAGE = Path(__file__).resolve().parent

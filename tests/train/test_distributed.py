@@ -86,6 +86,20 @@ def test_an_evaluation_that_raises_under_torchrun_saves_the_training_first(tmp_p
     assert losses(run) == pytest.approx(losses(tmp_path / "whole"), rel=1e-5)
 
 
+def test_under_torchrun_a_refused_directory_stops_every_process_with_its_line(tmp_path: Path) -> None:
+    """The main process decides; every process raises its refusal (the other once died in the
+    collective that follows, with a traceback, when torchrun stopped it)."""
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    (folder / "samples.png").write_text("precious")
+    refused = torchrun("-m", "iresnet", "train", "--out", str(folder), *SETTINGS)
+    assert refused.returncode != 0
+    said = f"iresnet train: error: {folder} is not empty and holds no run (samples.png)"
+    assert refused.stderr.count(said) == 2 and refused.stderr.count("exitcode  : 2") == 2
+    assert "[rank1]:" not in refused.stderr  # no traceback of a process
+    assert [p.name for p in folder.iterdir()] == ["samples.png"]
+
+
 def gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     """Pretend the machine has ``count`` CUDA GPUs (only the answers of torch.cuda change)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)

@@ -11,7 +11,7 @@ from ..tasks import (
     evaluate_classifier,
     evaluate_hybrid,
 )
-from .checkpoint import RunFiles, RunInUseError, load_run
+from .checkpoint import RunDirectoryError, RunFiles, RunInUseError, load_run
 from .config import TrainConfig, parse_override, resolve_config
 from .engine import FinishedRun, StoppedAtOnce, TrainingError, TrainResult, train
 from .sources import make_source
@@ -22,6 +22,7 @@ __all__ = [
     "FinishedRun",
     "HybridEvaluation",
     "RunFiles",
+    "RunDirectoryError",
     "RunInUseError",
     "StoppedAtOnce",
     "TrainConfig",

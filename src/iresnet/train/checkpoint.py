@@ -25,6 +25,7 @@ from .config import TrainConfig, read_settings
 from .distributed import Processes, resolve_device
 
 __all__ = [
+    "RunDirectoryError",
     "RunFiles",
     "RunInUseError",
     "WriteError",
@@ -82,6 +83,10 @@ class RunInUseError(RuntimeError):
     """Another process is training in this run directory."""
 
 
+class RunDirectoryError(OSError):
+    """The run directory cannot be made or locked (a path under a file, a place not writable)."""
+
+
 @contextmanager
 def run_lock(root: str | os.PathLike) -> Iterator[None]:
     """Hold ``ROOT/.lock`` exclusively (``flock``, without waiting) while the block runs: a second
@@ -127,22 +132,25 @@ def claimed_run(config: TrainConfig, procs: Processes, resume: bool) -> Iterator
         created = not resume
     root = Path(out)
     with contextlib.ExitStack() as held:
+        refused: Exception | None = None  # the main process's refusal, raised on every process
         if procs.main:
             try:
-                root.mkdir(parents=True)
-                created = True
-            except FileExistsError:
-                if not resume:
-                    _refuse_foreign_files(root)
-        refused = None
-        if procs.main:
-            try:
+                try:
+                    root.mkdir(parents=True)
+                    created = True
+                except FileExistsError:
+                    if not resume:
+                        _refuse_foreign_files(root)
                 held.enter_context(run_lock(root))
-            except RunInUseError as error:
-                refused = str(error)
+            except (RunInUseError, FileExistsError) as error:
+                refused = error
+            except OSError as error:
+                refused = RunDirectoryError(
+                    f"cannot make the run directory {root}: {error.strerror or error}; choose another --out"
+                )
         refused = procs.gather(refused)[0]
         if refused is not None:
-            raise RunInUseError(refused)
+            raise refused
         if procs.main and (removed := remove_leftovers(RunFiles(root))):
             print(f"removed {', '.join(removed)} in {root}, left by a write that was cut short")
         try:
@@ -162,7 +170,8 @@ def _refuse_foreign_files(root: Path) -> None:
         raise FileExistsError(f"{root} is a file, not a directory: choose another --out")
     if not root.is_dir():  # a dangling link, say: making the lock in it fails with its own message
         return
-    names = sorted(entry.name for entry in root.iterdir() if entry.name != ".lock")
+    leftovers = (".lock", ".tmp", ".partial.png")  # the lock, and what remove_leftovers removes
+    names = sorted(entry.name for entry in root.iterdir() if not entry.name.endswith(leftovers))
     if not names or RunFiles(root).config.name in names:
         return
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
