@@ -469,6 +469,14 @@ def test_spectral_norm_refuses_a_coeff_that_is_not_a_positive_number(coeff):
         iresnet.spectral_norm(nn.Linear(3, 3), coeff)
 
 
+def test_spectral_norm_takes_a_numpy_coeff():
+    """A coefficient read from a NumPy array is a number too (the stricter check refused it)."""
+    np = pytest.importorskip("numpy")
+    layer = iresnet.spectral_norm(nn.Linear(3, 3), np.float32(0.5)).eval()
+    iresnet.converge_spectral_norms(layer)
+    assert torch.linalg.matrix_norm(layer.weight.double(), 2) <= 0.5
+
+
 def test_spectral_norm_class_is_a_parametrization():
     layer = iresnet.spectral_norm(nn.Linear(3, 3))
     assert isinstance(layer.parametrizations.weight[0], SpectralNorm)

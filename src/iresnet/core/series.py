@@ -173,9 +173,10 @@ class SeriesEstimator(LogDetEstimator):
         neumann = self.memory_efficient and differentiable and (x.requires_grad or params)
         create_graph = differentiable and not neumann
         outer = x
-        if neumann:  # partial derivatives, x held fixed: _StoredGradient hands x's on to whatever made x,
-            with torch.enable_grad():  # whose graph may hold these parameters too (a block's solve)
-                x = x.detach().requires_grad_()
+        made = x if x._base is None else x._base  # of an alias (ResidualBlock's), the tensor it shows
+        if neumann and made.grad_fn is not None:  # partial derivatives, x held fixed: _StoredGradient hands
+            with torch.enable_grad():  # x's on to whatever made x, whose graph may hold these parameters too
+                x = x.detach().requires_grad_()  # (a block's solve); one more evaluation of g, at a leaf
                 gx = g(x)
         value = x.new_zeros(x.shape[0])
         surrogate = x.new_zeros(x.shape[0])

@@ -4,6 +4,7 @@ clear errors instead of wrong answers (or of an error deep in torch)."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -115,11 +116,9 @@ def check_interval(
     """
     if value is None and optional:
         return
-    inside = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and (low <= value <= high if closed else low < value < high)
-    )
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)  # NumPy's scalars too
+    number = float(value) if isinstance(value, numbers.Real) and real else math.nan  # NaN lies in no interval
+    inside = low <= number <= high if closed else low < number < high
     if not inside:
         interval = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
         null = ", or null" if optional else ""

@@ -379,8 +379,8 @@ def load_run(run: str | os.PathLike, device: str | torch.device = "cpu") -> tupl
         readers.reverse()
         warnings.warn(
             f"{files.checkpoint} holds step {steps[1]}, later than {files.weights} (step {steps[0]}): the run was "
-            f"resumed and has not finished, so the weights of step {steps[1]} are used. To finish it: "
-            f"iresnet train --out {files.root} --resume",
+            f"resumed and has not finished (or is training now), so the weights of step {steps[1]} are used. To "
+            f"finish a stopped run: iresnet train --out {files.root} --resume",
             stacklevel=2,
         )
     problems = []

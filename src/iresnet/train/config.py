@@ -313,7 +313,8 @@ def resolve_config(
         asked = preset or from_file.get("preset")
         if asked is not None and asked != saved.preset:
             raise ValueError(
-                f"{saved.out} is a run of the {saved.preset!r} preset, not {asked!r}: leave out --preset to resume it"
+                f"{saved.out} is a run of the {saved.preset!r} preset, not {asked!r}: resume it without naming "
+                "another preset (--preset, preset=NAME, or a config file's preset)"
             )
         settings = _merge(saved.to_dict(), from_file, str(config_file))
         for override in overrides:
