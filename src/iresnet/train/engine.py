@@ -14,7 +14,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -394,9 +394,11 @@ class _Trainer:
                     bar.set_postfix({k: f"{entry[k]:.4f}" for k in shown if k in entry})
                     self.pending, self.logged_at = [], time.perf_counter()
                 if self.step % config.eval_every == 0 or self.step == config.steps:
-                    self.evaluate_and_record(bar)
+                    with self.not_training_time():
+                        self.evaluate_and_record(bar)
                 if self.checkpoint_due():
-                    self.save_checkpoint()
+                    with self.not_training_time():
+                        self.save_checkpoint()
                 if self.procs.any(stop.requested):
                     if self.saved_step != self.step:
                         self.save_checkpoint()
@@ -405,6 +407,15 @@ class _Trainer:
         finally:
             bar.close()
         return False
+
+    @contextlib.contextmanager
+    def not_training_time(self) -> Iterator[None]:
+        """Time that the next train record's ``steps_per_s`` leaves out (an evaluation, a checkpoint)."""
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.logged_at += time.perf_counter() - paused
 
     def finish(self, final_step: Callable[[FinishedRun], None]) -> None:
         """The main process's final files: ``final_step`` of the finished run (at least
