@@ -399,6 +399,9 @@ def test_hybrid_run_semi_supervised(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert (out / "samples.png").read_bytes()[:4] == b"\x89PNG"
     assert run_cli("sample", str(out), "--by-class") == 2  # a linear classifier: no class-conditional prior
     assert "--by-class needs a hybrid with a class-conditional prior" in capsys.readouterr().err
+    capsys.readouterr()
+    assert run_cli("reconstruct", str(out), "--n", "4") == 0  # through its flow (it was refused)
+    assert "4 of 4 images and 100.00% of their pixels recovered exactly in levels" in capsys.readouterr().out
 
 
 def test_class_conditional_samples_a_row_per_class(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -21,7 +21,7 @@ from ..core.lipschitz import converge_spectral_norms
 from ..core.residual import ResidualBlock
 from ..flows.density import DensityModel
 from ..models.classifier import Classifier
-from ..tasks import evaluation_randomness
+from ..tasks import evaluation_randomness, get_task
 from ..train.checkpoint import load_run
 from ..train.distributed import resolve_device
 from ..train.sources import run_source
@@ -225,14 +225,16 @@ def reconstruct_run(
     run: str | os.PathLike, n: int = 16, *, out: str | os.PathLike | None = None, device: str = "auto"
 ) -> RunReconstruction | FlowRunReconstruction:
     """``iresnet reconstruct``: the trunk of a trained classifier inverted from the features of
-    its first ``n`` test images (:func:`reconstruct`), or an image flow's first ``n`` test images
-    mapped to the latent and back (:func:`reconstruct_flow`); where the inversion succeeds, the
-    originals beside the reconstructions written to ``out`` (default ``RUN/reconstructions.png``).
+    its first ``n`` test images (:func:`reconstruct`), or an image flow's (a hybrid's too) first
+    ``n`` test images mapped to the latent and back (:func:`reconstruct_flow`); where the
+    inversion succeeds, the originals beside the reconstructions written to ``out`` (default
+    ``RUN/reconstructions.png``).
     ``ValueError`` for a run that is neither."""
     resolved = resolve_device(device)
     model, config = load_run(run, resolved)
     source = run_source(config)
-    if not (isinstance(model, Classifier) or (isinstance(model, DensityModel) and source.is_image)):
+    flow = None if isinstance(model, Classifier) else get_task(config.task).flow(model)
+    if not (isinstance(model, Classifier) or (isinstance(flow, DensityModel) and source.is_image)):
         raise ValueError(
             f"{run} holds a {config.task!r} run on {config.data!r}: reconstruct inverts a classifier's trunk or "
             "an image flow"
@@ -245,7 +247,7 @@ def reconstruct_run(
         done = RunReconstruction(reconstruct(model, images), path)
     else:
         with evaluation_randomness(resolved):
-            done = FlowRunReconstruction(reconstruct_flow(model, images), path)
+            done = FlowRunReconstruction(reconstruct_flow(cast(DensityModel, flow), images), path)
     if done.reconstruction.images is None:
         return done
     shown = done.reconstruction.images.round().clamp(0, data.levels - 1).to(torch.uint8).cpu()
