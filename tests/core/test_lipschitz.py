@@ -477,6 +477,29 @@ def test_spectral_norm_takes_a_numpy_coeff():
     assert torch.linalg.matrix_norm(layer.weight.double(), 2) <= 0.5
 
 
+def test_torch_func_grad_over_eval_mode_weights_uses_the_converged_vectors():
+    """``torch.func.grad`` of ``functional_call`` over the parameters: inside the transform no
+    buffer may be written (converging once died there); the vectors converged last serve, and the
+    gradient is eval mode's own."""
+    torch.manual_seed(0)
+    g = nn.Sequential(
+        iresnet.spectral_norm(nn.Linear(3, 8), 0.9), iresnet.LipSwish(), iresnet.spectral_norm(nn.Linear(8, 3), 0.9)
+    )
+    block = iresnet.ResidualBlock(g.double(), "exact").eval()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    block.train()(x)  # a training step moves the vectors: none are converged for the weights now
+    block.eval()
+    params, buffers = dict(block.named_parameters()), dict(block.named_buffers())
+    with pytest.raises(RuntimeError, match=r"it has none .*converge_spectral_norms\(model\) in eval mode before"):
+        torch.func.grad(lambda p: torch.func.functional_call(block, {**p, **buffers}, (x,))[1].sum())(params)
+    block(x)  # converges in eval mode
+    grads = torch.func.grad(lambda p: torch.func.functional_call(block, {**p, **buffers}, (x,))[1].sum())(params)
+    expected = torch.autograd.grad(block(x)[1].sum(), list(params.values()), allow_unused=True)
+    for name, reference in zip(params, expected):
+        torch.testing.assert_close(grads[name], torch.zeros_like(grads[name]) if reference is None else reference)
+    assert any(grads[name].abs().max() > 1e-3 for name in params)
+
+
 def test_spectral_norm_class_is_a_parametrization():
     layer = iresnet.spectral_norm(nn.Linear(3, 3))
     assert isinstance(layer.parametrizations.weight[0], SpectralNorm)

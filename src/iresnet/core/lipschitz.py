@@ -80,7 +80,10 @@ class SpectralNorm(nn.Module):
     iteration, warm-started from the previous vectors. In eval mode the vectors are frozen and
     :math:`\hat\sigma = v^\top W u` is read off them, after they have been converged for the
     weight as it is now: an eval-mode call on a weight changed since the last convergence (an
-    optimiser step, a loaded state dict) converges first (:meth:`converge`). A change is seen by
+    optimiser step, a loaded state dict) converges first (:meth:`converge`); inside a ``torch.func``
+    transform over the weight (``grad`` of ``functional_call``), which may write no buffer, the
+    vectors converged last serve, as ``torch.nn.utils.parametrizations.spectral_norm``'s do in eval
+    mode. A change is seen by
     the weight's version counter, which a write through ``.data`` (``p.data.copy_(w)``) bypasses:
     write under ``torch.no_grad()`` to the parameter itself, or call
     :func:`converge_spectral_norms` after such a write. Eval mode divides by
@@ -289,6 +292,14 @@ class SpectralNorm(nn.Module):
 
     @torch.compiler.disable  # reads the weight's version: outside any compiled graph
     def _converge_if_stale(self, weight: Tensor) -> None:
+        if _weight_state(weight) is None:  # a weight of torch.func's transforms: no buffer may be written
+            if self._converged_for is None:
+                raise RuntimeError(
+                    "an eval-mode spectral norm inside a torch.func transform over its weight uses the vectors it "
+                    "converged last, and it has none (never converged, or trained since): call "
+                    "iresnet.converge_spectral_norms(model) in eval mode before the transform"
+                )
+            return
         if self.is_stale(weight):
             self.converge(weight.detach())
 
@@ -350,8 +361,7 @@ def _weight_state(weight: Tensor) -> tuple | None:
     """What identifies a weight's values without reading them: its storage, its in-place version
     (an inference tensor has no version, and cannot change outside inference mode) and the fused
     optimiser steps taken on it (:func:`_count_fused_steps`). ``None``, never equal to a recorded
-    state, where it cannot be read (a tensor of ``torch.func``'s transforms, without storage): such
-    a weight counts as changed."""
+    state, where it cannot be read (a tensor of ``torch.func``'s transforms, without storage)."""
     try:
         version = None if weight.is_inference() else weight._version
         return weight.data_ptr(), version, getattr(weight, _FUSED_STEPS, 0), weight.dtype, weight.device
