@@ -803,8 +803,8 @@ def test_eval_reports_the_figures_and_the_inverse_check_as_failed(
 @pytest.mark.parametrize(
     ("flag", "where", "message"),
     [
-        ("--out", "afile", "--out {tmp}/afile is a file, not a directory: choose a directory for the run"),
-        ("--out", "afile/x", "--out {tmp}/afile/x: {tmp}/afile is a file, not a directory: choose a directory"),
+        ("--out", "afile", "{tmp}/afile is a file, not a directory: choose another --out"),
+        ("--out", "afile/x", "cannot make the run directory {tmp}/afile/x: Not a directory; choose another --out"),
         ("--out", "dangling", "cannot make the run directory {tmp}/dangling: No such file or directory; choose"),
         ("--config", "adir", "{tmp}/adir is a directory, not a JSON file of settings"),
         ("--config", "afile/x", "{tmp}/afile/x: cannot read it: Not a directory"),
@@ -822,6 +822,15 @@ def test_a_path_that_cannot_be_used_is_refused_before_training(
     err = capsys.readouterr().err
     assert err.startswith("iresnet train: error: " + message.format(tmp=tmp_path)) and err.count("\n") == 1
     assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_runs_a_file_is_refused_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without --out the run goes under runs/, which claimed_run makes: a file there is its refusal."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("")
+    assert run_cli("train", *TINY) == 2
+    said = "iresnet train: error: cannot make the run directory runs/toy: Not a directory; choose another --out"
+    assert capsys.readouterr().err == said + "\n"
 
 
 @pytest.mark.parametrize(

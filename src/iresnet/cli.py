@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -281,10 +280,6 @@ def _train(args: argparse.Namespace) -> int:
     overrides += [parse_override(text) for text in args.overrides]
     saved = resumed_config(args.out, args.preset) if args.resume else None  # then what this command line changes
     config = resolve_config(args.preset, args.config, overrides, saved=saved)
-    root = Path(config.out or "runs")  # where claimed_run makes the run directory (default: under runs)
-    problem = _not_a_run_directory(root, f"--out {root}" if config.out else f"{root}, where runs go,")
-    if problem is not None:
-        raise ValueError(problem)
     try:
         with sigterm_interrupts():
             result = train(config, resume=args.resume, progress=args.progress, finish=write_final_files)
@@ -299,30 +294,12 @@ def _train(args: argparse.Namespace) -> int:
     except (RunInUseError, WriteError) as error:
         print(f"iresnet train: error: {error}", file=sys.stderr)
         return 2 if isinstance(error, RunInUseError) else 1
-    except RunDirectoryError as error:  # making or locking it, which the checks above cannot foresee
+    except RunDirectoryError as error:  # making or locking it (a file in the way, a place not writable)
         print(f"iresnet train: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:  # a second Ctrl-C (its message says what was kept), or one outside training
         print(f"iresnet train: {str(error) or 'interrupted'}", file=sys.stderr)
         return 130
-
-
-def _not_a_run_directory(root: Path, name: str) -> str | None:
-    """Why ``root`` (called ``name``) cannot be or be made a run directory, as far as can be seen
-    before making it: a file in its place or in that of a folder above it, or a folder that cannot
-    be written."""
-    if os.path.exists(root):
-        if not os.path.isdir(root):
-            return f"{name} is a file, not a directory: choose a directory for the run"
-        if not os.access(root, os.W_OK | os.X_OK):
-            return f"{name} is a directory that cannot be written: choose another, or make it writable"
-        return None
-    above = next(p for p in root.parents if os.path.lexists(p))  # "." or "/" at the latest
-    if not os.path.isdir(above):
-        return f"{name}: {above} is a file, not a directory: choose a directory for the run"
-    if not os.access(above, os.W_OK | os.X_OK):
-        return f"{name}: cannot make it, since {above} cannot be written: choose another directory"
-    return None
 
 
 def _evaluate(args: argparse.Namespace) -> int:

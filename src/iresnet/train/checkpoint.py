@@ -125,14 +125,23 @@ def claimed_run(config: TrainConfig, procs: Processes, resume: bool) -> Iterator
     context fails before anything was written into it."""
     created = False
     out = config.out
-    if out is None:  # every process takes the main process's choice
-        chosen = default_run_directory(config.preset, resume) if procs.main else None
-        out = str(procs.gather(chosen)[0])
+    if out is None:  # every process takes the main process's choice, or its refusal
+        chosen: Path | None = None
+        refused: Exception | None = None
+        if procs.main:
+            try:
+                chosen = default_run_directory(config.preset, resume)
+            except OSError as error:  # runs a file, say
+                refused = _cannot_make(Path("runs") / config.preset, error)
+        chosen, refused = procs.gather((chosen, refused))[0]
+        if refused is not None:
+            raise refused
+        out = str(chosen)
         config = dataclasses.replace(config, out=out)
         created = not resume
     root = Path(out)
     with contextlib.ExitStack() as held:
-        refused: Exception | None = None  # the main process's refusal, raised on every process
+        refused = None  # the main process's refusal, raised on every process
         if procs.main:
             try:
                 try:
@@ -145,9 +154,7 @@ def claimed_run(config: TrainConfig, procs: Processes, resume: bool) -> Iterator
             except (RunInUseError, FileExistsError) as error:
                 refused = error
             except OSError as error:
-                refused = RunDirectoryError(
-                    f"cannot make the run directory {root}: {error.strerror or error}; choose another --out"
-                )
+                refused = _cannot_make(root, error)
         refused = procs.gather(refused)[0]
         if refused is not None:
             raise refused
@@ -159,6 +166,11 @@ def claimed_run(config: TrainConfig, procs: Processes, resume: bool) -> Iterator
             if created and procs.main:
                 _remove_if_empty(root)
             raise
+
+
+def _cannot_make(root: Path, error: OSError) -> RunDirectoryError:
+    """The refusal of a run directory that cannot be made or locked, with the system's reason."""
+    return RunDirectoryError(f"cannot make the run directory {root}: {error.strerror or error}; choose another --out")
 
 
 def _refuse_foreign_files(root: Path) -> None:
