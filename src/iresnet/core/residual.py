@@ -19,7 +19,7 @@ from .invertible import InvertibleLayer
 from .jacobian import linearization_refusal, linearize
 from .lipschitz import frozen_power_iteration
 from .logdet import LogDetEstimator, make_estimator
-from .validation import check_choice, check_count, check_input, check_interval
+from .validation import check_choice, check_count, check_input, check_interval, check_shape
 
 __all__ = ["ResidualBlock"]
 
@@ -136,15 +136,8 @@ class ResidualBlock(InvertibleLayer):
                 "g must be an nn.Module (the residual branch, such as an nn.Sequential of spectral-normalised "
                 f"layers), got {type(g).__name__}"
             )
-        if event_shape is not None and (
-            not isinstance(event_shape, (tuple, list))
-            or not event_shape
-            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in event_shape)
-        ):
-            raise ValueError(
-                "event_shape must be a tuple of integers of at least 1, the shape of one input without batch "
-                f"(such as (3,) for 3 features), or None, got {event_shape!r}"
-            )
+        if event_shape is not None:
+            check_shape("event_shape", event_shape)
         check_choice("inverse_method", inverse_method, INVERSE_METHODS)
         check_interval("atol", atol, 0, optional=True)
         check_interval("rtol", rtol, 0, optional=True)

@@ -39,9 +39,11 @@ def check_input(
     name: str,
     event_shape: tuple[int, ...] | None,
     dtype: torch.dtype | None,
+    finite: bool = True,
 ) -> None:
     """Raise ``ValueError`` unless ``x`` is a floating tensor of shape ``(batch, *event_shape)``
-    and dtype ``dtype`` (where given) holding only finite numbers."""
+    and dtype ``dtype`` (where given) holding only finite numbers (unless ``finite`` is off: for a
+    container whose layers check the values, the pass over them and the wait for it once)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -55,6 +57,8 @@ def check_input(
         raise ValueError(f"{name}: expected a batch of shape (batch, ...), got shape {tuple(x.shape)}")
     if event_shape is not None and tuple(x.shape[1:]) != tuple(event_shape):
         raise ValueError(f"{name}: expected shape (batch, {', '.join(map(str, event_shape))}), got {tuple(x.shape)}")
+    if not finite:
+        return
     if torch.compiler.is_compiling():  # checked on the device: no graph break, no wait for the host
         torch._assert_async(torch.isfinite(x).all(), f"{name}: the input holds NaN or inf")
         return
@@ -75,14 +79,29 @@ def check_count(name: str, value: object, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
 
 
+def _positive_integers(value: object) -> bool:
+    """Whether ``value`` is a non-empty list or tuple of integers (not bools) of at least 1."""
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(not isinstance(v, bool) and isinstance(v, int) and v >= 1 for v in value)
+    )
+
+
 def check_stages(name: str, value: object) -> None:
     """Raise ``ValueError`` unless ``value`` is a list or tuple of integers of at least 1, one per stage."""
-    if (
-        not isinstance(value, (list, tuple))
-        or not value
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
-    ):
+    if not _positive_integers(value):
         raise ValueError(f"{name} must be a list of integers of at least 1, one per stage, got {value!r}")
+
+
+def check_shape(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is the shape of one input without batch: a tuple (or
+    list) of integers of at least 1."""
+    if not _positive_integers(value):
+        raise ValueError(
+            f"{name} must be a tuple of integers of at least 1, the shape of one input without batch "
+            f"(such as (3,) for 3 features), got {value!r}"
+        )
 
 
 def check_flag(name: str, value: object) -> None:
@@ -117,7 +136,7 @@ def check_interval(
     if value is None and optional:
         return
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)  # NumPy's scalars too
-    number = float(value) if isinstance(value, numbers.Real) and real else math.nan  # NaN lies in no interval
+    number = float(value) if real else math.nan  # type: ignore[arg-type]  # a Real there; NaN lies in no interval
     inside = low <= number <= high if closed else low < number < high
     if not inside:
         interval = f"[{low:g}, {high:g}]" if closed else f"({low:g}, {high:g})"
