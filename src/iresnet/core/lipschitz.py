@@ -83,10 +83,9 @@ class SpectralNorm(nn.Module):
     optimiser step, a loaded state dict) converges first (:meth:`converge`); inside a ``torch.func``
     transform over the weight (``grad`` of ``functional_call``), which may write no buffer, the
     vectors converged last serve, as ``torch.nn.utils.parametrizations.spectral_norm``'s do in eval
-    mode. A change is seen by
-    the weight's version counter, which a write through ``.data`` (``p.data.copy_(w)``) bypasses:
-    write under ``torch.no_grad()`` to the parameter itself, or call
-    :func:`converge_spectral_norms` after such a write. Eval mode divides by
+    mode. A change is seen by the weight's version counter, which a write through ``.data``
+    (``p.data.copy_(w)``) bypasses: write under ``torch.no_grad()`` to the parameter itself, or
+    call :func:`converge_spectral_norms` after such a write. Eval mode divides by
     :math:`\hat\sigma (1 + 10\,\mathrm{tol})`, a margin over the convergence tolerance, so that
     the frozen weight's norm is at most ``coeff``.
 
