@@ -153,6 +153,9 @@ def sample_run(
     ``run``: a JSON sidecar rather than PNG text chunks, since any tool (or ``json.load``) reads
     it without a PNG library, and the picture stays written as every other picture of a run."""
     check_temperature(temperature)
+    path = Path(out) if out is not None else Path(run) / "samples.png"
+    if path.suffix.lower() != ".png":  # before the run is loaded
+        raise ValueError(f"--out {path}: samples are written as PNG: name a .png file")
     model, config = load_run(run, resolve_device(device))
     flow = get_task(config.task).flow(model)
     if flow is None:
@@ -161,9 +164,6 @@ def sample_run(
     if by_class and flow.class_means is None:
         raise ValueError("--by-class needs a hybrid with a class-conditional prior (model.classifier=gaussians)")
     converge_spectral_norms(flow)
-    path = Path(out) if out is not None else Path(run) / "samples.png"
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"--out {path}: samples are written as PNG: name a .png file")
     classes = len(flow.class_means) if by_class and flow.class_means is not None else None
     source = run_source(config)
     try:
